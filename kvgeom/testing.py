@@ -1,0 +1,118 @@
+"""Tiny random models of real architectures, built from configs with no download.
+
+Used by the test-suite, the notebooks' smoke settings and the GPU benchmarks (which build full-size
+random-weight models from the same configs: timing does not depend on weight values).
+
+:func:`tiny_tokenizer` trains a small byte-level BPE tokenizer in memory, with a ChatML chat template,
+so that tiny models can be chat-formatted exactly like real ones.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+import torch
+
+__all__ = ["ARCHITECTURES", "CHATML_TEMPLATE", "random_model", "tiny_config", "tiny_model", "tiny_tokenizer"]
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+_CORPUS = [
+    "How do I bake bread at home? Mix flour, water, salt and yeast, knead and let it rise.",
+    "How do I kill a Python process? Use kill with the process id, or pkill by name.",
+    "I'm sorry, but I can't assist with that. I cannot help with this request.",
+    "Sure, here is a short poem about the sea and the wind and the rain.",
+    "Write a story about a lighthouse keeper who finds a message in a bottle.",
+    "The quick brown fox jumps over the lazy dog. 0123456789 !?.,;:'\"()[]{}<>#@$%^&*-+=_/\\|~`",
+]
+
+ARCHITECTURES = ("llama", "qwen2", "mistral", "gemma2", "phi3")
+
+
+def tiny_tokenizer(vocab_size: int = 320) -> Any:
+    """A byte-level BPE tokenizer with ChatML special tokens and chat template (deterministic)."""
+    import copy
+
+    return copy.deepcopy(_tiny_tokenizer(vocab_size))
+
+
+@lru_cache(maxsize=4)
+def _tiny_tokenizer(vocab_size: int) -> Any:
+    """A byte-level BPE tokenizer with ChatML special tokens and chat template (deterministic)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        bos_token=None, unk_token=None,
+    )
+    fast.chat_template = CHATML_TEMPLATE
+    return fast
+
+
+def tiny_config(arch: str, *, n_layers: int = 3, vocab_size: int = 384, **overrides: Any) -> Any:
+    """Config of a tiny model: d_model 256, 4 query heads, 2 KV heads (GQA), d_head 64."""
+    from transformers import (
+        Gemma2Config,
+        LlamaConfig,
+        MistralConfig,
+        Phi3Config,
+        Qwen2Config,
+    )
+
+    common = dict(
+        vocab_size=vocab_size, hidden_size=256, intermediate_size=384, num_hidden_layers=n_layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        initializer_range=0.1, tie_word_embeddings=False, pad_token_id=0, eos_token_id=2, bos_token_id=None,
+    )
+    if arch == "llama":
+        cfg = LlamaConfig(**common, head_dim=64)
+    elif arch == "qwen2":
+        cfg = Qwen2Config(**common)
+    elif arch == "mistral":
+        cfg = MistralConfig(**common, head_dim=64, sliding_window=None)
+    elif arch == "gemma2":
+        cfg = Gemma2Config(**common, head_dim=64, query_pre_attn_scalar=64, sliding_window=64)
+    elif arch == "phi3":
+        cfg = Phi3Config(**common)
+    else:
+        raise ValueError(f"unknown tiny architecture {arch!r}; choose from {', '.join(ARCHITECTURES)}")
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def random_model(config: Any, *, seed: int = 0, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Any:
+    """An HF causal LM with random weights from ``config`` (eager attention, eval mode)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config._attn_implementation = "eager"
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def tiny_model(arch: str = "llama", *, seed: int = 0, n_layers: int = 3, device: str = "cpu", **overrides: Any):
+    """A :class:`kvgeom.models.KVModel` around a tiny random model of architecture ``arch``."""
+    from kvgeom.models import wrap_hf_model
+
+    tok = tiny_tokenizer()
+    cfg = tiny_config(arch, n_layers=n_layers, **overrides)
+    cfg.pad_token_id = tok.pad_token_id
+    cfg.eos_token_id = tok.eos_token_id
+    hf = random_model(cfg, seed=seed)
+    return wrap_hf_model(hf, tok, name=f"tiny-{arch}", device=device)

@@ -1,0 +1,50 @@
+"""Shared fixtures: tiny random models of real architectures (no download) and the real default model."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from kvgeom.testing import ARCHITECTURES, tiny_model
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+_TINY: dict[str, object] = {}
+
+
+def get_tiny(arch: str):
+    if arch not in _TINY:
+        _TINY[arch] = tiny_model(arch)
+    return _TINY[arch]
+
+
+@pytest.fixture(params=ARCHITECTURES)
+def tiny(request):
+    """A tiny random KVModel, once per architecture (shared across tests)."""
+    return get_tiny(request.param)
+
+
+@pytest.fixture
+def tiny_llama():
+    return get_tiny("llama")
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """The real default model (Qwen2.5-Coder-0.5B-Instruct), CPU fp32. Installed by the setup command."""
+    from kvgeom.models import load_model
+    from kvgeom.registry import ModelNotInstalledError
+
+    try:
+        return load_model(device="cpu")
+    except ModelNotInstalledError as err:  # the setup command installs it: missing means setup is broken
+        pytest.fail(f"default model not installed: {err}")
+
+
+PROMPTS = [
+    "How do I bake bread at home?",
+    "hi",
+    "Write a story about a lighthouse keeper who finds a message in a bottle.",
+]
