@@ -8,7 +8,8 @@ transformers 5.24 cache-argument rename).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -107,6 +108,7 @@ def generate(
     chat: bool = True,
     system: str | None = None,
     stop_at_eos: bool = True,
+    plans: Any = None,
     cache_factory: Callable[[KVModel, Batch], Any] | None = None,
     keep_first_logits: bool = False,
     progress: bool = False,
@@ -114,8 +116,10 @@ def generate(
     """Greedy generation with the KV cache, left-padded batches, any active :func:`kv_hooks`.
 
     Args:
+        plans: a :class:`kvgeom.quant.QuantPlan` (or scheme string) for every row, or one plan per
+            prompt (``None`` = full precision). Rows with different plans share batches.
         cache_factory: ``f(model, batch) -> cache`` building the KV cache for a batch (default: HF
-            ``DynamicCache``). :mod:`kvgeom.quant` passes a quantizing cache here for mode ``cache``.
+            ``DynamicCache``); not combinable with ``plans``.
         keep_first_logits: also return the logits of the first generated position ``[n, vocab]``
             (what refusal scores read).
     """
@@ -126,17 +130,22 @@ def generate(
     if isinstance(prompts, str):
         prompts = [prompts]
     prompts = list(prompts)
+    if plans is not None and cache_factory is not None:
+        raise ValueError("pass either plans= or cache_factory=, not both")
+    row_plans = _plans_for(plans, len(prompts))
     tokens: list[list[int]] = []
     eos_flags: list[bool] = []
     firsts: list[Tensor] = []
     starts = range(0, len(prompts), batch_size)
     for start in tqdm(starts, desc="generate", disable=not progress):
         batch = encode(model, prompts[start:start + batch_size], chat=chat, system=system)
-        cache = cache_factory(model, batch) if cache_factory else _new_cache(model)
-        rows, hit, first = _generate_batch(
-            model, batch, max_new_tokens, cache=cache, stop_at_eos=stop_at_eos,
-            keep_first_logits=keep_first_logits,
-        )
+        with _plan_context(model, row_plans, start, len(batch)) as plan_factory:
+            factory = plan_factory or cache_factory
+            cache = factory(model, batch) if factory else _new_cache(model)
+            rows, hit, first = _generate_batch(
+                model, batch, max_new_tokens, cache=cache, stop_at_eos=stop_at_eos,
+                keep_first_logits=keep_first_logits,
+            )
         tokens.extend(rows)
         eos_flags.extend(hit)
         if first is not None:
@@ -146,6 +155,26 @@ def generate(
         prompts=prompts, texts=texts, tokens=tokens, stopped_at_eos=eos_flags,
         first_logits=torch.cat(firsts) if firsts else None,
     )
+
+
+def _plans_for(plans: Any, n: int) -> list | None:
+    if plans is None:
+        return None
+    from kvgeom.quant.plan import normalise_plans
+
+    return normalise_plans(plans, n)
+
+
+@contextmanager
+def _plan_context(model: KVModel, row_plans: list | None, start: int, n: int) -> Iterator[Any]:
+    """Install the batch's plans (rows ``start:start+n``); yields a cache factory or None."""
+    if row_plans is None or all(p is None for p in row_plans[start:start + n]):
+        yield None
+        return
+    from kvgeom.quant.plan import apply_plans
+
+    with apply_plans(model, row_plans[start:start + n]) as factory:
+        yield factory
 
 
 @torch.inference_mode()

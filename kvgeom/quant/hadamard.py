@@ -1,0 +1,62 @@
+"""Orthonormal Walsh-Hadamard rotation of head vectors, as llama.cpp applies it to a quantized KV cache.
+
+llama.cpp (PR #21038, ``attn_rot_k`` / ``attn_rot_v``, enabled for quantized cache types when d_head is a
+multiple of 64) multiplies blocks of ``n`` consecutive head dims by ``H_n / sqrt(n)``, the Sylvester
+Hadamard matrix (``H_1 = [1]``, ``H_2n = [[H_n, H_n], [H_n, -H_n]]``), which is symmetric and its own
+inverse once normalised. The block size is the largest power of two >= 64 dividing d_head for K, and 64
+for V. We compute the product with a fast Walsh-Hadamard transform (butterflies, then one multiply by
+``1/sqrt(n)``): equal to the matrix product up to fp32 rounding, and independent of the batch layout.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from .scheme import Role
+
+ROT_MIN_BLOCK = 64
+
+
+def rotation_block(d_head: int, role: Role) -> int:
+    """Block size llama.cpp uses for ``role``; raises ValueError when it would not rotate."""
+    if d_head % ROT_MIN_BLOCK != 0:
+        raise ValueError(
+            f"+rot models llama.cpp's Hadamard rotation, which it enables only when d_head is a multiple of "
+            f"{ROT_MIN_BLOCK} (d_head need not be a power of two: blocks of 64 or more are rotated); got "
+            f"d_head={d_head}. Use the scheme without +rot for this model."
+        )
+    if role == "v":
+        return ROT_MIN_BLOCK
+    n = ROT_MIN_BLOCK
+    while d_head % (2 * n) == 0:
+        n *= 2
+    return n
+
+
+def sylvester_hadamard(n: int, *, device: torch.device | str | None = None) -> Float[Tensor, "n n"]:
+    """``H_n / sqrt(n)`` built like ggml's ``ggml_gen_hadamard`` (n a power of two)."""
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"the Sylvester Hadamard size must be a power of two, got {n}")
+    h = torch.ones(1, 1, dtype=torch.float32, device=device)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], dim=1), torch.cat([h, -h], dim=1)], dim=0)
+    return h * (1.0 / math.sqrt(n))
+
+
+def fwht(x: Float[Tensor, "... n"], n: int) -> Float[Tensor, "... n"]:
+    """Multiply each block of ``n`` consecutive values on the last axis by ``H_n/sqrt(n)`` (fp32)."""
+    shape = x.shape
+    if shape[-1] % n != 0:
+        raise ValueError(f"last axis {shape[-1]} is not a multiple of the rotation block {n}")
+    y = x.reshape(-1, n)
+    h = 1
+    while h < n:
+        y = y.reshape(-1, n // (2 * h), 2, h)
+        a, b = y[:, :, 0, :], y[:, :, 1, :]
+        y = torch.stack([a + b, a - b], dim=2)
+        h *= 2
+    return (y.reshape(-1, n) * (1.0 / math.sqrt(n))).reshape(shape)
