@@ -120,7 +120,8 @@ class RefusalScore:
         out = []
         for start in range(0, len(prompts), batch_size):
             b = encode(model, prompts[start:start + batch_size])
-            logits = forward_with_plans(model, b.input_ids, b.mask, row_plans[start:start + batch_size])
+            logits = forward_with_plans(model, b.input_ids, b.mask, row_plans[start:start + batch_size],
+                                        logits_to_keep=1)
             out.append(self.from_logits(logits[:, -1]).cpu())
         return torch.cat(out).numpy()
 
@@ -213,16 +214,15 @@ def summarize(results: pd.DataFrame, *, baseline: str = FULL, thresholds: Thresh
 
 # ---- perplexity ------------------------------------------------------------------------------------
 def _windows(ids: list[int], window: int, stride: int) -> list[tuple[int, int, int]]:
-    """(start, end, n_scored): each window scores its last ``stride`` tokens (the first scores all)."""
+    """(start, end, n_new): windows end every ``stride`` tokens; each scores the ``n_new`` tokens it adds
+    (the first window all but its first token); every window but the first has ``window`` tokens."""
     out = []
-    prev_end = 0
-    for start in range(0, max(1, len(ids) - 1), stride):
-        end = min(start + window, len(ids))
-        out.append((start, end, end - prev_end))
-        prev_end = end
+    prev_end, end = 0, min(window, len(ids))
+    while True:
+        out.append((max(0, end - window), end, end - prev_end))
         if end == len(ids):
-            break
-    return out
+            return out
+        prev_end, end = end, min(end + stride, len(ids))
 
 
 def perplexity(
@@ -270,14 +270,15 @@ def perplexity(
             s, e, _n = wins[w]
             x[r, width - (e - s):] = torch.tensor(ids[s:e])
             m[r, width - (e - s):] = True
-        logits = forward_with_plans(model, x, m, [plan_list[j] for _, j in chunk])
-        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-        tgt = x[:, 1:].to(logp.device)
-        tok_nll = -logp.gather(-1, tgt[..., None])[..., 0].cpu()
-        for r, (w, j) in enumerate(chunk):
-            s, e, n_new = wins[w]
-            n_score = min(n_new, e - s - 1)
-            nll_sum[j] += float(tok_nll[r, -n_score:].sum())
+        n_scores = [min(wins[w][2], wins[w][1] - wins[w][0] - 1) for w, _ in chunk]
+        keep = max(n_scores) + 1  # logits at positions predicting the scored tokens (all right-aligned)
+        logits = forward_with_plans(model, x, m, [plan_list[j] for _, j in chunk], logits_to_keep=keep)
+        tgt = x[:, -keep + 1:].to(logits.device)
+        for r, (_w, j) in enumerate(chunk):
+            logp = torch.log_softmax(logits[r, :-1].float(), dim=-1)  # one row at a time: [keep-1, vocab]
+            tok_nll = -logp.gather(-1, tgt[r, :, None])[:, 0].cpu()
+            n_score = n_scores[r]
+            nll_sum[j] += float(tok_nll[-n_score:].sum())
             count[j] += n_score
     nll = nll_sum / count
     labels = [plan_label(p) for p in plan_list]

@@ -63,7 +63,7 @@ def _generate_batch(
     mask = batch.mask.to(model.device)
     ids = batch.input_ids.to(model.device)
     pos = position_ids_from_mask(mask)
-    logits = forward(model, ids, mask, past_key_values=cache, position_ids=pos, step=0)
+    logits = forward(model, ids, mask, past_key_values=cache, position_ids=pos, step=0, logits_to_keep=1)
     last = logits[:, -1].float()
     first = last.cpu().clone() if keep_first_logits else None
     if on_prefill is not None:

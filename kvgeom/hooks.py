@@ -10,6 +10,10 @@ site           hook point                          shape seen by a hook
 ``v``          ``blocks.{l}.attn.hook_v``           ``[batch, pos, kv_head, d_head]``
 ``q``          ``blocks.{l}.attn.hook_q``           ``[batch, pos, head, d_head]`` (pre-RoPE)
 ``resid_pre``  ``blocks.{l}.hook_resid_pre``        ``[batch, pos, d_model]``
+``resid_mid``  ``blocks.{l}.hook_resid_mid``        ``[batch, pos, d_model]``
+``resid_post`` ``blocks.{l}.hook_resid_post``       ``[batch, pos, d_model]``
+``attn_out``   ``blocks.{l}.hook_attn_out``         ``[batch, pos, d_model]``
+``mlp_out``    ``blocks.{l}.hook_mlp_out``          ``[batch, pos, d_model]``
 =============  ==================================  ====================================
 
 The bridge fires ``hook_rot_k`` and ``hook_v`` *before* it appends K/V to the KV cache, so during
@@ -53,6 +57,10 @@ SITES: dict[str, str] = {
     "v": "blocks.{layer}.attn.hook_v",
     "q": "blocks.{layer}.attn.hook_q",
     "resid_pre": "blocks.{layer}.hook_resid_pre",
+    "resid_mid": "blocks.{layer}.hook_resid_mid",
+    "resid_post": "blocks.{layer}.hook_resid_post",
+    "attn_out": "blocks.{layer}.hook_attn_out",
+    "mlp_out": "blocks.{layer}.hook_mlp_out",
 }
 KV_SITES = ("k", "rot_k", "v")
 

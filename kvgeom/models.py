@@ -106,7 +106,8 @@ class KVModel:
     chat_template: str | None = None
     system_prompt: str | None = None
     info: dict = field(default_factory=dict)
-    sites_available: tuple[str, ...] = ("k", "rot_k", "v", "q", "resid_pre")
+    sites_available: tuple[str, ...] = ("k", "rot_k", "v", "q", "resid_pre", "resid_mid", "resid_post",
+                                        "attn_out", "mlp_out")
 
     # ---- facts -------------------------------------------------------------------------------
     @property

@@ -322,13 +322,15 @@ def forward_with_plans(
     plans: Sequence[QuantPlan | None],
     *,
     chunk: int | None = None,
+    logits_to_keep: int | None = None,
 ) -> Tensor:
     """Logits of one forward pass (no generation) with per-row plans; ``[batch, pos, vocab]``.
 
     Cache-mode plans read the quantized cache during this pass (``prefill="quantized"``). With
     ``prefill="full"`` a single pass would never read quantized K/V, so the sequence is fed in chunks of
     ``chunk`` tokens (default 64 when any row has such a plan): each chunk attends to its own K/V in full
-    precision and to earlier chunks' quantized K/V.
+    precision and to earlier chunks' quantized K/V. ``logits_to_keep=k``: logits of the last ``k``
+    positions only.
     """
     from kvgeom.forward import forward, position_ids_from_mask
 
@@ -341,11 +343,12 @@ def forward_with_plans(
         if chunk is None and any(p is not None and p.mode == "cache" and p.prefill == "full" for p in plans):
             chunk = 64
         if not chunk or chunk >= input_ids.shape[1]:
-            return forward(model, input_ids, mask, past_key_values=cache)
+            return forward(model, input_ids, mask, past_key_values=cache, logits_to_keep=logits_to_keep)
         pos = position_ids_from_mask(mask)
         outs = []
         for start in range(0, input_ids.shape[1], chunk):
             stop = min(start + chunk, input_ids.shape[1])
             outs.append(forward(model, input_ids[:, start:stop], mask[:, :stop], past_key_values=cache,
                                 position_ids=pos[:, start:stop], step=0 if start == 0 else 1))
-        return torch.cat(outs, dim=1)
+        logits = torch.cat(outs, dim=1)
+        return logits[:, -logits_to_keep:] if logits_to_keep else logits
