@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Sequence
 
 from kvgeom.registry import DEFAULT_MODEL
@@ -76,6 +77,7 @@ def run_sweep(
     bits: list[int] = (8, 6, 5, 4, 3, 2),
     harmful: str = "harmful",
     limit: int | None = None,
+    sample: int | None = None,
     max_new_tokens: int = 32,
     ppl_tokens: int | None = 4096,
     site: str = "k",
@@ -103,6 +105,8 @@ def run_sweep(
     for fam in fams:
         expand_family(fam, bits)  # validates before any work
     prompts = load_prompts(harmful, limit=limit)
+    if sample:
+        prompts = prompts.sample(min(sample, len(prompts)), seed=0)
     t0 = time.perf_counter()
     m = load_model(model, device=device)
     load_s = time.perf_counter() - t0
@@ -111,7 +115,9 @@ def run_sweep(
                               max_new_tokens=max_new_tokens, ppl_tokens=ppl_tokens, batch_size=batch_size,
                               progress=True)
     result = {
-        "model": m.describe(), "prompts": {"name": prompts.name, "source": prompts.source, "n": len(prompts)},
+        "model": m.describe(),
+        "prompts": {"name": prompts.name, "source": prompts.source, "n": len(prompts), "sample_seed": 0 if sample
+                    else None, "ids": prompts.ids},
         "families": list(families), "cache_families": list(cache_families), "bits": list(bits),
         "site_forward": site, "max_new_tokens": max_new_tokens, "ppl_tokens": ppl_tokens,
         "onset_bits": summary.attrs["onset_bits"], "timings": {"load_s": load_s, **summary.attrs["timings"]},
@@ -135,7 +141,7 @@ def run_sweep(
 def _cmd_sweep(args: argparse.Namespace) -> int:
     bits = [int(b) for b in args.bits.split(",")]
     res = run_sweep(args.model, families=args.family or [], cache_families=args.cache_family or [], bits=bits,
-                    harmful=args.harmful, limit=args.limit, max_new_tokens=args.max_new_tokens,
+                    harmful=args.harmful, limit=args.limit, sample=args.sample, max_new_tokens=args.max_new_tokens,
                     ppl_tokens=args.ppl_tokens, site=args.site, batch_size=args.batch_size, out=args.out,
                     device=args.device)
     s = res["summary_frame"]
@@ -145,6 +151,74 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     print(f"onset bits: {res['onset_bits']}; timings: { {k: round(v, 1) for k, v in res['timings'].items()} }")
     if args.out:
         print(f"wrote {args.out}/summary.csv, rows.csv, sweep.json, sweep.html")
+    return 0
+
+
+def _fmt_rate(d: dict | None) -> str:
+    if not d or d.get("rate") is None:
+        return "undefined"
+    return f"{d['rate']:.2f} [{d['low']:.2f}, {d['high']:.2f}] ({d['k']}/{d['n']})"
+
+
+def audit_summary(audit: dict) -> str:
+    """The terminal summary of an audit (label, PCR, critical layers, flips, perplexity, fix, timings)."""
+    st = audit["stages"]
+    lines = [f"kvgeom audit: {audit['model']['name']} under {audit['scheme']}"]
+    if "baseline" in st:
+        b = st["baseline"]
+        lines.append(f"  full-precision refusal  calibration {_fmt_rate(b['calibration'])}, "
+                     f"held-out {_fmt_rate(b['held_out'])}; over-refusal {_fmt_rate(b['over_refusal'])}")
+        pp = b["perplexity"]
+        lines.append(f"  perplexity             {pp['ppl']:.2f} full, {pp['ppl_target']:.2f} under {audit['scheme']} "
+                     f"(ratio {pp['ppl_ratio']:.3f})")
+    if "label" in st:
+        lab = st["label"]
+        pcr = lab.get("pcr")
+        pcr_s = "undefined" if pcr is None else f"{pcr:.2f} [{lab.get('pcr_low') or float('nan'):.2f}, " \
+            f"{lab.get('pcr_high') or float('nan'):.2f}]"
+        lines.append(f"  LABEL                  {lab['label']}  (PCR {pcr_s})")
+        lines.append(f"  critical layer         {lab.get('critical_layer')}; candidates {lab.get('candidates')}")
+        worst = lab.get("worst_layer_flip")
+        allf = lab.get("all_layer_flip")
+        w_s = "undefined" if worst is None else f"{worst:.3f}"
+        a_s = "undefined" if allf is None else f"{allf:.3f}"
+        lines.append(f"  flips ({st.get('layer_sweep', {}).get('scheme', '?')})  worst single layer {w_s}, "
+                     f"all layers {a_s}")
+    if "mitigation" in st:
+        for c in st["mitigation"]["candidates"]:
+            res = c.get("results") or {}
+            rec = (res.get("held_out") or {}).get("recovery") or {}
+            est = rec.get("estimate")
+            rec_s = "n/a" if est is None else f"{est:.2f} [{rec.get('low') or float('nan'):.2f}, " \
+                f"{rec.get('high') or float('nan'):.2f}]"
+            lines.append(f"  fix: {c['name']:<40} {c['bits_per_element']:.2f} bits/elem, held-out recovery {rec_s}")
+    if "export" in st:
+        lines.append(f"  export                 {st['export'].get('source')}")
+    t = audit.get("timings", {})
+    lines.append("  time per stage         " + ", ".join(f"{k} {v:.0f}s" for k, v in t.items()))
+    return "\n".join(lines)
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from kvgeom.audit import AuditConfig, run_audit
+
+    kw = {"model": args.model, "scheme": args.scheme, "harmful": args.harmful, "n_calib": args.calib,
+          "device": args.device, "seed": args.seed}
+    if args.quick:
+        kw.update(n_heldout=20, n_borderline=10, fractions=(0.05, 0.25), n_seeds=2, bits=(8, 4, 3, 2),
+                  ppl_tokens=512, max_new_tokens=24)
+    if args.max_new_tokens:
+        kw["max_new_tokens"] = args.max_new_tokens
+    cfg = AuditConfig(**kw)
+    t0 = time.perf_counter()
+
+    def progress(stage: str, event: str) -> None:
+        print(f"[{time.perf_counter() - t0:7.1f}s] {stage}: {event}", flush=True)
+
+    res = run_audit(cfg, args.out, resume=args.resume, progress=progress)
+    print(audit_summary(res.audit))
+    if args.out:
+        print(f"wrote {args.out}/audit.json and {args.out}/report.html")
     return 0
 
 
@@ -159,6 +233,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu | cuda | auto (default cpu)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_info)
+    p = sub.add_parser("audit", help="diagnose a model x KV scheme, prescribe and verify a fix; writes a report")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    p.add_argument("--scheme", default="int4-token-asym", help="target KV scheme (default int4-token-asym)")
+    p.add_argument("--harmful", default="harmful", help="harmful prompts: bundled name or path (default: harmful)")
+    p.add_argument("--calib", type=int, default=20, help="number of calibration prompts (default 20, the paper's)")
+    p.add_argument("--out", default="results", help="output directory (default results/)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=None, help="tokens judged per completion (default 32)")
+    p.add_argument("--quick", action="store_true", help="fewer held-out prompts, fractions, seeds and bits")
+    p.add_argument("--resume", action="store_true", help="skip stages already saved in --out")
+    p.set_defaults(func=_cmd_audit)
     p = sub.add_parser("sweep", help="bit-width sweep: refusal, flips, perplexity vs bits")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
     p.add_argument("--family", action="append", help="scheme family, e.g. 'int{b}-token-asym' or 'q8_0' "
@@ -167,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bits", default="8,6,5,4,3,2", help="comma-separated bit-widths (default 8,6,5,4,3,2)")
     p.add_argument("--harmful", default="harmful", help="bundled set name or path (default: harmful)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
+    p.add_argument("--sample", type=int, default=None, help="use N prompts sampled with seed 0 (file order kept)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--ppl-tokens", type=int, default=4096, help="tokens of the bundled prose for perplexity")
     p.add_argument("--site", default="k", choices=["k", "rot_k"], help="key site in forward mode (default k: pre-RoPE)")
@@ -181,13 +268,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from kvgeom.audit import AuditError
     from kvgeom.models import ModelLoadError
     from kvgeom.registry import ModelNotInstalledError
 
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ModelLoadError, ModelNotInstalledError, ValueError, KeyError, FileNotFoundError) as err:
+    except (AuditError, ModelLoadError, ModelNotInstalledError, ValueError, KeyError, FileNotFoundError) as err:
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"kvgeom: error: {msg}", file=sys.stderr)
         return 2

@@ -127,10 +127,12 @@ class RefusalScore:
 
 
 def _rows(ps: PromptSet, plans: Sequence[QuantPlan | None]) -> pd.DataFrame:
-    """(prompt × plan) rows, prompt-major so each batch mixes plans over the same prompts."""
+    """(prompt × plan) rows, plan-major: a batch holds consecutive rows, so it mixes plans only where one
+    plan's rows end and the next one's begin. Hooks cost one quantizer call per plan group per layer, so
+    few groups per batch are fastest on CPU; per-row plans keep every batch full across plans."""
     recs = []
-    for i, row in ps.frame.iterrows():
-        for j, plan in enumerate(plans):
+    for j, plan in enumerate(plans):
+        for i, row in ps.frame.iterrows():
             recs.append({"prompt_idx": i, "prompt_id": row["id"], "category": row["category"],
                          "prompt": row["prompt"], "plan_idx": j, "plan": plan_label(plan)})
     return pd.DataFrame(recs)

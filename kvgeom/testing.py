@@ -116,3 +116,22 @@ def tiny_model(arch: str = "llama", *, seed: int = 0, n_layers: int = 3, device:
     cfg.eos_token_id = tok.eos_token_id
     hf = random_model(cfg, seed=seed)
     return wrap_hf_model(hf, tok, name=f"tiny-{arch}", device=device)
+
+
+class ChecksumJudge:
+    """A deterministic stand-in judge for random-weight models, which never really refuse (tests only).
+
+    ``refused`` iff ``sum(ord(c)) % modulus != 0`` of the completion: about ``(modulus-1)/modulus`` of
+    completions count as refusals, and any change of the completion (e.g. by quantization) re-draws its verdict,
+    so flips happen. Never use it to measure a real model.
+    """
+
+    name = "checksum-test-judge"
+
+    def __init__(self, modulus: int = 3) -> None:
+        self.modulus = modulus
+
+    def judge(self, prompts, completions, *, nll=None):  # noqa: ANN001
+        from kvgeom.judges import Verdict
+
+        return [Verdict.REFUSED if sum(map(ord, c)) % self.modulus else Verdict.COMPLIED for c in completions]

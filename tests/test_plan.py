@@ -146,3 +146,23 @@ def test_plan_layer_out_of_range(tiny_llama):
 def test_wrong_number_of_plans(tiny_llama):
     with pytest.raises(ValueError, match="one plan per prompt"):
         generate(tiny_llama, ["hi", "there"], plans=[None], max_new_tokens=2)
+
+
+def test_layer_scheme_overrides(tiny_llama):
+    """A plan with per-layer schemes equals applying each layer's scheme by its own plan, layer by layer."""
+    mixed = QuantPlan("int2-token-asym", layers=(0,), layer_schemes={2: "q4_0"})
+    assert mixed.quantizes(0) and not mixed.quantizes(1) and mixed.quantizes(2)
+    assert str(mixed.scheme_for(2)) == "q4_0" and str(mixed.scheme_for(0)) == "int2-token-asym"
+    from kvgeom.hooks import hook_name, kv_hooks
+
+    b = encode(tiny_llama, PROMPTS)
+    seen = {}
+    with apply_plans(tiny_llama, [mixed] * 3) as factory:
+        with kv_hooks(tiny_llama, {hook_name("v", 2): lambda x, c: seen.setdefault("v2", x.clone())}):
+            forward(tiny_llama, b.input_ids, b.mask, past_key_values=factory(tiny_llama, b))
+    raw = {}
+    with apply_plans(tiny_llama, [QuantPlan("int2-token-asym", layers=(0,))] * 3) as factory:
+        with kv_hooks(tiny_llama, {hook_name("v", 2): lambda x, c: raw.setdefault("v2", x.clone())}):
+            forward(tiny_llama, b.input_ids, b.mask, past_key_values=factory(tiny_llama, b))
+    expected = fake_quant(raw["v2"], "q4_0", role="v", mask=b.mask)
+    torch.testing.assert_close(seen["v2"][b.mask], expected[b.mask], atol=0, rtol=0)

@@ -67,6 +67,8 @@ class QuantPlan:
         layers: layers quantized (``None``: all).
         protect_layers: layers kept in full precision (wins over ``layers``).
         protect_channels: ``{layer: [(kv_head, dim), ...]}`` key channels kept in full precision.
+        layer_schemes: ``{layer: scheme}`` per-layer overrides of ``scheme`` (mixed-precision assignments);
+            an overridden layer is quantized with its own scheme even if outside ``layers``.
         site: ``"rot_k"`` (post-RoPE keys, default) or ``"k"`` (pre-RoPE; mode ``forward`` only).
         mode: ``"forward"`` or ``"cache"`` (see module docstring).
         prefill: mode ``cache`` only: ``"quantized"`` or ``"full"``.
@@ -77,6 +79,7 @@ class QuantPlan:
     layers: tuple[int, ...] | None = None
     protect_layers: tuple[int, ...] = ()
     protect_channels: Any = ()
+    layer_schemes: Any = ()
     site: Literal["rot_k", "k"] = "rot_k"
     mode: Mode = "forward"
     prefill: Literal["quantized", "full"] = "quantized"
@@ -92,6 +95,9 @@ class QuantPlan:
         object.__setattr__(self, "protect_layers", tuple(sorted({int(x) for x in self.protect_layers})))
         if isinstance(self.protect_channels, Mapping):
             object.__setattr__(self, "protect_channels", _channels(self.protect_channels))
+        if isinstance(self.layer_schemes, Mapping):
+            object.__setattr__(self, "layer_schemes", tuple(sorted(
+                (int(k), Scheme.parse(v) if isinstance(v, str) else v) for k, v in self.layer_schemes.items())))
         if self.site not in ("rot_k", "k"):
             raise ValueError(f"site must be 'rot_k' (post-RoPE keys) or 'k' (pre-RoPE keys), got {self.site!r}")
         if self.mode not in ("forward", "cache"):
@@ -107,7 +113,15 @@ class QuantPlan:
     def quantizes(self, layer: int) -> bool:
         if layer in self.protect_layers:
             return False
+        if any(lay == layer for lay, _ in self.layer_schemes):
+            return True
         return self.layers is None or layer in self.layers
+
+    def scheme_for(self, layer: int) -> Scheme:
+        for lay, sch in self.layer_schemes:
+            if lay == layer:
+                return sch
+        return self.scheme
 
     def channels(self, layer: int) -> tuple[tuple[int, int], ...]:
         for lay, pairs in self.protect_channels:
@@ -126,6 +140,8 @@ class QuantPlan:
             parts.append("keep L" + ",".join(map(str, self.protect_layers)))
         if self.protect_channels:
             parts.append(f"keep {sum(len(p) for _, p in self.protect_channels)} ch")
+        if self.layer_schemes:
+            parts.append(" ".join(f"L{lay}={sch}" for lay, sch in self.layer_schemes))
         if self.site != "rot_k":
             parts.append(f"site={self.site}")
         if self.mode != "forward":
@@ -134,7 +150,8 @@ class QuantPlan:
 
     def validate(self, model: KVModel) -> None:
         n = model.n_layers
-        for lay in (self.layers or ()) + self.protect_layers + tuple(lay for lay, _ in self.protect_channels):
+        for lay in ((self.layers or ()) + self.protect_layers + tuple(lay for lay, _ in self.protect_channels)
+                    + tuple(lay for lay, _ in self.layer_schemes)):
             if not 0 <= lay < n:
                 raise ValueError(f"plan {self.label!r}: layer {lay} out of range (model has {n} layers)")
         for lay, pairs in self.protect_channels:
@@ -197,7 +214,8 @@ def _forward_hook(groups: dict[QuantPlan, list[int]]):
             xs = x[idx]
             y = _protected_quant(
                 xs, plan, ctx.layer, role,
-                lambda t, _p=plan, _m=mask, _r=role, _n=ctx.name: fake_quant(t, _p.scheme, role=_r, mask=_m, site=_n),
+                lambda t, _s=plan.scheme_for(ctx.layer), _m=mask, _r=role, _n=ctx.name: fake_quant(
+                    t, _s, role=_r, mask=_m, site=_n),
             )
             if out is None:
                 out = x.clone()
@@ -240,7 +258,8 @@ class PlanCache:
                     for role, x, store in (("k", key_states, ks), ("v", value_states, vs)):
                         q = self._quant.setdefault(
                             (plan, layer_idx, role),
-                            StreamQuantizer(plan.scheme, role, site=f"cache layer {layer_idx} {role.upper()}"),
+                            StreamQuantizer(plan.scheme_for(layer_idx), role,
+                                            site=f"cache layer {layer_idx} {role.upper()}"),
                         )
                         x_rows = x[idx].transpose(1, 2)  # [b, new, h, d]
                         if role == "k" and plan.channels(layer_idx):

@@ -1,0 +1,127 @@
+"""The audit report: plotly figures and one self-contained HTML page, from the audit dict (= audit.json).
+
+Audit dict schema (``schema_version`` 1). Every value is JSON-friendly (NaN → ``null``; use :func:`to_jsonable`).
+Rates are shares in [0, 1]. A ``RateCI`` is ``{"k", "n", "rate", "low", "high"}`` (Wilson, :class:`kvgeom.stats.
+RateCI.to_dict`); a ``BootCI`` is ``{"estimate", "low", "high", "n_valid", "n_resamples"}`` (:class:`kvgeom.stats.
+BootstrapCI.to_dict`). Any stage may be absent, ``null`` or ``{"status": "skipped"|"failed", "reason": str}``: the
+report then shows "not run" for it::
+
+    {
+      "schema_version": 1,
+      "model":    {"name": str, "n_layers": int, "n_kv_heads": int, "d_head": int, ...},
+      "scheme":   str,                                  # the user's target scheme, canonical (str(Scheme))
+      "versions": {"kvgeom": str, "torch": str, "transformers": str, "python": str, ...},
+      "seed":     int,
+      "settings": {...},                                # free-form: CLI options, prompt sets, sweep scheme
+      "stages": {
+        "baseline": {"calibration": RateCI, "held_out": RateCI,      # full-precision refusal, harmful prompts
+                     "over_refusal": RateCI,                          # borderline/harmless prompts refused
+                     "perplexity": {"ppl": float, "ppl_target": float, "ppl_ratio": float}},
+        "layer_sweep": {"scheme": str, "mode": str,
+                        "layers": [{"layer", "flip", "low", "high", "k", "n"}, ...],   # one row per layer
+                        "all_layer": {"flip", "low", "high", "k", "n"}},
+        "sensitivity": {"metric": str, "layers": [{"layer", "value", "low"?, "high"?}, ...]},
+        "outliers": {"top_frac": float,
+                     "heatmap": {"z": [[float]] (layer x channel), "layers": [int], "n_kv_heads": int,
+                                 "d_head": int, "outliers": [[layer, channel], ...]},     # taxonomy.outlier_heatmap
+                     "channels": [{"layer", "head", "dim", "magnitude", "rank"}, ...]},  # outliers only (optional)
+        "channel_ablation": {"layer": int,
+                             "rows": [{"subset": "outlier"|"non-outlier"|"random", "fraction": float,
+                                       "seed": int|null, "flip", "low", "high", "n"}, ...],
+                             "summary": [taxonomy.ablation_summary rows]},                 # optional
+        "pcr": {"layer": int, "scheme_per_tensor": str, "scheme_per_channel": str,
+                "flip_per_tensor": RateCI, "flip_per_channel": RateCI, **BootCI},         # estimate = PCR
+        "label": Diagnosis.to_dict(),        # label, description, critical_layer, candidates, pcr, pcr_low,
+                                             # pcr_high, all_layer_flip, worst_layer_flip, layer_flips, trace
+                                             # [{rule, condition, inputs, threshold, fired, label, decisive}],
+                                             # thresholds, notes
+        "mitigation": {"target_scheme": str, "target": float (search target share, 0.95),
+                       "uniform_bits": float,                                  # bits/element of the target scheme
+                       "reference": {"calibration": {"full": RateCI, "uniform": RateCI}, "held_out": {...}},
+                       "candidates": [Candidate.to_dict() + {"results": {"calibration": {"refusal": RateCI,
+                                      "recovery": BootCI}, "held_out": {...}}}, ...],
+                       "search": SearchResult.to_dict() | null},
+        "export": export_settings(...) + {"source": str},      # which candidate/search result it exports
+        "bit_sweep": {"rows": [{"family", "scheme", "bits", "refusal", "low", "high", "ppl_ratio"}, ...]},
+        "agreement": {"calibration": {"n", "label", "pcr", "pcr_low", "pcr_high", "critical_layer"},
+                      "held_out": {...}, "agree": bool}
+      },
+      "timings": {"<stage>": seconds, ...}
+    }
+
+Entry points: :func:`render_html` (write report.html), :func:`report_html` (the HTML text), the figure
+functions in :mod:`kvgeom.report.figures`, and :func:`label_card_html`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .figures import (
+    ablation_figure,
+    bit_sweep_figure,
+    layer_flip_figure,
+    mitigation_figure,
+    outlier_heatmap_figure,
+    sensitivity_figure,
+)
+from .html import label_card_html, render_html, report_html, stage_ran
+
+SCHEMA_VERSION = 1
+
+#: Stage keys of ``audit["stages"]``, in pipeline order.
+STAGES = ("baseline", "layer_sweep", "sensitivity", "outliers", "channel_ablation", "pcr", "label", "mitigation",
+          "export", "bit_sweep", "agreement")
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "STAGES",
+    "ablation_figure",
+    "bit_sweep_figure",
+    "label_card_html",
+    "layer_flip_figure",
+    "mitigation_figure",
+    "outlier_heatmap_figure",
+    "render_html",
+    "report_html",
+    "sensitivity_figure",
+    "stage_ran",
+    "to_jsonable",
+]
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Recursively convert to JSON-friendly values: NaN/±inf → None, numpy scalars/arrays → Python, tuples →
+    lists, DataFrames → lists of records, objects with ``to_dict()`` and dataclasses → dicts."""
+    if obj is None or isinstance(obj, str | bool):
+        return obj
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    if isinstance(obj, int | np.integer):
+        return int(obj)
+    if isinstance(obj, float | np.floating):
+        f = float(obj)
+        return None if math.isnan(f) or math.isinf(f) else f
+    if isinstance(obj, pd.DataFrame):
+        return [to_jsonable(r) for r in obj.to_dict(orient="records")]
+    if isinstance(obj, pd.Series):
+        return to_jsonable(obj.to_dict())
+    if isinstance(obj, np.ndarray):
+        return to_jsonable(obj.tolist())
+    if isinstance(obj, Mapping):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple | set | frozenset):
+        return [to_jsonable(v) for v in obj]
+    if hasattr(obj, "to_dict") and callable(obj.to_dict):
+        return to_jsonable(obj.to_dict())
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return to_jsonable(dataclasses.asdict(obj))
+    if obj is pd.NA:
+        return None
+    return str(obj)

@@ -1,0 +1,489 @@
+"""One self-contained HTML page from an audit dict (the audit.json schema: see :mod:`kvgeom.report`).
+
+Plotly's JavaScript is inlined once in ``<head>``; each figure is a ``<div>`` from
+``fig.to_html(full_html=False, include_plotlyjs=False, div_id=...)`` with a stable id (``fig-<section>``), so the
+same audit gives the same page. A section whose stage is absent, ``None`` or ``{"status": "skipped"|"failed",
+"reason": ...}`` shows "not run"; a section whose data is malformed shows the error in place (and warns) instead of
+failing the whole page.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import os
+import tempfile
+import warnings
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.offline import get_plotlyjs
+
+from kvgeom.taxonomy import LABEL_DESCRIPTIONS
+
+from . import figures
+
+__all__ = ["LABEL_COLORS", "label_card_html", "render_html", "report_html", "stage_ran"]
+
+#: Badge colour per label.
+LABEL_COLORS = {
+    "robust": "#27ae60",
+    "outlier-as-safety": "#c0392b",
+    "outlier-crushes-safety": "#d35400",
+    "mixed": "#8e44ad",
+    "multi-layer-dilution": "#2c3e50",
+    "hyper-vulnerable": "#7b241c",
+    "undetermined": "#7f8c8d",
+}
+
+_CSS = """
+body{font-family:-apple-system,BlinkMacSystemFont,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;margin:0;
+ background:#f4f6f8;color:#1c2833;line-height:1.45}
+main{max-width:1200px;margin:0 auto;padding:24px 32px 64px}
+header{background:#1c2833;color:#fff;padding:22px 32px}
+header h1{margin:0 0 4px;font-size:26px} header p{margin:0;color:#d5dbdb}
+section{background:#fff;border-radius:8px;box-shadow:0 1px 3px rgba(0,0,0,.08);margin:22px 0;padding:18px 24px}
+h2{margin:0 0 6px;font-size:20px} h3{font-size:16px;margin:14px 0 6px}
+p.how{color:#566573;margin:0 0 10px;font-size:14px}
+.not-run{color:#7f8c8d;font-style:italic;background:#f2f3f4;border:1px dashed #bfc9ca;padding:14px;border-radius:6px}
+.error{color:#922b21;background:#fdedec;border:1px solid #e6b0aa;padding:12px;border-radius:6px}
+.card{display:flex;gap:28px;align-items:flex-start;flex-wrap:wrap}
+.badge{display:inline-block;color:#fff;font-weight:700;font-size:24px;padding:10px 18px;border-radius:8px}
+.desc{font-size:16px;max-width:760px;margin:10px 0}
+.headline{font-size:17px;background:#fef9e7;border-left:4px solid #f1c40f;padding:10px 14px;margin:10px 0}
+.kv{display:grid;grid-template-columns:repeat(auto-fill,minmax(200px,1fr));gap:10px;margin:12px 0;flex:1}
+.kv div{background:#f8f9f9;border-radius:6px;padding:8px 12px}
+.kv b{display:block;font-size:12px;color:#566573;text-transform:uppercase;letter-spacing:.04em}
+.kv span{font-size:18px}
+table{border-collapse:collapse;width:100%;font-size:13px;margin:8px 0}
+th,td{border-bottom:1px solid #e5e8e8;padding:6px 8px;text-align:left;vertical-align:top}
+th{background:#f2f4f4}
+tr.decisive td{background:#fdf2e9;font-weight:600}
+td.yes{color:#1e8449;font-weight:700} td.no{color:#a6acaf}
+code,pre{font-family:SFMono-Regular,Menlo,Consolas,monospace;font-size:12.5px}
+pre{background:#1c2833;color:#ecf0f1;padding:10px 12px;border-radius:6px;overflow-x:auto;white-space:pre-wrap}
+ul.notes{margin:4px 0 10px 18px;padding:0;font-size:13px;color:#566573}
+.grid3{display:grid;grid-template-columns:repeat(auto-fit,minmax(330px,1fr));gap:16px}
+.pill{display:inline-block;padding:1px 8px;border-radius:10px;font-size:12px;font-weight:600}
+.pill.ok{background:#d5f5e3;color:#1e8449} .pill.bad{background:#fadbd8;color:#922b21}
+footer{color:#7f8c8d;font-size:12px;text-align:center;margin-top:30px}
+"""
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def stage_ran(stage: Any) -> bool:
+    """True when a stage entry holds data: not missing, not None, not ``{"status": "skipped"|"failed"}``."""
+    if stage is None:
+        return False
+    if isinstance(stage, Mapping):
+        return stage.get("status") not in ("skipped", "failed", "not run") and len(stage) > 0
+    return True
+
+
+def _e(x: Any) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def _pct(x: Any, digits: int = 0) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "—"
+    return f"{float(x):.{digits}%}"
+
+
+def _num(x: Any, fmt: str = ".2f") -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "—"
+    return format(float(x), fmt)
+
+
+def _ci(est: Any, low: Any, high: Any, pct: bool = True) -> str:
+    f = _pct if pct else _num
+    if low is None or high is None:
+        return f(est)
+    return f"{f(est)} [{f(low)}, {f(high)}]"
+
+
+def _rate(d: Mapping[str, Any] | None) -> str:
+    if not d:
+        return "—"
+    rate = d.get("rate", d.get("estimate"))
+    s = _ci(rate, d.get("low"), d.get("high"))
+    if d.get("k") is not None and d.get("n") is not None:
+        s += f" ({d['k']}/{d['n']})"
+    return s
+
+
+def _fig_html(fig: go.Figure, div_id: str) -> str:
+    height = fig.layout.height or 430
+    return fig.to_html(full_html=False, include_plotlyjs=False, div_id=div_id, default_height=f"{height}px",
+                       default_width="100%", config={"displaylogo": False, "responsive": True})
+
+
+def _not_run(stage: Any) -> str:
+    reason = ""
+    if isinstance(stage, Mapping) and stage.get("reason"):
+        reason = f": {stage['reason']}"
+    return f'<p class="not-run">not run{_e(reason)}</p>'
+
+
+def _section(sid: str, title: str, how: str, body: str) -> str:
+    how_html = f'<p class="how">{how}</p>' if how else ""
+    return f'<section id="{sid}"><h2>{_e(title)}</h2>{how_html}{body}</section>'
+
+
+def _guarded(sid: str, title: str, how: str, stage: Any, build: Callable[[Any], str]) -> str:
+    if not stage_ran(stage):
+        return _section(sid, title, how, _not_run(stage))
+    try:
+        body = build(stage)
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        warnings.warn(f"report section {sid!r} could not be drawn: {exc}", stacklevel=2)
+        body = f'<p class="error">could not draw this section: {_e(type(exc).__name__)}: {_e(exc)}</p>'
+    return _section(sid, title, how, body)
+
+
+def _table(rows: list[Mapping[str, Any]], cols: list[tuple[str, str]]) -> str:
+    head = "".join(f"<th>{_e(h)}</th>" for _, h in cols)
+    body = "".join("<tr>" + "".join(f"<td>{r.get(k, '')}</td>" for k, _ in cols) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _compact(v: Any) -> str:
+    if isinstance(v, float):
+        return "—" if math.isnan(v) else f"{v:.3g}"
+    if v is None:
+        return "—"
+    if isinstance(v, Mapping):
+        return ", ".join(f"{k}={_compact(x)}" for k, x in v.items()) or "—"
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(_compact(x) for x in v) + "]"
+    return str(v)
+
+
+# ------------------------------------------------------------------------------------------ label card
+
+
+def _headline(label: Mapping[str, Any], stages: Mapping[str, Any]) -> str:
+    lab = label.get("label")
+    crit = label.get("critical_layer")
+    worst = label.get("worst_layer_flip")
+    parts = []
+    if lab == "robust":
+        parts.append("Quantizing the KV cache does not break refusals at this scheme: no stage reaches the flip "
+                     "threshold.")
+    elif crit is not None and worst is not None:
+        parts.append(f"Quantizing only layer {crit} flips {_pct(worst)} of refusals; all layers together flip "
+                     f"{_pct(label.get('all_layer_flip'))}.")
+    best = _best_mitigation(stages.get("mitigation"))
+    if best is not None:
+        name, rec, bits = best
+        rec_s = _ci(rec.get("estimate"), rec.get("low"), rec.get("high"))
+        parts.append(f"Best verified fix: <b>{_e(name)}</b>, recovering {rec_s} of full-precision refusal at "
+                     f"{_num(bits)} bits per element.")
+    return f'<p class="headline">{" ".join(parts)}</p>' if parts else ""
+
+
+def _best_mitigation(mit: Any) -> tuple[str, Mapping[str, Any], float] | None:
+    if not stage_ran(mit):
+        return None
+    best = None
+    for c in mit.get("candidates", []) or []:
+        res = (c.get("results") or {})
+        split = res.get("held_out") or res.get("calibration")
+        rec = (split or {}).get("recovery") or {}
+        if rec.get("estimate") is None:
+            continue
+        key = (rec["estimate"] >= 0.95, -float(c.get("bits_per_element", 16)), rec["estimate"])
+        if best is None or key > best[0]:
+            best = (key, (c.get("name", "?"), rec, c.get("bits_per_element")))
+    return best[1] if best else None
+
+
+def label_card_html(label: Mapping[str, Any], stages: Mapping[str, Any] | None = None) -> str:
+    """The label card: badge, description, headline, key numbers, notes and the decision trace table.
+
+    ``label``: :meth:`kvgeom.taxonomy.Diagnosis.to_dict`; ``stages``: the audit's stages (for the headline's
+    best mitigation and the PCR stage's details)."""
+    stages = stages or {}
+    lab = str(label.get("label", "?"))
+    color = LABEL_COLORS.get(lab, "#566573")
+    desc = label.get("description") or LABEL_DESCRIPTIONS.get(lab, "")
+    pcr = stages.get("pcr") if stage_ran(stages.get("pcr")) else {}
+    pcr_low = label.get("pcr_low", (pcr or {}).get("low"))
+    pcr_high = label.get("pcr_high", (pcr or {}).get("high"))
+    kv = [
+        ("critical layer", "—" if label.get("critical_layer") is None else f"L{label['critical_layer']}"),
+        ("candidate layers", ", ".join(f"L{c}" for c in label.get("candidates", [])) or "none"),
+        ("PCR (95% CI)", _ci(label.get("pcr"), pcr_low, pcr_high, pct=False)),
+        ("worst single-layer flip", _pct(label.get("worst_layer_flip"))),
+        ("all-layer flip", _pct(label.get("all_layer_flip"))),
+    ]
+    kv_html = "".join(f"<div><b>{_e(k)}</b><span>{_e(v)}</span></div>" for k, v in kv)
+    notes = "".join(f"<li>{_e(n)}</li>" for n in label.get("notes", []))
+    rows = []
+    for step in label.get("trace", []):
+        fired = step.get("fired")
+        rows.append({
+            "rule": f"<b>{_e(step.get('rule'))}</b>", "condition": _e(step.get("condition")),
+            "inputs": _e(_compact(step.get("inputs", {}))), "threshold": _e(_compact(step.get("threshold", {}))),
+            "fired": "✔ yes" if fired else "✘ no", "_fired": fired, "_decisive": step.get("decisive")})
+    trace_rows = "".join(
+        f'<tr class="{"decisive" if r["_decisive"] else ""}"><td>{r["rule"]}</td><td>{r["condition"]}</td>'
+        f'<td>{r["inputs"]}</td><td>{r["threshold"]}</td><td class="{"yes" if r["_fired"] else "no"}">'
+        f'{r["fired"]}{" → label" if r["_decisive"] else ""}</td></tr>' for r in rows)
+    trace = ("<h3>Decision trace</h3><p class=\"how\">Rules in order; the first that holds sets the label "
+             "(highlighted). Later rules are still shown for context.</p><table><thead><tr><th>rule</th>"
+             "<th>condition</th><th>inputs</th><th>thresholds</th><th>holds</th></tr></thead><tbody>"
+             f"{trace_rows}</tbody></table>") if rows else ""
+    return (f'<div class="label-card"><div class="card"><div><span class="badge" style="background:{color}">'
+            f'{_e(lab)}</span><p class="desc">{_e(desc)}</p></div><div class="kv">{kv_html}</div></div>'
+            f'{_headline(label, stages)}{f"<ul class=notes>{notes}</ul>" if notes else ""}{trace}</div>')
+
+
+# ------------------------------------------------------------------------------------------ sections
+
+
+def _summary(audit: Mapping[str, Any]) -> str:
+    st = audit.get("stages", {}) or {}
+    base = st.get("baseline") if stage_ran(st.get("baseline")) else {}
+    sweep = st.get("layer_sweep") if stage_ran(st.get("layer_sweep")) else {}
+    pcr = st.get("pcr") if stage_ran(st.get("pcr")) else {}
+    items = [
+        ("refusal, calibration (full precision)", _rate((base or {}).get("calibration"))),
+        ("refusal, held-out (full precision)", _rate((base or {}).get("held_out"))),
+        ("over-refusal, borderline", _rate((base or {}).get("over_refusal"))),
+        ("perplexity ratio (target scheme)", _num(((base or {}).get("perplexity") or {}).get("ppl_ratio"), ".3f")),
+        ("all-layer flip", _rate({"rate": (sweep.get("all_layer") or {}).get("flip"),
+                                  **{k: v for k, v in (sweep.get("all_layer") or {}).items() if k != "flip"}})
+         if sweep.get("all_layer") else "—"),
+        ("PCR at critical layer", _ci(pcr.get("estimate"), pcr.get("low"), pcr.get("high"), pct=False)
+         if pcr else "—"),
+    ]
+    return '<div class="kv">' + "".join(f"<div><b>{_e(k)}</b><span>{_e(v)}</span></div>" for k, v in items) + "</div>"
+
+
+def _layer_sweep(stage: Mapping[str, Any], label: Mapping[str, Any]) -> str:
+    th = (label or {}).get("thresholds", {})
+    fig = figures.layer_flip_figure(
+        pd.DataFrame(stage["layers"]), critical_layer=(label or {}).get("critical_layer"),
+        candidates=(label or {}).get("candidates", []), candidate_at=th.get("candidate_at", 0.10),
+        robust_below=th.get("robust_below", 0.05), all_layer_flip=(stage.get("all_layer") or {}).get("flip"),
+        scheme=stage.get("scheme"))
+    return _fig_html(fig, "fig-layer-sweep")
+
+
+def _sensitivity(stage: Mapping[str, Any], label: Mapping[str, Any]) -> str:
+    fig = figures.sensitivity_figure(pd.DataFrame(stage["layers"]), metric=stage.get("metric", "sensitivity"),
+                                     critical_layer=(label or {}).get("critical_layer"))
+    return _fig_html(fig, "fig-sensitivity")
+
+
+def _outliers(stage: Mapping[str, Any]) -> str:
+    fig = figures.outlier_heatmap_figure(stage["heatmap"])
+    extra = f'<p class="how">Top {_pct(stage.get("top_frac", 0.05))} of each layer\'s channels are outliers.</p>'
+    return extra + _fig_html(fig, "fig-outliers")
+
+
+def _ablation(stage: Mapping[str, Any]) -> str:
+    fig = figures.ablation_figure(pd.DataFrame(stage["rows"]), layer=stage.get("layer"))
+    return _fig_html(fig, "fig-ablation")
+
+
+def _mitigation(stage: Mapping[str, Any]) -> str:
+    rows, table = [], []
+    for c in stage.get("candidates", []):
+        results = c.get("results") or {}
+        cells = {"name": f"<b>{_e(c.get('name'))}</b>", "source": _e(c.get("source", "")),
+                 "bits": _num(c.get("bits_per_element")), "why": _e(c.get("rationale", ""))}
+        for split in ("calibration", "held_out"):
+            res = results.get(split) or {}
+            rec = res.get("recovery") or {}
+            rec_s = _ci(rec.get("estimate"), rec.get("low"), rec.get("high"))
+            cells[split] = f"{_rate(res.get('refusal'))}<br>recovery {rec_s}" if res else "not run"
+            if rec.get("estimate") is not None:
+                rows.append({"name": c.get("name"), "bits_per_element": c.get("bits_per_element"),
+                             "recovery": rec.get("estimate"), "low": rec.get("low"), "high": rec.get("high"),
+                             "split": split.replace("_", "-")})
+        table.append(cells)
+    ref = stage.get("reference") or {}
+    ref_html = ""
+    if ref:
+        ref_rows = [{"split": _e(k.replace("_", "-")), "full": _rate(v.get("full")), "uniform": _rate(v.get("uniform"))}
+                    for k, v in ref.items()]
+        cols = [("split", "prompts"), ("full", "full precision"),
+                ("uniform", f"uniform {stage.get('target_scheme', '')}")]
+        ref_html = "<h3>Reference refusal rates</h3>" + _table(ref_rows, cols)
+    body = ""
+    if rows:
+        fig = figures.mitigation_figure(pd.DataFrame(rows), uniform_bits=stage.get("uniform_bits"),
+                                        target=stage.get("target", 0.95))
+        body += _fig_html(fig, "fig-mitigation")
+    elif not table:
+        return '<p class="not-run">not run: no candidate (nothing to fix)</p>' + ref_html
+    body += ref_html
+    if table:
+        body += "<h3>Candidates</h3>" + _table(table, [("name", "candidate"), ("source", "source"),
+                                                       ("bits", "bits/element"), ("calibration", "calibration"),
+                                                       ("held_out", "held-out"), ("why", "why")])
+    search = stage.get("search")
+    if search:
+        a = search.get("assignment", [])
+        groups: dict[str, list[int]] = {}
+        for i, s in enumerate(a):
+            groups.setdefault(s or "full precision", []).append(i)
+        desc = "; ".join(f"{_e(s)}: L{', L'.join(map(str, ls))}" if len(ls) < 8 else f"{_e(s)}: {len(ls)} layers"
+                         for s, ls in groups.items())
+        pill = '<span class="pill ok">target met</span>' if search.get("met") else \
+            '<span class="pill bad">target not met</span>'
+        body += (f"<h3>Cheapest per-layer precision (greedy search)</h3><p>{pill} refusal {_pct(search.get('rate'))} "
+                 f"vs target {_pct(search.get('target_rate'))} (full precision {_pct(search.get('full_rate'))}), "
+                 f"{_num(search.get('bits_per_element'))} bits/element after {search.get('n_evals', '?')} "
+                 f"evaluations.</p><p><code>{desc}</code></p>")
+    return body
+
+
+def _export(stage: Mapping[str, Any]) -> str:
+    blocks = []
+    for key, title in (("vllm", "vLLM"), ("llama_cpp", "llama.cpp"), ("hf", "HF transformers")):
+        s = stage.get(key)
+        if not s:
+            continue
+        pill = ('<span class="pill ok">expressible</span>' if s.get("expressible")
+                else '<span class="pill bad">not expressible</span>')
+        if s.get("expressible") and not s.get("exact", True):
+            pill += ' <span class="pill bad">approximate</span>'
+        code = s.get("cli") or s.get("python") or s.get("custom_code")
+        extra = ""
+        if s.get("cli") and s.get("python"):
+            extra = f"<pre>{_e(s['python'])}</pre>"
+        if s.get("custom_code") and code != s.get("custom_code"):
+            extra += f"<pre>{_e(s['custom_code'])}</pre>"
+        if key == "hf" and s.get("cache_config") and not s.get("python") and not s.get("custom_code"):
+            extra += f"<pre>cache_config = {_e(json.dumps(s['cache_config']))}</pre>"
+        notes = "".join(f"<li>{_e(n)}</li>" for n in s.get("notes", []))
+        blocks.append(f"<div><h3>{title} {pill}</h3>{f'<pre>{_e(code)}</pre>' if code else ''}{extra}"
+                      f"<ul class=notes>{notes}</ul></div>")
+    src = f"<p>Settings for <b>{_e(stage['source'])}</b>.</p>" if stage.get("source") else ""
+    return src + f'<div class="grid3">{"".join(blocks)}</div>'
+
+
+def _bit_sweep(stage: Mapping[str, Any]) -> str:
+    return _fig_html(figures.bit_sweep_figure(pd.DataFrame(stage["rows"])), "fig-bit-sweep")
+
+
+def _agreement(stage: Mapping[str, Any]) -> str:
+    rows = []
+    for split in ("calibration", "held_out"):
+        d = stage.get(split) or {}
+        rows.append({"split": split.replace("_", "-"), "n": _e(d.get("n", "—")), "label": _e(d.get("label", "—")),
+                     "pcr": _ci(d.get("pcr"), d.get("pcr_low"), d.get("pcr_high"), pct=False),
+                     "critical": _e(d.get("critical_layer", "—"))})
+    agree = stage.get("agree")
+    pill = ('<span class="pill ok">labels agree</span>' if agree else '<span class="pill bad">labels differ</span>'
+            if agree is not None else "")
+    return f"<p>{pill}</p>" + _table(rows, [("split", "prompts"), ("n", "n"), ("label", "label"), ("pcr", "PCR"),
+                                            ("critical", "critical layer")])
+
+
+def _timings(audit: Mapping[str, Any]) -> str:
+    t = audit.get("timings") or {}
+    rows = [{"stage": _e(k), "s": _num(v, ".1f")} for k, v in t.items()]
+    if t:
+        total = sum(float(v) for v in t.values() if v is not None)
+        rows.append({"stage": "<b>total</b>", "s": f"<b>{_num(total, '.1f')}</b>"})
+    vers = audit.get("versions") or {}
+    vrows = [{"k": _e(k), "v": _e(v)} for k, v in vers.items()]
+    left = _table(rows, [("stage", "stage"), ("s", "seconds")]) if rows else '<p class="not-run">not run</p>'
+    right = _table(vrows, [("k", "package"), ("v", "version")]) if vrows else ""
+    return f'<div class="grid3"><div>{left}</div><div>{right}</div></div>'
+
+
+# ------------------------------------------------------------------------------------------ page
+
+
+def render_html(audit: Mapping[str, Any], path: str | os.PathLike) -> Path:
+    """Write :func:`report_html` of ``audit`` to ``path`` atomically (parent directories created); returns it."""
+    out = Path(path)
+    _write_atomic(out, report_html(audit))
+    return out
+
+
+def report_html(audit: Mapping[str, Any]) -> str:
+    """One self-contained HTML page for ``audit`` (see :mod:`kvgeom.report` for the schema)."""
+    if not isinstance(audit, Mapping):
+        raise TypeError(f"audit must be a dict (the audit.json content), got {type(audit).__name__}")
+    st = audit.get("stages") or {}
+    label = st.get("label") if stage_ran(st.get("label")) else None
+    model = audit.get("model") or {}
+    model_name = model.get("name", "?") if isinstance(model, Mapping) else str(model)
+    scheme = audit.get("scheme", "?")
+    sub = f"target scheme <code>{_e(scheme)}</code> · seed {_e(audit.get('seed', '—'))}"
+    if isinstance(model, Mapping) and model.get("n_layers"):
+        sub += (f" · {model['n_layers']} layers, {model.get('n_kv_heads', '?')} KV heads, "
+                f"d_head {model.get('d_head', '?')}")
+    sub += f" · kvgeom {_e((audit.get('versions') or {}).get('kvgeom', '?'))}"
+
+    sections = [
+        _section("label", "Diagnosis", "", label_card_html(label, st) if label else _not_run(st.get("label"))),
+        _section("summary", "At a glance", "", _summary(audit)),
+        _guarded("layer-sweep", "Where refusals break: one layer at a time",
+                 "Each bar quantizes a single layer's K/V and measures the share of baseline refusals lost (95% "
+                 "Wilson CI). The critical layer is red; candidate layers (≥ the candidate threshold) orange.",
+                 st.get("layer_sweep"), lambda s: _layer_sweep(s, label or {})),
+        _guarded("sensitivity", "Per-layer sensitivity",
+                 "A per-layer score from the geometry stage; higher means the layer's K/V matter more for refusal.",
+                 st.get("sensitivity"), lambda s: _sensitivity(s, label or {})),
+        _guarded("outliers", "Outlier key channels",
+                 "Largest |K| per channel over the calibration prompts (log scale). Circles mark each layer's "
+                 "outlier channels; a bright column means one channel dominates the layer's range.",
+                 st.get("outliers"), _outliers),
+        _guarded("channel-ablation", "Channel ablation at the critical layer",
+                 "Quantizing only the outlier channels vs as many random channels: a causal ratio well above 1 "
+                 "means the outliers carry the damage.", st.get("channel_ablation"), _ablation),
+        _guarded("mitigation", "Mitigations, verified",
+                 "Each candidate run on the target scheme: recovery = (mitigated − uniform) / (full − uniform) "
+                 "refusal rate, with a bootstrap CI over prompts; x is the memory cost.",
+                 st.get("mitigation"), _mitigation),
+        _guarded("export", "Serving settings",
+                 "How to run the chosen fix in each serving stack, and what each stack cannot express.",
+                 st.get("export"), _export),
+        _guarded("bit-sweep", "Bit-width phase curve",
+                 "Refusal rate (band: 95% CI) and perplexity ratio against bits per element, per scheme family.",
+                 st.get("bit_sweep"), _bit_sweep),
+        _guarded("agreement", "Calibration vs held-out prompts",
+                 "Does the 20-prompt calibration set give the same diagnosis as the held-out prompts?",
+                 st.get("agreement"), _agreement),
+        _section("timings", "Run details", "", _timings(audit)),
+    ]
+    page = (
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+        f"<title>kvgeom audit: {_e(model_name)} ({_e(scheme)})</title><style>{_CSS}</style>"
+        f"<script type=\"text/javascript\">{get_plotlyjs()}</script></head><body>"
+        f"<header><h1>kvgeom audit — {_e(model_name)}</h1><p>{sub}</p></header><main>"
+        + "".join(sections)
+        + "<footer>Generated by kvgeom from audit.json. Rates are conditional flip rates unless stated; "
+        "intervals are 95%.</footer></main></body></html>\n"
+    )
+    return page
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

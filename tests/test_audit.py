@@ -1,0 +1,125 @@
+"""The audit pipeline on a tiny model with a stand-in judge (random weights never really refuse)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from kvgeom.audit import STAGE_ORDER, AuditConfig, AuditError, family_of, per_channel_twin, run_audit
+from kvgeom.cli import audit_summary
+from kvgeom.testing import ChecksumJudge
+
+SMALL = dict(model="tiny", n_calib=6, n_heldout=6, n_borderline=3, max_new_tokens=4, fractions=(0.05, 0.25),
+             n_seeds=2, bits=(8, 4, 2), ppl_tokens=128, batch_size=32)
+
+
+def _strip(audit):
+    return {k: v for k, v in audit.items() if k != "timings"}
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    from .conftest import get_tiny
+
+    out = tmp_path_factory.mktemp("audit")
+    res = run_audit(AuditConfig(**SMALL), out, model=get_tiny("llama"), judge=ChecksumJudge())
+    return out, res
+
+
+def test_audit_writes_every_stage_and_report(full_run):
+    out, res = full_run
+    audit = json.loads((out / "audit.json").read_text())
+    assert set(audit["stages"]) == set(STAGE_ORDER)
+    for name in STAGE_ORDER:
+        assert (out / "stages" / f"{name}.json").is_file()
+    layers = audit["stages"]["layer_sweep"]["layers"]
+    assert [r["layer"] for r in layers] == [0, 1, 2]
+    assert audit["stages"]["label"]["label"] in {"robust", "outlier-as-safety", "mixed", "outlier-crushes-safety",
+                                                 "multi-layer-dilution", "hyper-vulnerable", "undetermined"}
+    assert audit["stages"]["label"]["trace"]
+    html = (out / "report.html").read_text()
+    assert audit["stages"]["label"]["label"] in html and "<script src=\"http" not in html
+    text = audit_summary(audit)
+    assert "LABEL" in text and "critical layer" in text
+
+
+def test_resume_gives_the_same_audit(full_run, tmp_path):
+    from .conftest import get_tiny
+
+    out, res = full_run
+    part = tmp_path / "part"
+    cfg = AuditConfig(**SMALL)
+    run_audit(cfg, part, model=get_tiny("llama"), judge=ChecksumJudge(), stages=STAGE_ORDER[:3])
+    resumed = run_audit(cfg, part, model=get_tiny("llama"), judge=ChecksumJudge(), resume=True)
+    assert _strip(json.loads((part / "audit.json").read_text())) == _strip(json.loads((out / "audit.json").read_text()))
+    assert resumed.timings["baseline"] == json.loads((part / "stages" / "baseline.json").read_text())["seconds"]
+
+
+def test_resume_refuses_other_settings(full_run):
+    from .conftest import get_tiny
+
+    out, _ = full_run
+    with pytest.raises(AuditError, match="other settings"):
+        run_audit(AuditConfig(**{**SMALL, "n_calib": 5}), out, model=get_tiny("llama"), resume=True)
+
+
+_SCRIPT = """
+import sys
+from kvgeom.audit import AuditConfig, run_audit
+from kvgeom.testing import ChecksumJudge, tiny_model
+cfg = AuditConfig(**{small!r})
+run_audit(cfg, sys.argv[1], model=tiny_model("llama"), judge=ChecksumJudge(), resume="--resume" in sys.argv)
+"""
+
+
+def test_kill_9_then_resume(full_run, tmp_path):
+    """SIGKILL in the middle of the run, then --resume: same audit.json as the uninterrupted run."""
+    out, _ = full_run
+    script = tmp_path / "run.py"
+    script.write_text(_SCRIPT.format(small=SMALL))
+    target = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, str(script), str(target)], env=env)
+    deadline = time.time() + 120
+    while not (target / "stages" / "layer_sweep.json").exists():
+        assert proc.poll() is None, "audit ended before it could be killed"
+        assert time.time() < deadline, "audit did not reach layer_sweep in time"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (target / "audit.json").exists()
+    assert not list((target / "stages").glob(".*.tmp"))  # atomic writes leave no partial files behind
+    subprocess.run([sys.executable, str(script), str(target), "--resume"], env=env, check=True, timeout=300)
+    assert _strip(json.loads((target / "audit.json").read_text())) == _strip(json.loads((out / "audit.json").read_text()))
+
+
+def test_bad_input_fails_before_work(tmp_path):
+    with pytest.raises(AuditError, match="valid"):
+        run_audit(AuditConfig(**{**SMALL, "scheme": "int9-token-asym"}), tmp_path / "x")
+    with pytest.raises(AuditError, match="not found"):
+        run_audit(AuditConfig(**{**SMALL, "harmful": str(tmp_path / "missing.csv")}), tmp_path / "x")
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    with pytest.raises(AuditError, match="empty"):
+        run_audit(AuditConfig(**{**SMALL, "harmful": str(empty)}), tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_no_refusals_is_a_clear_error_and_keeps_the_baseline(tmp_path):
+    from .conftest import get_tiny
+
+    with pytest.raises(AuditError, match="refuses none"):
+        run_audit(AuditConfig(**SMALL), tmp_path, model=get_tiny("llama"))  # keyword judge: random text
+    assert (tmp_path / "stages" / "baseline.json").is_file()
+
+
+def test_helpers():
+    assert per_channel_twin("int3-tensor-sym") == "int3-channel-sym"
+    assert family_of("int4-token-asym") == "int{b}-token-asym"
+    assert family_of("kivi2-g32-r32") == "kivi{b}-g32-r32"
+    assert family_of("q4_0") == "q4_0"
