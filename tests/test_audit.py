@@ -95,7 +95,8 @@ def test_kill_9_then_resume(full_run, tmp_path):
     assert not (target / "audit.json").exists()
     assert not list((target / "stages").glob(".*.tmp"))  # atomic writes leave no partial files behind
     subprocess.run([sys.executable, str(script), str(target), "--resume"], env=env, check=True, timeout=300)
-    assert _strip(json.loads((target / "audit.json").read_text())) == _strip(json.loads((out / "audit.json").read_text()))
+    resumed = json.loads((target / "audit.json").read_text())
+    assert _strip(resumed) == _strip(json.loads((out / "audit.json").read_text()))
 
 
 def test_bad_input_fails_before_work(tmp_path):

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 import torch
 
-from kvgeom import encode, forward
+from kvgeom import forward
 from kvgeom.evaluate import FULL, RefusalScore, _windows, evaluate, perplexity, summarize
 from kvgeom.quant.plan import QuantPlan
 from kvgeom.sweep import expand_family, onset_bits

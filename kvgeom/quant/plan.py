@@ -211,12 +211,12 @@ def _forward_hook(groups: dict[QuantPlan, list[int]]):
                 continue
             idx = torch.tensor(rows, device=x.device)
             mask = ctx.call.mask[idx] if ctx.call.mask is not None else None
-            xs = x[idx]
-            y = _protected_quant(
-                xs, plan, ctx.layer, role,
-                lambda t, _s=plan.scheme_for(ctx.layer), _m=mask, _r=role, _n=ctx.name: fake_quant(
-                    t, _s, role=_r, mask=_m, site=_n),
-            )
+            scheme = plan.scheme_for(ctx.layer)
+
+            def quantize(t: Tensor, _s: Scheme = scheme, _m: Tensor | None = mask, _r: str = role) -> Tensor:
+                return fake_quant(t, _s, role=_r, mask=_m, site=ctx.name)
+
+            y = _protected_quant(x[idx], plan, ctx.layer, role, quantize)
             if out is None:
                 out = x.clone()
             out[idx] = y
