@@ -48,3 +48,13 @@ PROMPTS = [
     "hi",
     "Write a story about a lighthouse keeper who finds a message in a bottle.",
 ]
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` run on a machine with a GPU (the device machine); elsewhere they are skipped."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run on the device machine)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

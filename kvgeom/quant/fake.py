@@ -29,8 +29,12 @@ def resolve_spec(scheme: Scheme | BaseSpec | str, role: Role) -> BaseSpec:
     return Scheme.parse(scheme).for_role(role)  # type: ignore[arg-type]
 
 
-def check_input(x: Tensor, mask: Tensor | None, role: Role, site: str | None) -> Bool[Tensor, "batch pos"]:
-    """Validate shape/mask, refuse NaN/inf at real positions; return the mask (all True if None)."""
+def check_input(x: Tensor, mask: Tensor | None, role: Role, site: str | None,
+                check_finite: bool = True) -> Bool[Tensor, "batch pos"]:
+    """Validate shape/mask, refuse NaN/inf at real positions; return the mask (all True if None).
+
+    ``check_finite=False`` skips the NaN/inf test (it needs a device-to-host sync; callers on GPU check
+    once per batch instead, see :mod:`kvgeom.quant.plan`)."""
     if x.ndim != 4:
         raise ValueError(
             f"K/V must be laid out [batch, pos, kv_head, d_head] (4 dims), got shape {tuple(x.shape)}"
@@ -45,6 +49,8 @@ def check_input(x: Tensor, mask: Tensor | None, role: Role, site: str | None) ->
             f"mask must be a bool tensor [batch, pos] = {tuple(x.shape[:2])} (True = real position), got "
             f"{mask.dtype} {tuple(mask.shape)}"
         )
+    if not check_finite:
+        return mask
     bad = ~torch.isfinite(x) & mask[:, :, None, None]
     if bool(bad.any()):
         n_nan = int((torch.isnan(x) & bad).sum())
@@ -97,6 +103,7 @@ def fake_quant(
     role: Role = "k",
     mask: Bool[Tensor, "batch pos"] | None = None,
     site: str | None = None,
+    check_finite: bool = True,
 ) -> KV:
     """Quantize-dequantize keys (``role="k"``) or values (``"v"``) with ``scheme``, statelessly.
 
@@ -106,7 +113,7 @@ def fake_quant(
     :mod:`kvgeom.quant.kivi`). Raises ValueError (naming ``site``) on NaN/inf at real positions.
     """
     spec = resolve_spec(scheme, role)
-    mask = check_input(x, mask, role, site)
+    mask = check_input(x, mask, role, site, check_finite)
     if isinstance(spec, CastSpec) and spec.dtype == "none":
         return x.clone()
     m4 = mask[:, :, None, None]

@@ -200,7 +200,34 @@ def _protected_quant(x: Tensor, plan: QuantPlan, layer: int, role: str, fn: Any)
 
 
 # ---- forward mode: hooks --------------------------------------------------------------------------
-def _forward_hook(groups: dict[QuantPlan, list[int]]):
+class _FiniteGuard:
+    """NaN/inf detection without a device-to-host sync per hook call (GPU): flags accumulate on the device
+    per site and are checked once when the plans' context exits."""
+
+    def __init__(self) -> None:
+        self.flags: dict[str, Tensor] = {}
+
+    def note(self, x: Tensor, mask: Tensor | None, site: str) -> None:
+        bad = ~torch.isfinite(x)
+        if mask is not None:
+            bad = bad & mask[:, :, None, None]
+        flag = bad.any()
+        self.flags[site] = flag if site not in self.flags else self.flags[site] | flag
+
+    def check(self) -> None:
+        if not self.flags:
+            return
+        names = list(self.flags)
+        hit = torch.stack([self.flags[n] for n in names]).cpu().tolist()
+        bad = [n for n, h in zip(names, hit, strict=True) if h]
+        if bad:
+            raise ValueError(f"non-finite K/V at real positions at site(s) {', '.join(bad)}; quantization ranges "
+                             "would be poisoned. Run the model in fp32/bf16 or fix the upstream activations.")
+
+
+def _forward_hook(groups: dict[QuantPlan, list[int]], guard: _FiniteGuard | None = None):
+    index: dict[tuple[QuantPlan, torch.device], Tensor] = {}
+
     def hook(x: Tensor, ctx: Any) -> Tensor | None:
         role = "v" if ctx.site == "v" else "k"
         out = None
@@ -209,12 +236,16 @@ def _forward_hook(groups: dict[QuantPlan, list[int]]):
                 continue
             if role == "k" and ctx.site != plan.site:
                 continue
-            idx = torch.tensor(rows, device=x.device)
+            idx = index.get((plan, x.device))
+            if idx is None:  # built once per plan group: no host-to-device copy inside later hook calls
+                idx = index[(plan, x.device)] = torch.tensor(rows, device=x.device)
             mask = ctx.call.mask[idx] if ctx.call.mask is not None else None
             scheme = plan.scheme_for(ctx.layer)
+            if guard is not None:
+                guard.note(x[idx], mask, ctx.name)
 
             def quantize(t: Tensor, _s: Scheme = scheme, _m: Tensor | None = mask, _r: str = role) -> Tensor:
-                return fake_quant(t, _s, role=_r, mask=_m, site=ctx.name)
+                return fake_quant(t, _s, role=_r, mask=_m, site=ctx.name, check_finite=guard is None)
 
             y = _protected_quant(x[idx], plan, ctx.layer, role, quantize)
             if out is None:
@@ -252,7 +283,9 @@ class PlanCache:
                 for plan, rows in self._groups.items():
                     if plan.mode != "cache" or not plan.quantizes(layer_idx):
                         continue
-                    idx = torch.tensor(rows, device=key_states.device)
+                    idx = self._index.get(plan)
+                    if idx is None:
+                        idx = self._index[plan] = torch.tensor(rows, device=key_states.device)
                     m = mask[idx] if mask is not None and mask.shape[1] == new else None
                     ks, vs = [], []
                     for role, x, store in (("k", key_states, ks), ("v", value_states, vs)):
@@ -297,6 +330,7 @@ class PlanCache:
         obj._groups = _groups(plans)
         obj._quant = {}
         obj._raw_protected = {}
+        obj._index = {}
         return obj
 
 
@@ -315,10 +349,11 @@ def apply_plans(model: KVModel, plans: Sequence[QuantPlan | None]) -> Iterator[A
         p.validate(model)
     groups = _groups(plans)
     fwd = {p: r for p, r in groups.items() if p.mode == "forward"}
+    guard = _FiniteGuard() if model.device.type == "cuda" else None
     with ExitStack() as stack:
         sites = sorted({p.site for p in fwd} | ({"v"} if fwd else set()))
         layers = sorted({lay for p in fwd for lay in range(model.n_layers) if p.quantizes(lay)})
-        hook = _forward_hook(fwd) if fwd else (lambda x, ctx: None)
+        hook = _forward_hook(fwd, guard) if fwd else (lambda x, ctx: None)
         session = stack.enter_context(
             kv_hooks(model, hook, sites=sites or ("v",), layers=layers if fwd else [0])
         )
@@ -332,6 +367,8 @@ def apply_plans(model: KVModel, plans: Sequence[QuantPlan | None]) -> Iterator[A
             return _dynamic_cache_cls()(config=model_.hf_model.config)
 
         yield factory
+        if guard is not None:
+            guard.check()
 
 
 def forward_with_plans(
