@@ -7,6 +7,7 @@ Stages (each a public function returning a JSON-friendly dict of the :mod:`kvgeo
 2. :func:`stage_layer_sweep` — one layer quantized at a time (default ``int3-tensor-sym``, mode ``forward``:
    the paper's mechanistic setting) plus all layers, in one batched run of (layer × prompt) rows; conditional
    flip rate per layer with Wilson CI.
+2b. :func:`stage_sensitivity` — per-layer geometric sensitivity of the target scheme (``rho_geo`` with CI).
 3. :func:`stage_outliers` — key channels ranked by max |K| over the calibration prompts; top 5% = outliers.
 4. :func:`stage_channel_ablation` — at the critical layer: quantize only the top-f channels by magnitude
    ("outlier"), only the non-outliers, or f random channels (several seeds); causal ratio.
@@ -50,7 +51,7 @@ if TYPE_CHECKING:
 
 __all__ = ["AuditConfig", "AuditError", "STAGE_ORDER", "run_audit"]
 
-STAGE_ORDER = ("baseline", "layer_sweep", "outliers", "channel_ablation", "pcr", "label", "mitigation", "export",
+STAGE_ORDER = ("baseline", "layer_sweep", "sensitivity", "outliers", "channel_ablation", "pcr", "label", "mitigation", "export",
                "bit_sweep")
 
 
@@ -202,6 +203,34 @@ def stage_layer_sweep(model: KVModel, cfg: AuditConfig, ctx: dict) -> dict:
     return {"scheme": cfg.sweep_scheme, "mode": cfg.mode, "site": cfg.site, "layers": layers,
             "all_layer": _flip(base, _verdicts(rows, "all layers")),
             "mean_refusal_score": rows.groupby("plan")["refusal_score"].mean().to_dict()}
+
+
+def _harmless_pairs(cfg: AuditConfig, calib: PromptSet) -> list[str]:
+    """Harmless prompts matched to the calibration prompts (the bundled sets pair row i with row i)."""
+    harmless = load_prompts("harmless")
+    if cfg.harmful == "harmful":
+        harmful = load_prompts("harmful")
+        pos = harmful.frame.reset_index().set_index("id").loc[calib.ids, "index"].tolist()
+        return harmless.frame["prompt"].iloc[pos].tolist()
+    return harmless.prompts[: len(calib)]
+
+
+def stage_sensitivity(model: KVModel, cfg: AuditConfig, ctx: dict) -> dict:
+    """Geometric sensitivity of the target scheme per layer (rho_geo with CI; kvgeom.geometry)."""
+    from kvgeom.geometry import sensitivity_profile
+
+    calib, _ = _split(cfg)
+    site = "rot_k" if (cfg.mode == "cache" or cfg.site == "rot_k") else "k"
+    prof = sensitivity_profile(model, cfg.scheme, calib.prompts, _harmless_pairs(cfg, calib), site=site,
+                               causal_layers=[], n_resamples=200, seed=cfg.seed)
+    frame = prof.to_frame()
+    rows = []
+    for r in frame.to_dict(orient="records"):
+        rows.append({"layer": int(r["layer"]), "value": r.get("rho_geo"), "low": r.get("rho_geo_low"),
+                     "high": r.get("rho_geo_high"), "defined": bool(r.get("rho_geo_defined", True)),
+                     "note": r.get("rho_geo_note", ""), "rho_margin": r.get("rho_margin"),
+                     "rho_margin_random": r.get("rho_margin_random"), "k": r.get("k")})
+    return {"metric": "rho_geo", "scheme": cfg.scheme, "site": site, "layers": rows}
 
 
 def stage_outliers(model: KVModel, cfg: AuditConfig, ctx: dict) -> dict:
@@ -413,7 +442,8 @@ def family_of(scheme: str) -> str:
 
 
 STAGES: dict[str, Callable[[Any, AuditConfig, dict], dict]] = {
-    "baseline": stage_baseline, "layer_sweep": stage_layer_sweep, "outliers": stage_outliers,
+    "baseline": stage_baseline, "layer_sweep": stage_layer_sweep, "sensitivity": stage_sensitivity,
+    "outliers": stage_outliers,
     "channel_ablation": stage_channel_ablation, "pcr": stage_pcr, "label": stage_label,
     "mitigation": stage_mitigation, "export": stage_export, "bit_sweep": stage_bit_sweep,
 }

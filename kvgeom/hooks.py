@@ -49,6 +49,7 @@ __all__ = [
     "hook_name",
     "kv_hooks",
     "parse_hook_name",
+    "set_call",
 ]
 
 SITES: dict[str, str] = {

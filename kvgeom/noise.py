@@ -1,0 +1,502 @@
+"""Noise injection into K/V (and the residual stream) with per-row interventions, in batched passes.
+
+The engine (:func:`run_rows`) evaluates many *rows* at once: a row is (prompt, intervention), and a
+hook applies each row's intervention to that row only, so a sweep over layers × noise kinds × random
+draws is a handful of batched forward passes, never a Python loop of single-prompt forwards.
+
+Two placements (``where``):
+
+* ``"all"`` — the intervention acts on every real position of the prompt (full forward per row);
+* ``"post"`` — it acts on the post-instruction template tokens only (the ``n_post`` tokens where the
+  refusal decision is read). The clean prefix (system prompt + user text) is run **once** per prompt
+  and its KV cache is shared by every row of that prompt; each row then runs only its ``n_post`` tokens
+  (about 9x cheaper on the default model). Exact, because an intervention at the post positions
+  cannot change the prefix.
+
+Noise kinds at one (layer, K/V site), for a K/V activation ``x`` (one vector per position, heads
+concatenated: ``x ∈ R^D``, ``D = n_kv_heads * d_head``) and the real quantization error
+``e = fake_quant(x) - x`` of a scheme (ranges measured on the clean prompt, as in forward-mode plans):
+
+==============  =====================================================================================
+kind            injected ``x -> x + n``
+==============  =====================================================================================
+``quant``       ``n = e``                                                     (a: the scheme itself)
+``isotropic``   ``n = ||e|| g / ||g||``, ``g ~ N(0, I_D)``                    (b)
+``subspace``    ``n = ||e|| P_S g / ||P_S g||``                               (c: confined to S)
+``random``      ``n = ||e|| P_R g / ||P_R g||``, ``R`` a random rank-k space  (d: one per draw)
+``quant_in``    ``n = P_S e``                                                 (e: error inside S)
+``quant_out``   ``n = e - P_S e``                                             (e: error outside S)
+``none``        ``n = 0``
+==============  =====================================================================================
+
+Norms match **per position vector** (``||n|| = ||e||`` for every prompt position). ``P_S = B Bᵀ`` for an
+orthonormal basis ``B ∈ R^{D×k}``; random subspaces are ``R = qr(G)``, ``G ~ N(0, I)^{D×k}``.
+
+Readouts: the refusal score (:class:`kvgeom.evaluate.RefusalScore`) at the last prompt position, and on
+text (:func:`text_effects`) the mean next-token NLL and ``KL(p_clean || p_noisy)`` per token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from einops import rearrange
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from kvgeom.forward import Batch, encode, position_ids_from_mask
+from kvgeom.hooks import KV_SITES, CallInfo, HookFn, hook_name, kv_hooks, set_call
+from kvgeom.stats import bootstrap_ci
+
+if TYPE_CHECKING:
+    from kvgeom.models import KVModel
+
+__all__ = [
+    "NOISE_KINDS",
+    "NoiseCondition",
+    "NoiseResult",
+    "capture_padded",
+    "inject_noise",
+    "last_logits",
+    "make_noise",
+    "noise_sweep",
+    "orthonormal",
+    "project",
+    "random_subspace",
+    "run_rows",
+    "text_effects",
+]
+
+NOISE_KINDS = ("none", "quant", "isotropic", "subspace", "random", "quant_in", "quant_out")
+Where = Literal["post", "all"]
+
+
+# ---- linear algebra ---------------------------------------------------------------------------------
+def orthonormal(basis: Float[Tensor, "d k"]) -> Float[Tensor, "d k"]:
+    """Orthonormal columns spanning ``basis`` (reduced QR)."""
+    q, _ = torch.linalg.qr(basis.to(torch.float64))
+    return q
+
+
+def project(x: Float[Tensor, "... d"], basis: Float[Tensor, "d k"]) -> Float[Tensor, "... d"]:
+    """``P_S x = B (Bᵀ x)`` along the last axis (``B`` orthonormal)."""
+    b = basis.to(x.dtype)
+    return (x @ b) @ b.T
+
+
+def random_subspace(d: int, k: int, generator: torch.Generator) -> Float[Tensor, "d k"]:
+    """A uniformly random rank-``k`` subspace of ``R^d``: ``qr(G)``, ``G ~ N(0, 1)^{d×k}`` (float64)."""
+    g = torch.randn(d, k, generator=generator, dtype=torch.float64)
+    return orthonormal(g)
+
+
+def _match_norm(n: Tensor, ref_norm: Tensor) -> Tensor:
+    nn_ = n.norm(dim=-1, keepdim=True)
+    return torch.where(nn_ > 0, n * (ref_norm / nn_.clamp_min(1e-30)), torch.zeros_like(n))
+
+
+def make_noise(
+    kind: str,
+    e: Float[Tensor, "... d"],
+    *,
+    basis: Float[Tensor, "d k"] | None = None,
+    generator: torch.Generator | None = None,
+) -> Float[Tensor, "... d"]:
+    """The noise ``n`` of ``kind`` (see the module table) for error vectors ``e`` (last axis = feature).
+
+    ``isotropic``/``subspace``/``random`` draw Gaussian noise from ``generator`` and rescale each vector
+    to ``||e||``; ``random`` needs ``basis`` = a random subspace (see :func:`random_subspace`).
+    """
+    if kind not in NOISE_KINDS:
+        raise ValueError(f"unknown noise kind {kind!r}; valid: {', '.join(NOISE_KINDS)}")
+    e64 = e.to(torch.float64)
+    if kind == "none":
+        return torch.zeros_like(e)
+    if kind == "quant":
+        return e.clone()
+    if kind in ("subspace", "random", "quant_in", "quant_out") and basis is None:
+        raise ValueError(f"noise kind {kind!r} needs a subspace basis [d, k]")
+    if kind == "quant_in":
+        return project(e64, basis).to(e.dtype)
+    if kind == "quant_out":
+        return (e64 - project(e64, basis)).to(e.dtype)
+    g = torch.randn(e.shape, generator=generator, dtype=torch.float64)
+    if kind in ("subspace", "random"):
+        g = project(g, basis)
+    return _match_norm(g, e64.norm(dim=-1, keepdim=True)).to(e.dtype)
+
+
+# ---- batched row engine ---------------------------------------------------------------------------------
+def _call(model: KVModel, ids: Tensor, mask: Tensor, *, cache: Any = None, pos: Tensor | None = None,
+          step: int = 0, keep_last: bool = True) -> Tensor:
+    """One bridge call with the hooks informed (as :func:`kvgeom.forward.forward`), logits of the last
+    position only when ``keep_last`` (saves the ``[batch, pos, vocab]`` unembedding)."""
+    dev = model.device
+    ids, mask = ids.to(dev), mask.to(dev)
+    new = ids.shape[1]
+    pos = position_ids_from_mask(mask)[:, -new:] if pos is None else pos
+    pos = pos.to(dev)
+    set_call(model, CallInfo(step=step, mask=mask[:, -new:], position_ids=pos))
+    kwargs: dict[str, Any] = {"attention_mask": mask.long(), "position_ids": pos}
+    if cache is not None:
+        kwargs["past_key_values"] = cache
+    if keep_last:
+        try:
+            return model.bridge(ids, return_type="logits", logits_to_keep=1, **kwargs)[:, -1].float()
+        except TypeError:
+            pass
+    out = model.bridge(ids, return_type="logits", **kwargs)
+    return out[:, -1].float() if keep_last else out.float()
+
+
+def _new_cache(model: KVModel) -> Any:
+    from transformers import DynamicCache
+
+    return DynamicCache(config=model.hf_model.config)
+
+
+def _select_cache(model: KVModel, cache: Any, index: Tensor) -> Any:
+    out = _new_cache(model)
+    for li, layer in enumerate(cache.layers):
+        out.update(layer.keys[index], layer.values[index], li)
+    return out
+
+
+@torch.inference_mode()
+def run_rows(
+    model: KVModel,
+    batch: Batch,
+    row_prompt: Sequence[int] | Int[Tensor, " rows"],
+    hooks_for: Callable[[Tensor], Mapping[str, HookFn]],
+    *,
+    where: Where = "all",
+    chunk: int = 64,
+    progress: bool = False,
+) -> Float[Tensor, "rows vocab"]:
+    """Last-position logits of every row; row ``r`` is prompt ``row_prompt[r]`` of ``batch``.
+
+    ``hooks_for(rows)`` gets the global row ids of a chunk and returns ``{hook_name: fn}`` acting on that
+    chunk (``x[i]`` is row ``rows[i]``). With ``where="post"`` the prompts' prefixes (all but the
+    ``n_post`` post-instruction tokens, which must be equal in number for all prompts) are run once
+    without hooks and their KV cache is shared; hooks then see only the post-instruction positions.
+    """
+    rp = torch.as_tensor(list(row_prompt) if not isinstance(row_prompt, Tensor) else row_prompt, dtype=torch.long)
+    n_rows = rp.numel()
+    prefix_cache = None
+    n_post = 0
+    if where == "post":
+        n_post = _common_n_post(batch)
+        if batch.input_ids.shape[1] - n_post < 1:
+            raise ValueError("where='post' needs at least one token before the post-instruction tokens")
+        prefix_cache = _new_cache(model)
+        _call(model, batch.input_ids[:, :-n_post], batch.mask[:, :-n_post], cache=prefix_cache)
+    elif where != "all":
+        raise ValueError(f"where must be 'post' or 'all', got {where!r}")
+    outs = []
+    for start in tqdm(range(0, n_rows, chunk), desc="rows", disable=not progress):
+        rows = torch.arange(start, min(start + chunk, n_rows))
+        idx = rp[rows]
+        ids, mask = batch.input_ids[idx], batch.mask[idx]
+        with kv_hooks(model, dict(hooks_for(rows))):
+            if prefix_cache is None:
+                outs.append(_call(model, ids, mask).cpu())
+            else:
+                cache = _select_cache(model, prefix_cache, idx.to(model.device))
+                pos = position_ids_from_mask(mask)[:, -n_post:]
+                outs.append(_call(model, ids[:, -n_post:], mask, cache=cache, pos=pos, step=1).cpu())
+    return torch.cat(outs) if outs else torch.empty(0)
+
+
+def _common_n_post(batch: Batch) -> int:
+    n = set(batch.n_post)
+    if len(n) != 1 or next(iter(n)) < 1:
+        raise ValueError(f"where='post' needs chat prompts with the same number of post-instruction tokens; got {n}")
+    return next(iter(n))
+
+
+def last_logits(model: KVModel, prompts: Sequence[str] | Batch, *, batch_size: int = 32) -> Float[Tensor, "n vocab"]:
+    """Clean last-position logits of ``prompts`` (no hooks), batched."""
+    batch = prompts if isinstance(prompts, Batch) else encode(model, list(prompts))
+    return run_rows(model, batch, range(len(batch)), lambda rows: {}, chunk=batch_size)
+
+
+# ---- clean capture in the batch layout ------------------------------------------------------------------
+@torch.inference_mode()
+def capture_padded(
+    model: KVModel, batch: Batch, sites: Sequence[str], layers: Sequence[int], *, chunk: int = 32,
+) -> dict[tuple[str, int], Tensor]:
+    """Clean activations in ``batch``'s left-padded layout: ``{(site, layer): [n, width, ...]}`` (fp32, CPU)."""
+    store: dict[tuple[str, int], list[Tensor]] = {(s, la): [] for s in sites for la in layers}
+
+    def grab(x: Tensor, ctx: Any) -> None:
+        store[(ctx.site, ctx.layer)].append(x.detach().to("cpu", torch.float32).clone())
+
+    with kv_hooks(model, {hook_name(s, la): grab for s in sites for la in layers}):
+        for start in range(0, len(batch), chunk):
+            sl = slice(start, start + chunk)
+            _call(model, batch.input_ids[sl], batch.mask[sl])
+    return {k: torch.cat(v) for k, v in store.items()}
+
+
+def _flat(x: Tensor) -> Tensor:
+    return rearrange(x, "... h d -> ... (h d)") if x.ndim >= 4 else x
+
+
+def _unflat(x: Tensor, like: Tensor) -> Tensor:
+    return rearrange(x, "... (h d) -> ... h d", h=like.shape[-2]) if like.ndim >= 4 else x
+
+
+def _error(x: Tensor, mask: Tensor, scheme: Any, site: str) -> Tensor:
+    from kvgeom.quant import fake_quant
+
+    if site not in KV_SITES:
+        raise ValueError(f"quantization error needs a K/V site ({', '.join(KV_SITES)}), got {site!r}")
+    role = "v" if site == "v" else "k"
+    return (fake_quant(x, scheme, role=role, mask=mask) - x) * mask[:, :, None, None]
+
+
+# ---- conditions and sweeps ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class NoiseCondition:
+    """One intervention: ``kind`` (see :data:`NOISE_KINDS`) at ``layer`` of ``site``; ``draw`` numbers
+    the random draws of stochastic kinds."""
+
+    kind: str
+    layer: int
+    site: str = "rot_k"
+    draw: int = 0
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind}@L{self.layer}/{self.site}" + (f"#{self.draw}" if self.kind in ("random",) else "")
+
+
+def _deltas(
+    conditions: Sequence[NoiseCondition],
+    clean: Mapping[tuple[str, int], Tensor],
+    errors: Mapping[tuple[str, int], Tensor],
+    bases: Mapping[int, Tensor | None],
+    n_prompts: int,
+    k_random: Mapping[int, int],
+    seed: int,
+) -> Tensor:
+    """Per-row deltas ``[rows, width, ...]`` for rows = conditions × prompts (condition-major)."""
+    like = next(iter(clean.values()))
+    out = torch.zeros((len(conditions) * n_prompts,) + tuple(like.shape[1:]), dtype=like.dtype)
+    for c, cond in enumerate(conditions):
+        if cond.kind == "none":
+            continue
+        e = _flat(errors[(cond.site, cond.layer)])
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + cond.layer * 1009 + cond.draw * 7919
+                                            + NOISE_KINDS.index(cond.kind) * 17 + KV_SITES.index(cond.site))
+        basis = bases.get(cond.layer)
+        if cond.kind == "random":
+            basis = random_subspace(e.shape[-1], k_random[cond.layer], gen)
+        n = make_noise(cond.kind, e, basis=basis, generator=gen)
+        out[c * n_prompts:(c + 1) * n_prompts] = _unflat(n, like)
+    return out
+
+
+def _delta_hooks(conditions: Sequence[NoiseCondition], deltas: Tensor, n_prompts: int, where: Where,
+                 n_post: int) -> Callable[[Tensor], dict[str, HookFn]]:
+    row_layer = torch.tensor([c.layer for c in conditions for _ in range(n_prompts)])
+    row_site = [c.site for c in conditions for _ in range(n_prompts)]
+    active = torch.tensor([c.kind != "none" for c in conditions for _ in range(n_prompts)])
+    sites = sorted({c.site for c in conditions if c.kind != "none"})
+    layers = sorted({c.layer for c in conditions if c.kind != "none"})
+
+    def hooks_for(rows: Tensor) -> dict[str, HookFn]:
+        d = deltas[rows] if where == "all" else deltas[rows][:, -n_post:]
+
+        def fn(x: Tensor, ctx: Any) -> Tensor | None:
+            sel = (row_layer[rows] == ctx.layer) & active[rows]
+            sel &= torch.tensor([row_site[int(r)] == ctx.site for r in rows])
+            if not bool(sel.any()):
+                return None
+            y = x.clone()
+            idx = sel.nonzero()[:, 0].to(x.device)
+            y[idx] = x[idx] + d[sel].to(x.device, x.dtype)
+            return y
+
+        return {hook_name(s, la): fn for s in sites for la in layers}
+
+    return hooks_for
+
+
+@dataclass(frozen=True)
+class NoiseResult:
+    """Scores of a noise sweep. ``scores`` has one row per (condition, prompt): ``kind, layer, site, draw,
+    prompt, score, clean, drop`` with ``drop = clean - score`` (refusal-score decrease). ``text`` (when
+    measured) has one row per (condition, window): ``nll, clean_nll, d_nll, kl``."""
+
+    scheme: str
+    where: str
+    scores: pd.DataFrame = field(repr=False)
+    text: pd.DataFrame | None = field(default=None, repr=False)
+    k: Mapping[int, int] = field(default_factory=dict)
+
+    def to_frame(self, *, n_resamples: int = 1000, seed: int = 0) -> pd.DataFrame:
+        """Per (kind, layer, site): mean drop in refusal score with a bootstrap CI over prompts (random
+        draws averaged per prompt first), and ``d_nll`` / ``kl`` means when text was measured."""
+        recs = []
+        s = self.scores
+        for (kind, layer, site), g in s.groupby(["kind", "layer", "site"], sort=False):
+            per_prompt = g.groupby("prompt")["drop"].mean().to_numpy()
+            ci = bootstrap_ci(lambda i, v=per_prompt: float(v[i].mean()), len(per_prompt),
+                              n_resamples=n_resamples, seed=seed)
+            rec = {"kind": kind, "layer": layer, "site": site, "n_prompts": len(per_prompt),
+                   "n_draws": int(g["draw"].nunique()), "drop": ci.estimate, "drop_low": ci.low,
+                   "drop_high": ci.high, "drop_sd_draws": float(g.groupby("draw")["drop"].mean().std(ddof=0))}
+            if self.text is not None:
+                t = self.text[(self.text["kind"] == kind) & (self.text["layer"] == layer) & (self.text["site"] == site)]
+                rec["d_nll"] = float(t["d_nll"].mean()) if len(t) else np.nan
+                rec["kl"] = float(t["kl"].mean()) if len(t) else np.nan
+            recs.append(rec)
+        return pd.DataFrame(recs)
+
+
+def _conditions(kinds: Sequence[str], layers: Sequence[int], site: str, n_random: int) -> list[NoiseCondition]:
+    out = [NoiseCondition("none", layers[0], site)]
+    for layer in layers:
+        for kind in kinds:
+            if kind == "none":
+                continue
+            draws = n_random if kind == "random" else 1
+            out.extend(NoiseCondition(kind, layer, site, d) for d in range(draws))
+    return out
+
+
+def noise_sweep(
+    model: KVModel,
+    scheme: Any,
+    prompts: Sequence[str],
+    bases: Mapping[int, Float[Tensor, "d k"] | None],
+    *,
+    site: str = "rot_k",
+    kinds: Sequence[str] = ("quant", "isotropic", "subspace", "random", "quant_in", "quant_out"),
+    n_random: int = 8,
+    where: Where = "post",
+    text: str | None = None,
+    text_kinds: Sequence[str] = ("quant", "isotropic", "subspace"),
+    n_text_tokens: int = 1024,
+    window: int = 128,
+    seed: int = 0,
+    chunk: int = 64,
+    progress: bool = False,
+) -> NoiseResult:
+    """Inject every ``kind`` at every layer of ``bases`` (``{layer: orthonormal S basis [D, k]}``) into
+    ``site`` and read the refusal score of ``prompts`` — all (layer × kind × draw × prompt) rows in
+    batched passes. ``text`` (e.g. ``kvgeom.prompts.load_text()``) adds NLL/KL rows for ``text_kinds``.
+
+    The scheme's error ``e`` is measured on each clean prompt (all real positions, forward-mode ranges);
+    with ``where="post"`` only its post-instruction part is injected.
+    """
+    from kvgeom.evaluate import RefusalScore
+    from kvgeom.quant import Scheme
+
+    layers = sorted(int(la) for la in bases)
+    if not layers:
+        raise ValueError("bases is empty: give {layer: basis} for at least one layer")
+    if n_random < 1 and "random" in kinds:
+        raise ValueError("n_random must be >= 1")
+    batch = encode(model, list(prompts))
+    n = len(batch)
+    clean = capture_padded(model, batch, [site], layers, chunk=chunk)
+    errors = {key: _error(x, batch.mask, scheme, site) for key, x in clean.items()}
+    k_random = {la: (bases[la].shape[1] if bases[la] is not None else 1) for la in layers}
+    conds = _conditions(kinds, layers, site, n_random)
+    deltas = _deltas(conds, clean, errors, bases, n, k_random, seed)
+    n_post = _common_n_post(batch) if where == "post" else 0
+    if where == "post":  # only the post-instruction part of each delta is used: zero the rest for clarity
+        deltas[:, :-n_post] = 0
+    row_prompt = torch.arange(n).repeat(len(conds))
+    logits = run_rows(model, batch, row_prompt, _delta_hooks(conds, deltas, n, where, n_post), where=where,
+                      chunk=chunk, progress=progress)
+    score = RefusalScore.for_model(model).from_logits(logits).numpy()
+    clean_score = score[:n]
+    recs = []
+    for c, cond in enumerate(conds):
+        for i in range(n):
+            s = float(score[c * n + i])
+            recs.append({"kind": cond.kind, "layer": cond.layer if cond.kind != "none" else -1, "site": site,
+                         "draw": cond.draw, "prompt": i, "score": s, "clean": float(clean_score[i]),
+                         "drop": float(clean_score[i]) - s})
+    text_frame = None
+    if text is not None:
+        tconds = [c for c in _conditions(text_kinds, layers, site, n_random) if c.kind != "none"]
+        text_frame = text_effects(model, text, scheme, tconds, bases, n_tokens=n_text_tokens, window=window,
+                                  seed=seed, progress=progress)
+    return NoiseResult(scheme=str(Scheme.parse(scheme) if isinstance(scheme, str) else scheme), where=where,
+                       scores=pd.DataFrame(recs), text=text_frame, k=k_random)
+
+
+def inject_noise(
+    model: KVModel, scheme: Any, prompts: Sequence[str], *, layer: int, basis: Float[Tensor, "d k"],
+    site: str = "rot_k", **kwargs: Any,
+) -> NoiseResult:
+    """:func:`noise_sweep` at one layer (all kinds (a)-(e) by default)."""
+    return noise_sweep(model, scheme, prompts, {int(layer): basis}, site=site, **kwargs)
+
+
+@torch.inference_mode()
+def text_effects(
+    model: KVModel,
+    text: str,
+    scheme: Any,
+    conditions: Sequence[NoiseCondition],
+    bases: Mapping[int, Tensor | None],
+    *,
+    n_tokens: int = 1024,
+    window: int = 128,
+    seed: int = 0,
+    chunk: int = 8,
+    progress: bool = False,
+) -> pd.DataFrame:
+    """Per (condition, window): mean next-token NLL with the noise, clean NLL, ``d_nll`` and mean
+    ``KL(p_clean || p_noisy)`` over the window's predicted tokens (nats).
+
+    The text (plain, no chat template) is cut to ``n_tokens`` and split into non-overlapping windows of
+    ``window`` tokens, each a row of its own; the noise is injected at every position of the window, its
+    scheme error measured per window (forward-mode ranges over the window).
+    """
+    ids = model.tokenizer(text, add_special_tokens=False)["input_ids"][:n_tokens]
+    n_win = len(ids) // window
+    if n_win < 1:
+        raise ValueError(f"text has {len(ids)} tokens, fewer than one window of {window}")
+    x = torch.tensor(ids[:n_win * window]).reshape(n_win, window)
+    batch = Batch(input_ids=x, mask=torch.ones_like(x, dtype=torch.bool), texts=[], n_post=[0] * n_win)
+    sites = sorted({c.site for c in conditions})
+    layers = sorted({c.layer for c in conditions})
+    clean = capture_padded(model, batch, sites, layers, chunk=chunk)
+    errors = {key: _error(v, batch.mask, scheme, key[0]) for key, v in clean.items()}
+    recs = []
+    for site in sites:
+        conds = [c for c in conditions if c.site == site]
+        sub_clean = {k: v for k, v in clean.items() if k[0] == site}
+        k_random = {la: (b.shape[1] if b is not None else 1) for la, b in bases.items()}
+        deltas = _deltas(conds, sub_clean, errors, bases, n_win, k_random, seed + 1)
+        hooks_for = _delta_hooks(conds, deltas, n_win, "all", 0)
+        for w in tqdm(range(n_win), desc="text", disable=not progress):
+            rows = torch.arange(len(conds)) * n_win + w
+            clean_lp = torch.log_softmax(_call(model, x[w:w + 1], batch.mask[w:w + 1], keep_last=False)[0, :-1], -1)
+            tgt = x[w, 1:]
+            clean_nll = float(-clean_lp.gather(-1, tgt[:, None]).mean())
+            for start in range(0, len(rows), chunk):
+                r = rows[start:start + chunk]
+                with kv_hooks(model, hooks_for(r)):
+                    logits = _call(model, x[r % n_win], batch.mask[r % n_win], keep_last=False)
+                lp = torch.log_softmax(logits[:, :-1], -1)
+                nll = -lp.gather(-1, tgt[None, :, None].expand(len(r), -1, 1))[..., 0].mean(-1)
+                kl = (clean_lp.exp()[None] * (clean_lp[None] - lp)).sum(-1).mean(-1)
+                for j, row in enumerate(r.tolist()):
+                    cond = conds[row // n_win]
+                    recs.append({"kind": cond.kind, "layer": cond.layer, "site": site, "draw": cond.draw,
+                                 "window": w, "nll": float(nll[j]), "clean_nll": clean_nll,
+                                 "d_nll": float(nll[j]) - clean_nll, "kl": float(kl[j])})
+    return pd.DataFrame(recs)
