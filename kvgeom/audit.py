@@ -51,8 +51,8 @@ if TYPE_CHECKING:
 
 __all__ = ["AuditConfig", "AuditError", "STAGE_ORDER", "run_audit"]
 
-STAGE_ORDER = ("baseline", "layer_sweep", "sensitivity", "outliers", "channel_ablation", "pcr", "label", "mitigation", "export",
-               "bit_sweep")
+STAGE_ORDER = ("baseline", "layer_sweep", "sensitivity", "outliers", "channel_ablation", "pcr", "label", "mitigation",
+               "export", "bit_sweep")
 
 
 class AuditError(ValueError):
