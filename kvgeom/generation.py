@@ -56,34 +56,38 @@ def _generate_batch(
     cache: Any,
     stop_at_eos: bool,
     keep_first_logits: bool,
-    on_prefill: Callable[[Tensor], None] | None = None,
+    select: Callable[[list[int]], None] | None = None,
 ) -> tuple[list[list[int]], list[bool], Tensor | None]:
+    """Greedy decoding of one left-padded batch. Rows that hit EOS are dropped from the batch (and from the
+    cache, via ``cache.batch_select_indices``, and from the plan groups, via ``select``), so later steps
+    compute only the rows still generating."""
     eos = torch.tensor(sorted(model.eos_token_ids) or [-1], device=model.device)
-    pad = model.pad_token_id
     mask = batch.mask.to(model.device)
     ids = batch.input_ids.to(model.device)
     pos = position_ids_from_mask(mask)
     logits = forward(model, ids, mask, past_key_values=cache, position_ids=pos, step=0, logits_to_keep=1)
     last = logits[:, -1].float()
     first = last.cpu().clone() if keep_first_logits else None
-    if on_prefill is not None:
-        on_prefill(last)
     b = ids.shape[0]
-    finished = torch.zeros(b, dtype=torch.bool, device=model.device)
-    out = torch.empty((b, 0), dtype=torch.long, device=model.device)
+    out = torch.full((b, max_new_tokens), -1, dtype=torch.long, device=model.device)
     hit_eos = torch.zeros(b, dtype=torch.bool, device=model.device)
+    alive = torch.arange(b, device=model.device)
     next_pos = pos[:, -1:] + 1
     for step in range(1, max_new_tokens + 1):
         tok = last.argmax(-1)
-        tok = torch.where(finished, torch.full_like(tok, pad), tok)
-        is_eos = torch.isin(tok, eos) & ~finished
-        hit_eos |= is_eos
-        out = torch.cat([out, tok[:, None]], dim=1)
-        if stop_at_eos:
-            finished |= is_eos
-        if step == max_new_tokens or (stop_at_eos and bool(finished.all())):
+        out[alive, step - 1] = tok
+        is_eos = torch.isin(tok, eos)
+        hit_eos[alive] |= is_eos
+        n_done = int(is_eos.sum()) if stop_at_eos else 0  # the one host sync per step
+        if step == max_new_tokens or n_done == len(alive):
             break
-        mask = torch.cat([mask, torch.ones((b, 1), dtype=torch.bool, device=mask.device)], dim=1)
+        if n_done:
+            keep = (~is_eos).nonzero().squeeze(-1)
+            alive, tok, mask, next_pos = alive[keep], tok[keep], mask[keep], next_pos[keep]
+            cache.batch_select_indices(keep)
+            if select is not None:
+                select(keep.tolist())
+        mask = torch.cat([mask, torch.ones((len(alive), 1), dtype=torch.bool, device=mask.device)], dim=1)
         logits = forward(model, tok[:, None], mask, past_key_values=cache, position_ids=next_pos, step=step)
         last = logits[:, -1].float()
         next_pos = next_pos + 1
@@ -92,7 +96,7 @@ def _generate_batch(
     for i in range(b):
         seq = []
         for t in out[i].tolist():
-            if stop_at_eos and t in eos_set:
+            if t < 0 or (stop_at_eos and t in eos_set):
                 break
             seq.append(t)
         rows.append(seq)
@@ -144,7 +148,7 @@ def generate(
             cache = factory(model, batch) if factory else _new_cache(model)
             rows, hit, first = _generate_batch(
                 model, batch, max_new_tokens, cache=cache, stop_at_eos=stop_at_eos,
-                keep_first_logits=keep_first_logits,
+                keep_first_logits=keep_first_logits, select=getattr(plan_factory, "select", None),
             )
         tokens.extend(rows)
         eos_flags.extend(hit)

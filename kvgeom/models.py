@@ -319,13 +319,13 @@ def _convert_gguf(gguf: Path, sha256: str | None) -> Path:
     return out
 
 
-def _load_hf(path_or_name: str, dtype: torch.dtype, *, local: bool) -> tuple[Any, Any]:
+def _load_hf(path_or_name: str, dtype: torch.dtype, *, local: bool, placement: dict | None = None) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kw: dict[str, Any] = {"local_files_only": True} if (local or _offline()) else {}
     with _quiet():
         tok = AutoTokenizer.from_pretrained(path_or_name, **kw)
-        hf = AutoModelForCausalLM.from_pretrained(path_or_name, dtype=dtype, **kw)
+        hf = AutoModelForCausalLM.from_pretrained(path_or_name, dtype=dtype, **kw, **(placement or {}))
     return hf, tok
 
 
@@ -336,6 +336,8 @@ def load_model(
     dtype: str | torch.dtype | None = None,
     chat_template: str | None = None,
     system_prompt: str | None = None,
+    device_map: str | dict | None = None,
+    max_memory: dict | None = None,
 ) -> KVModel:
     """Load a model and wrap it for K/V analysis.
 
@@ -347,7 +349,14 @@ def load_model(
         chat_template: a Jinja chat template overriding the tokenizer's (needed for base models).
         system_prompt: optional system message put before every user prompt (``None``: the
             template's own default, e.g. Qwen's "You are Qwen, created by Alibaba Cloud...").
+        device_map, max_memory: models larger than one GPU: HF/accelerate placement (``device_map="auto"``,
+            optionally with ``max_memory={0: "20GiB", "cpu": "200GiB"}``); ``device`` is then ignored and
+            inputs go to the device of the embedding layer.
     """
+    placement = None
+    if device_map is not None:
+        placement = {"device_map": device_map, **({"max_memory": max_memory} if max_memory else {})}
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = resolve_device(device)
     dt = _resolve_dtype(dtype, dev)
     name = str(name_or_path)
@@ -356,7 +365,7 @@ def load_model(
         gguf = ensure_model_file(name)
         src = _convert_gguf(gguf, REGISTRY[name].sha256)
         info["gguf"] = str(gguf)
-        hf, tok = _load_hf(str(src), dt, local=True)
+        hf, tok = _load_hf(str(src), dt, local=True, placement=placement)
     else:
         path = Path(name).expanduser()
         if path.suffix == ".gguf":
@@ -364,19 +373,19 @@ def load_model(
                 raise ModelLoadError(f"GGUF file {path} does not exist")
             src = _convert_gguf(path.resolve(), None)
             info["gguf"] = str(path.resolve())
-            hf, tok = _load_hf(str(src), dt, local=True)
+            hf, tok = _load_hf(str(src), dt, local=True, placement=placement)
         elif path.is_dir():
             if not (path / "config.json").is_file():
                 raise ModelLoadError(f"{path} is a directory but has no config.json: not a HF model directory")
             src = path.resolve()
-            hf, tok = _load_hf(str(src), dt, local=True)
+            hf, tok = _load_hf(str(src), dt, local=True, placement=placement)
         elif name.startswith((".", "/", "~")) or os.sep in name and path.suffix:
             raise ModelLoadError(f"{name!r} does not exist (expected a .gguf file or a HF model directory)")
         else:
             src = name
             online = _hub_reachable()
             try:
-                hf, tok = _load_hf(name, dt, local=not online)
+                hf, tok = _load_hf(name, dt, local=not online, placement=placement)
             except (OSError, ValueError) as err:
                 why = ("offline mode is set" if _offline() else "the hub is unreachable (no network)"
                        if not online else "no such repository, or it is gated")
@@ -422,14 +431,29 @@ def wrap_hf_model(
     """Wrap an already-built HF causal LM (e.g. a tiny random model) in a TransformerBridge."""
     from transformer_lens.model_bridge import TransformerBridge
 
-    dev = resolve_device(device)
     dt = dtype or next(hf.parameters()).dtype
-    hf = hf.to(device=dev, dtype=dt).eval()
+    targets = {str(v) for v in (getattr(hf, "hf_device_map", None) or {}).values()}
+    if targets & {"cpu", "disk"} and targets - {"cpu", "disk"}:
+        raise ModelLoadError(
+            f"the model was placed across a GPU and CPU/disk ({sorted(targets)}); TransformerLens 4.3's bridge "
+            "refuses such mixed device maps (it has verified offload only on CPU-only machines). Use an all-GPU "
+            "map over several GPUs (device_map='auto' with enough GPU memory, or max_memory for GPUs only), or "
+            "one device. See docs/architectures.md."
+        )
+    if getattr(hf, "hf_device_map", None) and len(targets) > 1:
+        # dispatched by accelerate across devices: inputs go where the embedding lives; nothing is moved
+        dev = hf.get_input_embeddings().weight.device
+        hf = hf.eval()
+    else:
+        dev = resolve_device(device)
+        hf = hf.to(device=dev, dtype=dt).eval()
     facts = ModelFacts.from_config(hf.config)
     tok_dir, bridge_tok = _bridge_tokenizer(tokenizer, source or "")
     with _quiet():
         try:
-            bridge = TransformerBridge.boot_transformers(tok_dir, hf_model=hf, tokenizer=bridge_tok, device=dev)
+            bridge = TransformerBridge.boot_transformers(
+                tok_dir, hf_model=hf, tokenizer=bridge_tok,
+                device=None if getattr(hf, "hf_device_map", None) else dev)
         except Exception as err:  # the adapter factory raises assorted types for unknown architectures
             raise ModelLoadError(
                 f"TransformerLens cannot bridge architecture {facts.architecture} (model_type "

@@ -71,3 +71,30 @@ def test_default_model_cached_equals_uncached(default_model):
     p = "How do I bake bread at home?"
     assert generate(default_model, [p], max_new_tokens=6).tokens[0] == greedy_uncached(default_model, p,
                                                                                           max_new_tokens=6)
+
+
+@pytest.mark.parametrize("mode", ["forward", "cache"])
+def test_finished_rows_are_dropped_without_changing_results(tiny_llama, mode):
+    """Rows that hit EOS leave the batch (cache, plan groups and stream quantizers follow); every row's tokens
+    equal an uncompacted run cut at its first EOS."""
+    from kvgeom.quant.plan import QuantPlan
+
+    prompts = PROMPTS * 2
+    plans = [None, QuantPlan("int3-tensor-sym", mode=mode), QuantPlan("kivi2-g8-r16", mode=mode),
+             QuantPlan("int4-token-asym", mode=mode, protect_channels={1: [(0, 3)]}), None,
+             QuantPlan("int3-tensor-sym", mode=mode)]
+    full = generate(tiny_llama, prompts, plans=plans, max_new_tokens=10, stop_at_eos=False)
+    stop = {full.tokens[0][2], full.tokens[3][4]}  # rows 0 and 3 finish early, the others later or never
+    gen_cfg = tiny_llama.hf_model.generation_config
+    saved = gen_cfg.eos_token_id
+    gen_cfg.eos_token_id = [tiny_llama.tokenizer.eos_token_id, *stop]
+    try:
+        cut = generate(tiny_llama, prompts, plans=plans, max_new_tokens=10)
+    finally:
+        gen_cfg.eos_token_id = saved
+    stop_all = stop | {tiny_llama.tokenizer.eos_token_id}
+    for i in range(len(prompts)):
+        ref = full.tokens[i]
+        first = next((j for j, t in enumerate(ref) if t in stop_all), len(ref))
+        assert cut.tokens[i] == ref[:first], i
+    assert any(cut.stopped_at_eos) and len(cut.tokens[0]) == 2

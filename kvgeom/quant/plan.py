@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from kvgeom.hooks import HookSession
     from kvgeom.models import KVModel
 
-__all__ = ["PlanCache", "QuantPlan", "apply_plans", "normalise_plans"]
+__all__ = ["PlanCache", "PlanRun", "QuantPlan", "RowGroups", "apply_plans", "normalise_plans"]
 
 Mode = Literal["forward", "cache"]
 
@@ -184,6 +184,43 @@ def _groups(plans: Sequence[QuantPlan | None]) -> dict[QuantPlan, list[int]]:
     return groups
 
 
+class RowGroups:
+    """Which batch rows run under which plan; shared by the hooks and the cache of one batch.
+
+    :meth:`select` follows generation when it drops finished rows: the groups are re-indexed and the
+    per-device index tensors rebuilt lazily (built once per group and device, never inside a hook loop).
+    """
+
+    def __init__(self, plans: Sequence[QuantPlan | None]) -> None:
+        self.groups = _groups(plans)
+        self._index: dict[tuple[QuantPlan, torch.device], Tensor] = {}
+        self.listeners: list[Any] = []
+
+    def items(self):
+        return self.groups.items()
+
+    def index(self, plan: QuantPlan, device: torch.device) -> Tensor:
+        idx = self._index.get((plan, device))
+        if idx is None:
+            idx = self._index[(plan, device)] = torch.tensor(self.groups[plan], device=device)
+        return idx
+
+    def select(self, keep: Sequence[int]) -> None:
+        """Keep batch rows ``keep`` (old indices, in order); tell listeners (caches) which rows of each group stay."""
+        new_of = {old: new for new, old in enumerate(keep)}
+        local: dict[QuantPlan, list[int]] = {}
+        groups: dict[QuantPlan, list[int]] = {}
+        for plan, rows in self.groups.items():
+            kept = [j for j, r in enumerate(rows) if r in new_of]
+            local[plan] = kept
+            if kept:
+                groups[plan] = [new_of[rows[j]] for j in kept]
+        self.groups = groups
+        self._index.clear()
+        for listener in self.listeners:
+            listener(local)
+
+
 def _protected_quant(x: Tensor, plan: QuantPlan, layer: int, role: str, fn: Any) -> Tensor:
     """Apply ``fn(x, mask)`` (a quantizer) keeping protected key channels at full precision."""
     chans = plan.channels(layer) if role == "k" else ()
@@ -218,28 +255,24 @@ class _FiniteGuard:
         if not self.flags:
             return
         names = list(self.flags)
-        hit = torch.stack([self.flags[n] for n in names]).cpu().tolist()
+        hit = torch.stack([self.flags[n].cpu() for n in names]).tolist()
         bad = [n for n, h in zip(names, hit, strict=True) if h]
         if bad:
             raise ValueError(f"non-finite K/V at real positions at site(s) {', '.join(bad)}; quantization ranges "
                              "would be poisoned. Run the model in fp32/bf16 or fix the upstream activations.")
 
 
-def _forward_hook(groups: dict[QuantPlan, list[int]], guard: _FiniteGuard | None = None):
-    index: dict[tuple[QuantPlan, torch.device], Tensor] = {}
-
+def _forward_hook(groups: RowGroups, guard: _FiniteGuard | None = None):
     def hook(x: Tensor, ctx: Any) -> Tensor | None:
         role = "v" if ctx.site == "v" else "k"
         out = None
-        for plan, rows in groups.items():
+        for plan, _rows in groups.items():
             if plan.mode != "forward" or not plan.quantizes(ctx.layer):
                 continue
             if role == "k" and ctx.site != plan.site:
                 continue
-            idx = index.get((plan, x.device))
-            if idx is None:  # built once per plan group: no host-to-device copy inside later hook calls
-                idx = index[(plan, x.device)] = torch.tensor(rows, device=x.device)
-            mask = ctx.call.mask[idx] if ctx.call.mask is not None else None
+            idx = groups.index(plan, x.device)  # built once per group: no host-to-device copy per hook call
+            mask = ctx.call.mask.to(x.device)[idx] if ctx.call.mask is not None else None
             scheme = plan.scheme_for(ctx.layer)
             if guard is not None:
                 guard.note(x[idx], mask, ctx.name)
@@ -271,7 +304,7 @@ class PlanCache:
     mask (prefill: the left-padding mask; decode: all real).
     """
 
-    def __new__(cls, model: KVModel, plans: Sequence[QuantPlan | None], session: HookSession):
+    def __new__(cls, model: KVModel, groups: RowGroups, session: HookSession):
         base = _dynamic_cache_cls()
 
         class _PlanCache(base):  # type: ignore[misc, valid-type]
@@ -280,13 +313,11 @@ class PlanCache:
                 k_all, v_all = super().update(key_states, value_states, layer_idx, *args, **kwargs)
                 out_k = out_v = None
                 mask = self._session.call.mask
-                for plan, rows in self._groups.items():
+                for plan, _rows in self._groups.items():
                     if plan.mode != "cache" or not plan.quantizes(layer_idx):
                         continue
-                    idx = self._index.get(plan)
-                    if idx is None:
-                        idx = self._index[plan] = torch.tensor(rows, device=key_states.device)
-                    m = mask[idx] if mask is not None and mask.shape[1] == new else None
+                    idx = self._groups.index(plan, key_states.device)  # per device: dispatched layers may differ
+                    m = mask.to(idx.device)[idx] if mask is not None and mask.shape[1] == new else None
                     ks, vs = [], []
                     for role, x, store in (("k", key_states, ks), ("v", value_states, vs)):
                         q = self._quant.setdefault(
@@ -325,12 +356,28 @@ class PlanCache:
                 stored[:, :, heads, dims] = torch.cat(raw, dim=1).to(stored.dtype)
                 return stored
 
+            def select_groups(self, local: dict) -> None:  # noqa: ANN001
+                """Follow RowGroups.select: keep each group's surviving rows in its quantizers."""
+                for (plan, layer, role), q in list(self._quant.items()):
+                    rows = local.get(plan, [])
+                    if rows:
+                        q.select(torch.tensor(rows))
+                    else:
+                        del self._quant[(plan, layer, role)]
+                for (plan, layer), chunks in list(self._raw_protected.items()):
+                    rows = local.get(plan, [])
+                    if rows:
+                        idx = torch.tensor(rows, device=chunks[0].device)
+                        self._raw_protected[(plan, layer)] = [c[idx] for c in chunks]
+                    else:
+                        del self._raw_protected[(plan, layer)]
+
         obj = _PlanCache(config=model.hf_model.config)
         obj._session = session
-        obj._groups = _groups(plans)
+        obj._groups = groups
         obj._quant = {}
         obj._raw_protected = {}
-        obj._index = {}
+        groups.listeners.append(obj.select_groups)
         return obj
 
 
@@ -347,28 +394,37 @@ def apply_plans(model: KVModel, plans: Sequence[QuantPlan | None]) -> Iterator[A
 
     for p in {p for p in plans if p is not None}:
         p.validate(model)
-    groups = _groups(plans)
-    fwd = {p: r for p, r in groups.items() if p.mode == "forward"}
-    guard = _FiniteGuard() if model.device.type == "cuda" else None
+    groups = RowGroups(plans)
+    fwd = [p for p in groups.groups if p.mode == "forward"]
+    guard = _FiniteGuard() if model.device.type == "cuda" else None  # CPU: check in place (no sync cost)
     with ExitStack() as stack:
         sites = sorted({p.site for p in fwd} | ({"v"} if fwd else set()))
         layers = sorted({lay for p in fwd for lay in range(model.n_layers) if p.quantizes(lay)})
-        hook = _forward_hook(fwd, guard) if fwd else (lambda x, ctx: None)
+        hook = _forward_hook(groups, guard) if fwd else (lambda x, ctx: None)
         session = stack.enter_context(
             kv_hooks(model, hook, sites=sites or ("v",), layers=layers if fwd else [0])
         )
-        needs_cache = any(p.mode == "cache" for p in groups)
-
-        def factory(model_: KVModel, batch: Batch) -> Any:
-            if len(batch) != len(plans):
-                raise ValueError(f"batch has {len(batch)} rows but {len(plans)} plans were given")
-            if needs_cache:
-                return PlanCache(model_, plans, session)
-            return _dynamic_cache_cls()(config=model_.hf_model.config)
-
-        yield factory
+        yield PlanRun(groups, session, len(plans), any(p.mode == "cache" for p in groups.groups))
         if guard is not None:
             guard.check()
+
+
+class PlanRun:
+    """What :func:`apply_plans` yields: call it as a cache factory ``run(model, batch)``; ``run.select(keep)``
+    drops finished rows from the plan groups (and from the cache it built, via ``cache.batch_select_indices``)."""
+
+    def __init__(self, groups: RowGroups, session: HookSession, n_rows: int, needs_cache: bool) -> None:
+        self.groups, self.session, self.n_rows, self.needs_cache = groups, session, n_rows, needs_cache
+
+    def __call__(self, model: KVModel, batch: Batch) -> Any:
+        if len(batch) != self.n_rows:
+            raise ValueError(f"batch has {len(batch)} rows but {self.n_rows} plans were given")
+        if self.needs_cache:
+            return PlanCache(model, self.groups, self.session)
+        return _dynamic_cache_cls()(config=model.hf_model.config)
+
+    def select(self, keep: Sequence[int]) -> None:
+        self.groups.select(list(keep))
 
 
 def forward_with_plans(

@@ -99,6 +99,21 @@ class StreamQuantizer:
         assert self._store is not None
         return self._store.to(self._dtype)
 
+    def select(self, rows: Tensor) -> None:
+        """Keep only batch rows ``rows`` (in that order): generation drops rows that have finished."""
+        if self._store is None:
+            return
+        assert self._real is not None and self._full is not None
+        rows = rows.to(self._store.device)
+        self._store, self._real, self._full = self._store[rows], self._real[rows], self._full[rows]
+        if isinstance(self._params, Tensor):
+            self._params = self._params[rows]
+        elif isinstance(self._params, IntParams):
+            zp = self._params.zero_point
+            self._params = IntParams(self._params.scale[rows], None if zp is None else zp[rows])
+        if self._tail:
+            self._tail = [self._tail[i] for i in rows.tolist()]
+
     def _push(self, values: Tensor, real: Tensor, full: Tensor) -> None:
         if self._store is None:
             self._store, self._real, self._full = values, real.clone(), full.clone()
