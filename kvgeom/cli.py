@@ -202,13 +202,16 @@ def audit_summary(audit: dict) -> str:
 def _cmd_audit(args: argparse.Namespace) -> int:
     from kvgeom.audit import AuditConfig, run_audit
 
-    kw = {"model": args.model, "scheme": args.scheme, "harmful": args.harmful, "n_calib": args.calib,
+    kw = {"model": args.model, "scheme": args.scheme, "harmful": args.harmful, "harmless": args.harmless,
+          "n_calib": args.calib,
           "device": args.device, "seed": args.seed}
     if args.quick:
         kw.update(n_heldout=20, n_borderline=10, fractions=(0.05, 0.25), n_seeds=2, bits=(8, 4, 3, 2),
                   ppl_tokens=512, max_new_tokens=24)
     if args.max_new_tokens:
         kw["max_new_tokens"] = args.max_new_tokens
+    if args.search:
+        kw["search"] = True
     cfg = AuditConfig(**kw)
     t0 = time.perf_counter()
 
@@ -219,6 +222,40 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     print(audit_summary(res.audit))
     if args.out:
         print(f"wrote {args.out}/audit.json and {args.out}/report.html")
+    return 0
+
+
+def run_sensitivity(model: str = DEFAULT_MODEL, *, scheme: str = "int4-token-asym", site: str = "rot_k",
+                    harmful: str = "harmful", harmless: str = "harmless", n: int = 24, device: str = "auto",
+                    out: str | None = None):
+    """Per-layer geometric sensitivity profile of ``scheme`` (what ``kvgeom sensitivity`` does): returns the
+    profile DataFrame; with ``out``, writes ``sensitivity.csv`` and ``sensitivity.html``."""
+    from pathlib import Path
+
+    from kvgeom.geometry import plot_sensitivity, sensitivity_profile
+    from kvgeom.models import load_model
+    from kvgeom.prompts import load_prompts
+    from kvgeom.quant import Scheme
+
+    Scheme.parse(scheme)
+    h, b = load_prompts(harmful).head(n), load_prompts(harmless).head(n)
+    m = load_model(model, device=device)
+    prof = sensitivity_profile(m, scheme, h.prompts, b.prompts, site=site, causal_layers=[])
+    frame = prof.to_frame()
+    if out:
+        d = Path(out)
+        d.mkdir(parents=True, exist_ok=True)
+        frame.to_csv(d / "sensitivity.csv", index=False)
+        plot_sensitivity(prof).write_html(d / "sensitivity.html", include_plotlyjs=True)
+    return frame
+
+
+def _cmd_sensitivity(args: argparse.Namespace) -> int:
+    frame = run_sensitivity(args.model, scheme=args.scheme, site=args.site, harmful=args.harmful,
+                            harmless=args.harmless, n=args.n, device=args.device, out=args.out)
+    cols = [c for c in ("layer", "k", "rho_geo", "rho_geo_low", "rho_geo_high", "rho_margin", "rho_margin_random")
+            if c in frame]
+    print(frame[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep="undefined"))
     return 0
 
 
@@ -237,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
     p.add_argument("--scheme", default="int4-token-asym", help="target KV scheme (default int4-token-asym)")
     p.add_argument("--harmful", default="harmful", help="harmful prompts: bundled name or path (default: harmful)")
+    p.add_argument("--harmless", default="harmless", help="harmless prompts (matched to the harmful ones) for the "
+                   "sensitivity stage: bundled name or path (default: harmless)")
     p.add_argument("--calib", type=int, default=20, help="number of calibration prompts (default 20, the paper's)")
     p.add_argument("--out", default="results", help="output directory (default results/)")
     p.add_argument("--device", default="auto")
@@ -244,6 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=None, help="tokens judged per completion (default 32)")
     p.add_argument("--quick", action="store_true", help="fewer held-out prompts, fractions, seeds and bits")
     p.add_argument("--resume", action="store_true", help="skip stages already saved in --out")
+    p.add_argument("--search", action="store_true", help="also search the cheapest per-layer precision keeping "
+                   ">= 95%% of full-precision refusal (many generations: meant for a GPU)")
     p.set_defaults(func=_cmd_audit)
     p = sub.add_parser("sweep", help="bit-width sweep: refusal, flips, perplexity vs bits")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
@@ -261,6 +302,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None, help="directory for summary.csv, rows.csv, sweep.json, sweep.html")
     p.set_defaults(func=_cmd_sweep)
+    p = sub.add_parser("sensitivity", help="per-layer geometric sensitivity of a scheme (rho_geo, rho_margin)")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    p.add_argument("--scheme", default="int4-token-asym")
+    p.add_argument("--site", default="rot_k", choices=["k", "rot_k", "v"])
+    p.add_argument("--harmful", default="harmful")
+    p.add_argument("--harmless", default="harmless")
+    p.add_argument("--n", type=int, default=24, help="prompts per class (default 24)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default=None, help="directory for sensitivity.csv and sensitivity.html")
+    p.set_defaults(func=_cmd_sensitivity)
     p = sub.add_parser("models", help="registered models and their install state")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_models)

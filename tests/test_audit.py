@@ -124,3 +124,26 @@ def test_helpers():
     assert family_of("int4-token-asym") == "int{b}-token-asym"
     assert family_of("kivi2-g32-r32") == "kivi{b}-g32-r32"
     assert family_of("q4_0") == "q4_0"
+
+
+def test_precision_search_and_its_export(tmp_path):
+    from .conftest import get_tiny
+
+    cfg = AuditConfig(**{**SMALL, "search": True, "search_levels": ("int2-token-asym", "int8-token-asym")})
+    res = run_audit(cfg, tmp_path, model=get_tiny("llama"), judge=ChecksumJudge(),
+                    stages=("baseline", "layer_sweep", "outliers", "channel_ablation", "pcr", "label", "mitigation",
+                            "export"))
+    search = res.audit["stages"]["mitigation"]["search"]
+    assert len(search["assignment"]) == 3 and search["steps"]
+    if search["met"]:
+        assert "precision search" in res.audit["stages"]["export"]["source"]
+
+
+def test_assignment_plan():
+    from kvgeom.audit import assignment_plan
+
+    cfg = AuditConfig(**SMALL)
+    plan = assignment_plan(cfg, ["q4_0", None, "q4_0", "q8_0"])
+    assert plan.quantizes(0) and not plan.quantizes(1) and plan.quantizes(3)
+    assert str(plan.scheme_for(3)) == "q8_0" and str(plan.scheme_for(0)) == "q4_0"
+    assert assignment_plan(cfg, [None, None]) is None
