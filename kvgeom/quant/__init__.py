@@ -20,6 +20,7 @@ from .scheme import (
     Role,
     Scheme,
 )
+from .plan import QuantPlan, apply_plans, forward_with_plans
 from .stream import StreamQuantizer
 
 __all__ = [
@@ -32,8 +33,11 @@ __all__ = [
     "GGMLSpec",
     "IntSpec",
     "KIVISpec",
+    "QuantPlan",
     "Role",
     "Scheme",
     "StreamQuantizer",
+    "apply_plans",
     "fake_quant",
+    "forward_with_plans",
 ]
