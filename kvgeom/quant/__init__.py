@@ -7,6 +7,7 @@
 """
 
 from .fake import fake_quant
+from .plan import QuantPlan, apply_plans, forward_with_plans
 from .scheme import (
     DEFAULT_D_HEAD,
     DEFAULT_N_KV_HEADS,
@@ -20,7 +21,6 @@ from .scheme import (
     Role,
     Scheme,
 )
-from .plan import QuantPlan, apply_plans, forward_with_plans
 from .stream import StreamQuantizer
 
 __all__ = [
