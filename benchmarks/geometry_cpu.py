@@ -1,4 +1,4 @@
-"""Geometry and sensitivity on the default model, on CPU: what docs/results.md (section "Geometry and sensitivity") reports.
+"""Geometry and sensitivity on the default model, on CPU: what docs/results.md ("Geometry") reports.
 
 Stages (each timed; outputs written to ``--out`` as they finish):
 
