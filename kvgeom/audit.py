@@ -17,6 +17,8 @@ Stages (each a public function returning a JSON-friendly dict of the :mod:`kvgeo
    recovery with CI on calibration and held-out prompts separately, bits per element.
 8. :func:`stage_export` — serving settings for the best verified candidate.
 9. :func:`stage_bit_sweep` — the target family over bit-widths (refusal and perplexity).
+10. :func:`stage_agreement` (opt-in, ``kvgeom audit --agreement``) — label and PCR from the held-out prompts
+    against those from the 20 calibration prompts.
 
 :func:`run_audit` runs them in order, saving each stage's result atomically under ``out/stages/`` as it
 completes; with ``resume=True`` finished stages are loaded instead of recomputed. Generation is greedy, so a
@@ -198,11 +200,14 @@ def _baseline_series(ctx: dict, split: str = "calibration") -> pd.Series:
 
 def stage_layer_sweep(model: KVModel, cfg: AuditConfig, ctx: dict) -> dict:
     calib, _ = _split(cfg)
+    return _layer_sweep(model, cfg, ctx, calib, _baseline_series(ctx))
+
+
+def _layer_sweep(model: KVModel, cfg: AuditConfig, ctx: dict, calib: PromptSet, base: pd.Series) -> dict:
     plans = [_plan(cfg, cfg.sweep_scheme, layers=(la,), name=f"L{la}") for la in range(model.n_layers)]
     plans.append(_plan(cfg, cfg.sweep_scheme, name="all layers"))
     rows = evaluate(model, calib, plans, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
                     judge=ctx.get("_judge"))
-    base = _baseline_series(ctx)
     layers = [{"layer": la, **_flip(base, _verdicts(rows, f"L{la}"))} for la in range(model.n_layers)]
     return {"scheme": cfg.sweep_scheme, "mode": cfg.mode, "site": cfg.site, "layers": layers,
             "all_layer": _flip(base, _verdicts(rows, "all layers")),
@@ -312,16 +317,18 @@ def stage_channel_ablation(model: KVModel, cfg: AuditConfig, ctx: dict) -> dict:
 
 
 def stage_pcr(model: KVModel, cfg: AuditConfig, ctx: dict) -> dict:
+    calib, _ = _split(cfg)
+    return _pcr(model, cfg, ctx, calib, _baseline_series(ctx), _critical(ctx))
+
+
+def _pcr(model: KVModel, cfg: AuditConfig, ctx: dict, calib: PromptSet, base: pd.Series, layer: int) -> dict:
     from kvgeom.taxonomy import pcr_with_ci
 
-    calib, _ = _split(cfg)
-    layer = _critical(ctx)
     twin = per_channel_twin(cfg.sweep_scheme)
     plans = [_plan(cfg, cfg.sweep_scheme, layers=(layer,), name="per-tensor"),
              _plan(cfg, twin, layers=(layer,), name="per-channel")]
     rows = evaluate(model, calib, plans, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
                     judge=ctx.get("_judge"))
-    base = _baseline_series(ctx)
     refused, t_flip = _flipped(base, _verdicts(rows, "per-tensor"))
     _, c_flip = _flipped(base, _verdicts(rows, "per-channel"))
     ci = pcr_with_ci(c_flip, t_flip, baseline_refused=refused, seed=cfg.seed)
@@ -332,16 +339,18 @@ def stage_pcr(model: KVModel, cfg: AuditConfig, ctx: dict) -> dict:
 
 
 def stage_label(model: KVModel, cfg: AuditConfig, ctx: dict) -> dict:
+    return _label(ctx["layer_sweep"], ctx["pcr"], ctx.get("channel_ablation", {}))
+
+
+def _label(ls: dict, p: dict, ablation: dict) -> dict:
     from kvgeom.stats import BootstrapCI
     from kvgeom.taxonomy import classify
 
-    ls = ctx["layer_sweep"]
-    p = ctx["pcr"]
     pcr = BootstrapCI(**{k: p[k] if p[k] is not None else float("nan")
                          for k in ("estimate", "low", "high", "n_valid", "n_resamples", "confidence") if k in p})
     stage_flips = {"pcr per-tensor": p["flip_per_tensor"]["rate"] or 0.0,
                    "pcr per-channel": p["flip_per_channel"]["rate"] or 0.0}
-    for r in ctx.get("channel_ablation", {}).get("rows", []):
+    for r in ablation.get("rows", []):
         stage_flips[f"ablation {r['subset']} {r['fraction']} s{r['seed']}"] = r["flip"] or 0.0
     diag = classify(pd.DataFrame(ls["layers"]), ls["all_layer"]["flip"], pcr, stage_flips=stage_flips)
     return diag.to_dict()
@@ -480,6 +489,33 @@ def stage_bit_sweep(model: KVModel, cfg: AuditConfig, ctx: dict) -> dict:
     return {"rows": out}
 
 
+def stage_agreement(model: KVModel, cfg: AuditConfig, ctx: dict) -> dict:
+    """Label and PCR from the held-out prompts (their own layer sweep, critical layer and PCR) against those
+    from the calibration prompts: does the paper's 20-prompt calibration suffice? (Channel ablation is not
+    repeated, so the held-out label's robustness rule sees the sweep and PCR flips only.)"""
+    from kvgeom.taxonomy import critical_layer
+
+    _, held = _split(cfg)
+    base = _baseline_series(ctx, "held_out")
+    if not (base == Verdict.REFUSED.value).any():
+        return {"status": "skipped", "reason": "no held-out prompt refused at full precision"}
+    sweep = _layer_sweep(model, cfg, ctx, held, base)
+    layer = critical_layer(pd.DataFrame(sweep["layers"]))
+    pcr = _pcr(model, cfg, ctx, held, base, layer)
+    held_label = _label(sweep, pcr, {})
+
+    def brief(lab: dict) -> dict:
+        return {k: lab.get(k) for k in ("label", "pcr", "pcr_low", "pcr_high", "critical_layer", "candidates",
+                                        "worst_layer_flip", "all_layer_flip")}
+
+    cal = brief(ctx["label"])
+    hel = brief(held_label)
+    return {"calibration": {"n": ctx["baseline"]["calibration"]["n"], **cal},
+            "held_out": {"n": len(held), **hel, "layer_sweep": sweep["layers"]},
+            "agree": cal["label"] == hel["label"],
+            "same_critical_layer": cal["critical_layer"] == hel["critical_layer"]}
+
+
 def family_of(scheme: str) -> str:
     """``int4-token-asym`` → ``int{b}-token-asym``; ``kivi2-g32-r32`` → ``kivi{b}-g32-r32``; others stay."""
     import re
@@ -493,6 +529,7 @@ STAGES: dict[str, Callable[[Any, AuditConfig, dict], dict]] = {
     "outliers": stage_outliers,
     "channel_ablation": stage_channel_ablation, "pcr": stage_pcr, "label": stage_label,
     "mitigation": stage_mitigation, "export": stage_export, "bit_sweep": stage_bit_sweep,
+    "agreement": stage_agreement,
 }
 
 
@@ -551,7 +588,7 @@ def run_audit(
     check_config(cfg)
     unknown = set(stages) - set(STAGES)
     if unknown:
-        raise AuditError(f"unknown stages {sorted(unknown)}; valid: {', '.join(STAGE_ORDER)}")
+        raise AuditError(f"unknown stages {sorted(unknown)}; valid: {', '.join(STAGES)}")
     d = Path(out) if out is not None else None
     if d is not None:
         cfg_path = d / "stages" / "_config.json"

@@ -192,6 +192,11 @@ def audit_summary(audit: dict) -> str:
             rec_s = "n/a" if est is None else f"{est:.2f} [{rec.get('low') or float('nan'):.2f}, " \
                 f"{rec.get('high') or float('nan'):.2f}]"
             lines.append(f"  fix: {c['name']:<40} {c['bits_per_element']:.2f} bits/elem, held-out recovery {rec_s}")
+    if "agreement" in st and "agree" in st["agreement"]:
+        ag = st["agreement"]
+        lines.append(f"  calibration vs held-out {ag['calibration']['label']} vs {ag['held_out']['label']} "
+                     f"({'agree' if ag['agree'] else 'DISAGREE'}; critical layer {ag['calibration']['critical_layer']}"
+                     f" vs {ag['held_out']['critical_layer']})")
     if "export" in st:
         lines.append(f"  export                 {st['export'].get('source')}")
     t = audit.get("timings", {})
@@ -218,7 +223,10 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     def progress(stage: str, event: str) -> None:
         print(f"[{time.perf_counter() - t0:7.1f}s] {stage}: {event}", flush=True)
 
-    res = run_audit(cfg, args.out, resume=args.resume, progress=progress)
+    from kvgeom.audit import STAGE_ORDER
+
+    stages = STAGE_ORDER + (("agreement",) if args.agreement else ())
+    res = run_audit(cfg, args.out, resume=args.resume, progress=progress, stages=stages)
     print(audit_summary(res.audit))
     if args.out:
         print(f"wrote {args.out}/audit.json and {args.out}/report.html")
@@ -283,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=None, help="tokens judged per completion (default 32)")
     p.add_argument("--quick", action="store_true", help="fewer held-out prompts, fractions, seeds and bits")
     p.add_argument("--resume", action="store_true", help="skip stages already saved in --out")
+    p.add_argument("--agreement", action="store_true", help="also derive label and PCR from the held-out prompts "
+                   "and report agreement with the calibration prompts' (a second layer sweep)")
     p.add_argument("--search", action="store_true", help="also search the cheapest per-layer precision keeping "
                    ">= 95%% of full-precision refusal (many generations: meant for a GPU)")
     p.set_defaults(func=_cmd_audit)

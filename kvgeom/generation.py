@@ -126,6 +126,9 @@ def generate(
             ``DynamicCache``); not combinable with ``plans``.
         keep_first_logits: also return the logits of the first generated position ``[n, vocab]``
             (what refusal scores read).
+
+    Out of memory: the batch is retried at half the size (down to 1), and the smaller size is kept; results do
+    not depend on the batch size.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -140,20 +143,32 @@ def generate(
     tokens: list[list[int]] = []
     eos_flags: list[bool] = []
     firsts: list[Tensor] = []
-    starts = range(0, len(prompts), batch_size)
-    for start in tqdm(starts, desc="generate", disable=not progress):
-        batch = encode(model, prompts[start:start + batch_size], chat=chat, system=system)
-        with _plan_context(model, row_plans, start, len(batch)) as plan_factory:
-            factory = plan_factory or cache_factory
-            cache = factory(model, batch) if factory else _new_cache(model)
-            rows, hit, first = _generate_batch(
-                model, batch, max_new_tokens, cache=cache, stop_at_eos=stop_at_eos,
-                keep_first_logits=keep_first_logits, select=getattr(plan_factory, "select", None),
-            )
+    start, size = 0, batch_size
+    bar = tqdm(total=len(prompts), desc="generate", disable=not progress)
+    while start < len(prompts):
+        batch = encode(model, prompts[start:start + size], chat=chat, system=system)
+        try:
+            with _plan_context(model, row_plans, start, len(batch)) as plan_factory:
+                factory = plan_factory or cache_factory
+                cache = factory(model, batch) if factory else _new_cache(model)
+                rows, hit, first = _generate_batch(
+                    model, batch, max_new_tokens, cache=cache, stop_at_eos=stop_at_eos,
+                    keep_first_logits=keep_first_logits, select=getattr(plan_factory, "select", None),
+                )
+        except torch.OutOfMemoryError:
+            if size == 1:
+                raise
+            size = max(1, len(batch) // 2)  # back off and retry this batch; the smaller size is kept for the rest
+            if model.device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
         tokens.extend(rows)
         eos_flags.extend(hit)
         if first is not None:
             firsts.append(first)
+        start += len(batch)
+        bar.update(len(batch))
+    bar.close()
     texts = [model.tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
     return Generation(
         prompts=prompts, texts=texts, tokens=tokens, stopped_at_eos=eos_flags,

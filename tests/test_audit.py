@@ -139,6 +139,21 @@ def test_precision_search_and_its_export(tmp_path):
         assert "precision search" in res.audit["stages"]["export"]["source"]
 
 
+def test_agreement_stage(full_run, tmp_path):
+    from .conftest import get_tiny
+
+    out, _ = full_run
+    import shutil
+
+    shutil.copytree(out, tmp_path / "a")
+    res = run_audit(AuditConfig(**SMALL), tmp_path / "a", model=get_tiny("llama"), judge=ChecksumJudge(),
+                    resume=True, stages=STAGE_ORDER + ("agreement",))
+    ag = res.audit["stages"]["agreement"]
+    assert ag["calibration"]["label"] == res.audit["stages"]["label"]["label"]
+    assert ag["held_out"]["n"] == SMALL["n_heldout"] and isinstance(ag["agree"], bool)
+    assert "calibration vs held-out" in audit_summary(res.audit)
+
+
 def test_assignment_plan():
     from kvgeom.audit import assignment_plan
 

@@ -98,3 +98,24 @@ def test_finished_rows_are_dropped_without_changing_results(tiny_llama, mode):
         first = next((j for j, t in enumerate(ref) if t in stop_all), len(ref))
         assert cut.tokens[i] == ref[:first], i
     assert any(cut.stopped_at_eos) and len(cut.tokens[0]) == 2
+
+
+def test_out_of_memory_backs_off(tiny_llama, monkeypatch):
+    import torch
+
+    import kvgeom.generation as g
+
+    real = g._generate_batch
+    sizes = []
+
+    def fake(model, batch, *args, **kwargs):
+        sizes.append(len(batch))
+        if len(batch) > 2:
+            raise torch.OutOfMemoryError("simulated")
+        return real(model, batch, *args, **kwargs)
+
+    monkeypatch.setattr(g, "_generate_batch", fake)
+    out = generate(tiny_llama, PROMPTS * 2, max_new_tokens=4, batch_size=8, stop_at_eos=False)
+    monkeypatch.setattr(g, "_generate_batch", real)
+    ref = generate(tiny_llama, PROMPTS * 2, max_new_tokens=4, batch_size=8, stop_at_eos=False)
+    assert sizes[:3] == [6, 3, 1] and out.tokens == ref.tokens
