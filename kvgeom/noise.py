@@ -50,8 +50,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from kvgeom.forward import Batch, encode, position_ids_from_mask
-from kvgeom.hooks import KV_SITES, CallInfo, HookFn, hook_name, kv_hooks, set_call
+from kvgeom.forward import Batch, encode, forward, position_ids_from_mask
+from kvgeom.hooks import KV_SITES, HookFn, hook_name, kv_hooks
 from kvgeom.stats import bootstrap_ci
 
 if TYPE_CHECKING:
@@ -135,23 +135,10 @@ def make_noise(
 # ---- batched row engine ---------------------------------------------------------------------------------
 def _call(model: KVModel, ids: Tensor, mask: Tensor, *, cache: Any = None, pos: Tensor | None = None,
           step: int = 0, keep_last: bool = True) -> Tensor:
-    """One bridge call with the hooks informed (as :func:`kvgeom.forward.forward`), logits of the last
-    position only when ``keep_last`` (saves the ``[batch, pos, vocab]`` unembedding)."""
-    dev = model.device
-    ids, mask = ids.to(dev), mask.to(dev)
-    new = ids.shape[1]
-    pos = position_ids_from_mask(mask)[:, -new:] if pos is None else pos
-    pos = pos.to(dev)
-    set_call(model, CallInfo(step=step, mask=mask[:, -new:], position_ids=pos))
-    kwargs: dict[str, Any] = {"attention_mask": mask.long(), "position_ids": pos}
-    if cache is not None:
-        kwargs["past_key_values"] = cache
-    if keep_last:
-        try:
-            return model.bridge(ids, return_type="logits", logits_to_keep=1, **kwargs)[:, -1].float()
-        except TypeError:
-            pass
-    out = model.bridge(ids, return_type="logits", **kwargs)
+    """:func:`kvgeom.forward.forward`, returning the last position's logits only when ``keep_last`` (saves the
+    ``[batch, pos, vocab]`` unembedding), as fp32."""
+    out = forward(model, ids, mask, past_key_values=cache, position_ids=pos, step=step,
+                  logits_to_keep=1 if keep_last else None)
     return out[:, -1].float() if keep_last else out.float()
 
 
