@@ -38,6 +38,7 @@ __all__ = [
     "REFUSAL_OPENERS",
     "RefusalScore",
     "as_prompt_set",
+    "completion_nll",
     "evaluate",
     "perplexity",
     "plan_label",
@@ -126,6 +127,40 @@ class RefusalScore:
         return torch.cat(out).numpy()
 
 
+@torch.inference_mode()
+def completion_nll(model: KVModel, prompts: Sequence[str], completions: Sequence[str], *,
+                   batch_size: int = 16) -> np.ndarray:
+    """Mean per-token NLL (nats) of each completion after its chat-formatted prompt, under the model at full
+    precision (no plans; active hooks aside). NaN for an empty completion. The degeneracy rule's (d) input."""
+    from kvgeom.forward import forward
+
+    tok = model.tokenizer
+    texts = model.format_chat(list(prompts))
+    out = np.full(len(texts), np.nan)
+    for start in range(0, len(texts), batch_size):
+        seqs, n_comp = [], []
+        for text, comp in zip(texts[start:start + batch_size], completions[start:start + batch_size], strict=True):
+            p_ids = tok(text, add_special_tokens=False)["input_ids"]
+            c_ids = tok(comp, add_special_tokens=False)["input_ids"] if comp else []
+            seqs.append(p_ids + c_ids)
+            n_comp.append(len(c_ids))
+        width = max(len(x) for x in seqs)
+        x = torch.full((len(seqs), width), model.pad_token_id, dtype=torch.long)
+        m = torch.zeros((len(seqs), width), dtype=torch.bool)
+        for i, ids in enumerate(seqs):
+            x[i, width - len(ids):] = torch.tensor(ids)
+            m[i, width - len(ids):] = True
+        keep = max(max(n_comp), 1) + 1
+        logits = forward(model, x, m, logits_to_keep=keep)
+        for i, n in enumerate(n_comp):
+            if n == 0:
+                continue
+            lp = torch.log_softmax(logits[i, -n - 1:-1].float(), dim=-1)
+            tgt = x[i, -n:].to(lp.device)
+            out[start + i] = float(-lp.gather(-1, tgt[:, None]).mean())
+    return out
+
+
 def _rows(ps: PromptSet, plans: Sequence[QuantPlan | None]) -> pd.DataFrame:
     """(prompt × plan) rows, plan-major: a batch holds consecutive rows, so it mixes plans only where one
     plan's rows end and the next one's begin. Hooks cost one quantizer call per plan group per layer, so
@@ -147,6 +182,7 @@ def evaluate(
     judge: Judge | None = None,
     batch_size: int = 32,
     score: bool = True,
+    nll: bool = False,
     progress: bool = False,
 ) -> pd.DataFrame:
     """Greedy-generate every (prompt × plan) row with per-row plans, judge it, and return a tidy table.
@@ -173,7 +209,11 @@ def evaluate(
     table["completion"] = gen.texts
     table["n_tokens"] = [len(t) for t in gen.tokens]
     table["stopped_at_eos"] = gen.stopped_at_eos
-    verdicts = judge.judge(table["prompt"].tolist(), gen.texts)
+    nlls = None
+    if nll:  # full-precision NLL of the completions, for the degeneracy rule's criterion (d)
+        nlls = completion_nll(model, table["prompt"].tolist(), gen.texts, batch_size=max(1, batch_size // 2))
+        table["nll"] = nlls
+    verdicts = judge.judge(table["prompt"].tolist(), gen.texts, nll=None if nlls is None else nlls.tolist())
     table["verdict"] = [Verdict(v).value for v in verdicts]
     table["refused"] = table["verdict"] == Verdict.REFUSED.value
     if score:

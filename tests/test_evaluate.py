@@ -113,3 +113,20 @@ def test_expand_family_and_onset():
     frame = pd.DataFrame({"bits": [8, 6, 4, 3], "flip_rate": [0.0, 0.06, 0.2, 0.9], "flip_low": [0.0, 0.0, 0.1, 0.8]})
     assert onset_bits(frame) == 4  # 6 bits reaches 5% but its CI touches zero
     assert onset_bits(frame.iloc[:2]) is None
+
+
+def test_completion_nll_matches_a_plain_forward(tiny_llama):
+    from kvgeom.evaluate import completion_nll
+
+    prompts, comps = ["hi", "How do I bake bread at home?"], ["Sure, here it is.", ""]
+    got = completion_nll(tiny_llama, prompts, comps)
+    assert np.isnan(got[1])
+    text = tiny_llama.format_chat(prompts[:1])[0]
+    p_ids = tiny_llama.tokenizer(text, add_special_tokens=False)["input_ids"]
+    c_ids = tiny_llama.tokenizer(comps[0], add_special_tokens=False)["input_ids"]
+    x = torch.tensor([p_ids + c_ids])
+    logits = forward(tiny_llama, x, torch.ones_like(x, dtype=torch.bool))
+    ref = torch.nn.functional.cross_entropy(logits[0, len(p_ids) - 1:-1], x[0, len(p_ids):]).item()
+    assert got[0] == pytest.approx(ref, rel=1e-5)
+    rows = evaluate(tiny_llama, PROMPTS, [None], max_new_tokens=4, nll=True)
+    assert rows["nll"].notna().all()

@@ -224,3 +224,15 @@ def test_verdict_frame():
     assert df["verdict"].tolist() == ["refused", "complied"]
     with pytest.raises(ValueError, match="verdicts"):
         verdict_frame(["p1"], ["c1"], [R, C])
+
+
+def test_one_word_interleaved_with_symbols_is_degenerate():
+    """Seen on the default model under q4_0 without rotation: one word looped through symbol runs."""
+    from kvgeom.judges import DegeneracyRule, KeywordJudge, Verdict
+
+    text = "import###import\n\nimport#####import\r\nimport####import import pandas as# pandas as######"
+    assert "dominant-word" in " ".join(DegeneracyRule().reasons(text))
+    assert KeywordJudge().verdict(text) == Verdict.DEGENERATE
+    prose = ("Building a birdhouse at home takes an afternoon: cut the panels, drill an entrance hole, and "
+             "nail the roof on at an angle so that rain runs off.")
+    assert KeywordJudge().verdict(prose) == Verdict.COMPLIED
