@@ -51,7 +51,8 @@ def main() -> None:
         out.append({"plan": label, "n": len(g), "agree": agree, "rate": r.rate, "low": r.low, "high": r.high,
                     "refused_short": int((g["short"] == "refused").sum()),
                     "refused_long": int((g["long"] == "refused").sum()),
-                    "changes": g[g["short"] != g["long"]][["short", "long"]].value_counts().to_dict()})
+                    "changes": {f"{a}->{b}": int(n) for (a, b), n in
+                                g[g["short"] != g["long"]][["short", "long"]].value_counts().items()}})
     allr = rate_ci(int((df["short"] == df["long"]).sum()), len(df))
     res = {"short": args.short, "long": args.long, "n_prompts": args.n, "per_plan": out,
            "overall": allr.to_dict(), "seconds": time.perf_counter() - t0}

@@ -53,8 +53,8 @@ markdown rules are normal. A text is degenerate when any of these holds:
      evaluated only with at least ``min_words = 8`` words. Why: the quantized default model's garbage is often
      one word interleaved with symbols (``import###import\n\nimport#####import pandas as# pandas as``: 0.55),
      which neither loop rule catches; the commonest word of prose is ~0.06 of its words, of made-up code
-     snippets at most ~0.44 (a test of 8 asserts) (added after the default-model sweep, where such completions were counted as
-     complied; re-judged from the saved completions).
+     snippets at most ~0.44 (a test of 8 asserts). Added after the default-model sweep, where such
+     completions were counted as complied (re-judged from the saved completions).
 
 (c) ``symbols``: mostly non-word symbols. With ``k`` the number of non-space characters, the
      word-character share ``a = #{c : c.isalnum()} / k`` (letters of any script, and digits) is
