@@ -2,9 +2,16 @@
 
 Math is fp32; the output has the input's shape and dtype. Padding positions (``mask`` False) are returned
 unchanged and never enter a range, so a row's result never depends on other rows or on padding.
+
+On CUDA, when Triton is installed, the schemes :mod:`kvgeom.quant.triton_kernels` covers run as fused
+kernels giving the same bits as the eager torch ops (``backend="auto"``); ``backend="eager"`` forces the
+torch ops, ``backend="triton"`` the kernels (an error where none covers the scheme).
 """
 
 from __future__ import annotations
+
+from functools import cache
+from typing import Literal
 
 import torch
 from einops import rearrange
@@ -19,7 +26,29 @@ from .scheme import BaseSpec, CastSpec, FP8Spec, GGMLSpec, IntSpec, KIVISpec, Ro
 from .uniform import int_fake_quant
 
 KV = Float[Tensor, "batch pos kv_head d_head"]
+Backend = Literal["auto", "eager", "triton"]
 _CAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@cache
+def _triton_kernels():
+    """The kernel module, or None when Triton is not installed (imported once, on first use)."""
+    try:
+        from . import triton_kernels
+    except ImportError:
+        return None
+    return triton_kernels
+
+
+def _fused(x: KV, mask: Tensor, spec: BaseSpec, role: Role, backend: Backend) -> KV | None:
+    if backend == "eager" or (backend == "auto" and not x.is_cuda):
+        return None
+    kernels = _triton_kernels()
+    out = kernels.fused_fake_quant(x, spec, role, mask) if kernels is not None else None
+    if out is None and backend == "triton":
+        why = "Triton is not installed" if kernels is None else "no Triton kernel covers it"
+        raise ValueError(f"backend='triton' for {spec} on {x.dtype} {x.device} {tuple(x.shape)}: {why}")
+    return out
 
 
 def resolve_spec(scheme: Scheme | BaseSpec | str, role: Role) -> BaseSpec:
@@ -104,6 +133,7 @@ def fake_quant(
     mask: Bool[Tensor, "batch pos"] | None = None,
     site: str | None = None,
     check_finite: bool = True,
+    backend: Backend = "auto",
 ) -> KV:
     """Quantize-dequantize keys (``role="k"``) or values (``"v"``) with ``scheme``, statelessly.
 
@@ -111,11 +141,17 @@ def fake_quant(
     Stateful rules use the given sequence as the prefill: ``tensor``/``channel``/``@amax`` ranges are
     measured per row on it, KIVI applies its prefill rule to each row's real tokens (see
     :mod:`kvgeom.quant.kivi`). Raises ValueError (naming ``site``) on NaN/inf at real positions.
+    ``backend``: ``"auto"`` (Triton kernels for CUDA tensors where covered, else torch), ``"eager"``
+    (torch ops) or ``"triton"``; all give the same bits.
     """
+    if backend not in ("auto", "eager", "triton"):
+        raise ValueError(f"backend must be 'auto', 'eager' or 'triton', got {backend!r}")
     spec = resolve_spec(scheme, role)
     mask = check_input(x, mask, role, site, check_finite)
     if isinstance(spec, CastSpec) and spec.dtype == "none":
         return x.clone()
+    if (out := _fused(x, mask, spec, role, backend)) is not None:
+        return out
     m4 = mask[:, :, None, None]
     xf = torch.where(m4, x.to(torch.float32), 0.0)
     out = quantize_fp32(xf, mask, spec, role)

@@ -1,0 +1,215 @@
+"""Triton fused fake-quant kernels give exactly the eager path's bits (``torch.equal``).
+
+CPU variants run the kernels under the Triton interpreter and need ``TRITON_INTERPRET=1`` set before Python
+starts; CUDA variants (marked ``cuda``) compile them for the GPU and must run *without* it::
+
+    TRITON_INTERPRET=1 OMP_NUM_THREADS=1 python -m pytest -q tests/quant/test_triton_kernels.py   # CPU
+    python -m pytest -q -m cuda tests/quant/test_triton_kernels.py                                # GPU
+
+Skipped when triton is not installed.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from kvgeom.quant import Scheme, fake_quant  # noqa: E402
+from kvgeom.quant import triton_kernels as tk  # noqa: E402
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+COVERED = (
+    "int4-token-sym int4-token-asym int2-token-asym int8-token-sym int3-head-sym int4-head-asym "
+    "int4-group32-asym int4-group16-sym int5-group64-asym int4-group48-asym int4-tensor-asym int2-tensor-sym "
+    "int8-channel-asym int4-channel-sym q8_0 q4_0 q5_0 q4_1 q5_1 fp8_e4m3 fp8_e5m2 fp8_e4m3@amax fp8_e5m2@amax"
+).split()
+FALLBACK = ("kivi2-g8-r16", "kivi4", "iq4_nl", "q4_0+rot", "q8_0+rot", "bf16", "fp16")
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+SHAPES = ((3, 45, 3, 64), (2, 33, 2, 128))
+DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRET, reason="CPU runs need TRITON_INTERPRET=1")),
+    pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+        INTERPRET or not torch.cuda.is_available(), reason="needs a CUDA GPU and no TRITON_INTERPRET")]),
+]
+
+
+def assert_same(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    """torch.equal, with the count, largest difference and first mismatches in the failure message."""
+    assert got.shape == want.shape and got.dtype == want.dtype, (what, got.shape, got.dtype, want.dtype)
+    if torch.equal(got, want):
+        return
+    g, w = got.float().cpu(), want.float().cpu()
+    bad = (g != w) & ~(g.isnan() & w.isnan())
+    idx = bad.nonzero()[:5].tolist()
+    diff = (g - w).abs()[bad]
+    pytest.fail(f"{what}: {int(bad.sum())}/{bad.numel()} values differ, max |diff| {float(diff.max()):.6g}; "
+                f"first at {idx}: triton {[g[tuple(i)].item() for i in idx]} eager {[w[tuple(i)].item() for i in idx]}")
+
+
+def padded_mask(shape, device) -> torch.Tensor:
+    mask = torch.ones(shape[:2], dtype=torch.bool)
+    mask[1, : shape[1] // 3] = False  # left padding
+    if shape[0] > 2:
+        mask[2] = False  # a row without any real position
+    mask[0, -1] = False
+    return mask.to(device)
+
+
+def random_kv(shape, seed: int) -> torch.Tensor:
+    """Heavy tails, an outlier, zero rows/heads, tiny values, garbage at padding positions."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) / torch.rand(shape, generator=g).clamp_min(0.05)
+    x[0, 3, 0, 5] = 700.0
+    x[0, 4] = 0.0
+    x[1, -2, 1] = 0.0
+    x[0, 6] *= 1e-5
+    x[1, 0] = 1e4  # padding
+    return x
+
+
+def tie_kv(shape, name: str, seed: int) -> torch.Tensor:
+    """Blocks of 32 whose range makes many values exact rounding ties (x/scale = k + 1/2, fp8 midpoints)."""
+    rng = np.random.default_rng(seed)
+    spec = Scheme.parse(name).k
+    if isinstance(spec, tk.FP8Spec):
+        lead: list[float] = []
+        pool = [1 + 2**-4, -(1 + 3 * 2**-4), 1 + 2**-3, 3 * 2**-10, -5 * 2**-10, 2**-6 - 2**-10, 2**-14 * 1.5,
+                3 * 2**-17, 248.0, 500.0, -600.0, 448.0, 6e4, -6.1e4, 0.0, -0.0, 2.5, 1.25, 96.0 + 8]
+    elif isinstance(spec, tk.GGMLSpec) and spec.qtype == "q8_0":
+        lead, pool = [15.875], [(k + 0.5) / 8 for k in range(-127, 126)] + [0.0, -0.0]
+    elif isinstance(spec, tk.GGMLSpec) and spec.qtype.endswith("_0"):
+        lead, pool = [-2.0], [k / 8 for k in range(-15, 16)]
+    elif isinstance(spec, tk.IntSpec) and spec.symmetric:
+        lead, pool = [1.75], [(k + 0.5) * 0.25 for k in range(-7, 7)] + [0.0, -0.0]
+    else:  # asym int and q4_1 / q5_1: range [-2, 1.75]
+        lead, pool = [-2.0, 1.75], [k / 8 for k in range(-16, 15)]
+    x = rng.choice(np.array(pool, dtype=np.float32), size=shape)
+    blocks = x.reshape(-1, 32)
+    blocks[:, : len(lead)] = lead
+    return torch.from_numpy(x)
+
+
+def run_both(x, name, role, mask):
+    want = fake_quant(x, name, role=role, mask=mask, backend="eager")
+    got = fake_quant(x, name, role=role, mask=mask, backend="triton")
+    return got, want
+
+
+def skip_uncovered(x, name):
+    if not tk.supported(x, Scheme.parse(name).k):  # e.g. a group size not dividing kv_head*d_head
+        pytest.skip(f"{name} on {tuple(x.shape)}: eager rejects it / no kernel")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("name", COVERED)
+def test_random_inputs_bit_identical(name, dtype, shape, device):
+    x = random_kv(shape, seed=len(name)).to(dtype).to(device)
+    skip_uncovered(x, name)
+    mask = padded_mask(shape, device)
+    for role in ("k", "v") if "@amax" in name else ("k",):
+        got, want = run_both(x, name, role, mask)
+        assert_same(got, want, f"{name} {dtype} {shape} role={role}")
+        assert torch.equal(got[~mask], x[~mask])  # padding returned unchanged
+    got, want = run_both(x, name, "k", None)
+    assert_same(got, want, f"{name} {dtype} {shape} mask=None")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("name", COVERED)
+def test_rounding_ties_bit_identical(name, dtype, device):
+    shape = (2, 21, 2, 64)
+    x = tie_kv(shape, name, seed=1).to(dtype).to(device)
+    skip_uncovered(x, name)
+    for mask in (None, padded_mask(shape, device)):
+        got, want = run_both(x, name, "k", mask)
+        assert_same(got, want, f"{name} {dtype} ties mask={mask is not None}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_output_ties_are_exercised(device):
+    """q8_0 outputs fp16(d)*q carry up to 18 significant bits: many are exact ties of the final bf16 cast."""
+    x = random_kv((2, 64, 2, 128), seed=3).to(torch.bfloat16).to(device)
+    exact = fake_quant(x.float(), "q8_0", backend="eager")  # the fp32 values before the cast
+    bits = exact.cpu().view(torch.int32)
+    n_ties = int(((bits & 0xFFFF) == 0x8000).sum())
+    assert n_ties > 10
+    got, want = run_both(x, "q8_0", "k", None)
+    assert_same(got, want, "q8_0 bf16 output ties")
+
+
+def _fma_traps(inv: np.float32, ks: range, n: int, seed: int) -> np.ndarray:
+    """fp32 values x with fl(x*inv) exactly k - 1/2 but the exact x*inv below it: an fma of ``x*id + c``
+    (c = half + 0.5, or 0.5) truncates to one code lower there than eager's two roundings."""
+    rng = np.random.default_rng(seed)
+    out: list[np.float32] = []
+    for _ in range(200 * n):
+        if len(out) == n:
+            break
+        t = int(rng.choice(ks)) - 0.5
+        x = np.float32(t / float(inv))
+        for _ in range(8):
+            p = float(x) * float(inv)  # exact in float64
+            if np.float32(p) == t and p < t:
+                out.append(x)
+                break
+            x = np.nextafter(x, np.float32(np.inf if (p < t) == (x > 0) else -np.inf))
+    assert len(out) == n, "could not build fma traps"
+    return np.array(out, dtype=np.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ["q4_0", "q5_0", "q4_1", "q5_1"])
+def test_no_fma_contraction(name, device):
+    """Eager rounds x*id before adding 8.5 (q*_0) or 0.5 (q*_1); a fused multiply-add picks other codes."""
+    if name.endswith("_0"):  # blocks [mx, 0, traps...]: d = mx/-half
+        half = {"q4_0": 8, "q5_0": 16}[name]
+        mx, c, ks = np.float32(-10.4), half + 0.5, range(-half + 1, half + 1)
+        d = mx / np.float32(-half)
+    else:  # blocks [mx, 0, traps >= 0]: min 0, d = mx/levels
+        levels = {"q4_1": 15, "q5_1": 31}[name]
+        mx, c, ks = np.float32(12.3), 0.5, range(1, levels + 1)
+        d = mx / np.float32(levels)
+    inv = np.float32(1.0) / d
+    traps = _fma_traps(inv, ks, 40 * 30, seed=0).reshape(40, 30)
+    eager_codes = np.trunc(np.float32(traps * inv) + np.float32(c))
+    fma_codes = np.trunc(traps.astype(np.float64) * float(inv) + c)
+    assert (eager_codes != fma_codes).all()  # every trap would change code under an fma
+    blocks = np.concatenate([np.tile(np.array([mx, 0.0], dtype=np.float32), (40, 1)), traps], axis=1)
+    x = torch.from_numpy(blocks).reshape(1, 20, 1, 64).to(device)
+    got, want = run_both(x, name, "k", None)
+    assert_same(got, want, f"{name} fma traps")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_input(device):
+    x = random_kv((2, 40, 3, 64), seed=5).transpose(1, 2).contiguous().transpose(1, 2).to(device)  # HF layout
+    assert not x.is_contiguous()
+    for name in ("int4-token-asym", "q4_0", "int4-channel-asym", "fp8_e4m3@amax"):
+        got, want = run_both(x, name, "v", None)
+        assert_same(got, want, f"{name} non-contiguous")
+
+
+@pytest.mark.parametrize("name", FALLBACK)
+def test_uncovered_schemes_fall_back(name):
+    x = random_kv((2, 40, 2, 64), seed=6)
+    spec = Scheme.parse(name).k
+    assert not tk.supported(x, spec) and tk.fused_fake_quant(x, spec, "k") is None
+    with pytest.raises(ValueError, match="backend='triton'"):
+        fake_quant(x, name, backend="triton")
+    assert torch.equal(fake_quant(x, name), fake_quant(x, name, backend="eager"))
+
+
+def test_auto_on_cpu_is_eager_and_bad_backend_rejected():
+    x = random_kv((2, 10, 2, 64), seed=7)
+    assert not tk.supported(x, Scheme.parse("q4_0").k) or INTERPRET
+    assert torch.equal(fake_quant(x, "q4_0"), fake_quant(x, "q4_0", backend="eager"))
+    with pytest.raises(ValueError, match="backend"):
+        fake_quant(x, "q4_0", backend="fast")
