@@ -60,7 +60,9 @@ def build(arch: str, device: str, dtype: torch.dtype):
 
 
 def rows_judged(n_layers: int, cfg) -> int:
-    """(prompt, configuration) rows the audit generates for, stage by stage (mirrors kvgeom.audit)."""
+    """(prompt, configuration) rows the audit's stage list defines, every calibration prompt under every
+    configuration (what the paper-style procedure runs). kvgeom itself generates fewer (``refused_only``: the
+    conditional-flip stages need only the prompts refused at full precision); the run reports that count too."""
     calib, held, border = cfg.n_calib, cfg.n_heldout, cfg.n_borderline
     ablation = len(cfg.fractions) * (1 + cfg.n_seeds) + 1
     return (calib + held + border) + (n_layers + 1) * calib + ablation * calib + 2 * calib \
@@ -141,7 +143,14 @@ def main() -> None:
     prompts = load_prompts("calibration").prompts
     lengths = [len(model.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in model.format_chat(prompts)]
     t1 = time.perf_counter()
-    res = run_audit(cfg, args.out, model=model, judge=ChecksumJudge())
+    class CountingJudge(ChecksumJudge):
+        rows = 0
+
+        def judge(self, prompts, completions, *, nll=None):  # noqa: ANN001
+            CountingJudge.rows += len(completions)
+            return super().judge(prompts, completions, nll=nll)
+
+    res = run_audit(cfg, args.out, model=model, judge=CountingJudge())
     sync(model)
     audit_s = time.perf_counter() - t1
     n_rows = rows_judged(model.n_layers, cfg)
@@ -153,6 +162,7 @@ def main() -> None:
         "n_layers": model.n_layers, "prompt_tokens_mean": sum(lengths) / len(lengths),
         "build_s": build_s, "audit_s": audit_s, "total_s": build_s + audit_s,
         "stage_s": {k: round(v, 3) for k, v in res.timings.items()}, "rows_judged": n_rows,
+        "rows_generated_by_kvgeom": CountingJudge.rows,
         "label": res.audit["stages"]["label"]["label"],
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else None,
     }

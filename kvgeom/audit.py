@@ -67,6 +67,13 @@ class AuditConfig:
 
     ``scheme`` is the user's target serving scheme; ``sweep_scheme`` the layer-sweep scheme (the paper's
     mechanistic int3 per-tensor setting); its per-channel twin is used for PCR.
+
+    Two savings that leave every verdict-based number the audit reports unchanged:
+    ``refused_only``: the stages that report conditional flip rates only (layer sweep, channel ablation, PCR)
+    generate for the calibration prompts refused at full precision — the flip rate's denominator — so reverse
+    flips and McNemar's p are not measured there (``mcnemar_p`` is null). ``settle``: rows stop generating
+    once a refusal phrase appears (:meth:`kvgeom.judges.KeywordJudge.settled`; a refusal phrase wins), outside
+    the baseline stage, whose completions the report shows.
     """
 
     model: str = DEFAULT_MODEL
@@ -87,6 +94,8 @@ class AuditConfig:
     bits: tuple[int, ...] = (8, 6, 5, 4, 3, 2)
     ppl_tokens: int = 1024
     batch_size: int = 64
+    refused_only: bool = True
+    settle: bool = True
     search: bool = False
     search_levels: tuple[str, ...] = ()
     seed: int = 0
@@ -149,6 +158,21 @@ def per_channel_twin(scheme: str) -> str:
 
 
 # ---- helpers -------------------------------------------------------------------------------------------
+def _eval(model: KVModel, cfg: AuditConfig, ctx: dict, prompts: PromptSet, plans: list, **kw: Any) -> pd.DataFrame:
+    """:func:`evaluate` with the audit's settings (batch size, tokens, judge, settling)."""
+    return evaluate(model, prompts, plans, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
+                    judge=ctx.get("_judge"), settle=cfg.settle, **kw)
+
+
+def _flip_prompts(cfg: AuditConfig, prompts: PromptSet, base: pd.Series) -> PromptSet:
+    """The prompts a conditional flip rate needs: those refused at full precision (all if not ``refused_only``)."""
+    if not cfg.refused_only:
+        return prompts
+    refused = set(base.index[base == Verdict.REFUSED.value])
+    keep = prompts.frame[prompts.frame["id"].isin(refused)]
+    return PromptSet(prompts.name, keep, prompts.source)
+
+
 def _verdicts(rows: pd.DataFrame, plan: str) -> pd.Series:
     return rows[rows["plan"] == plan].set_index("prompt_id")["verdict"]
 
@@ -156,8 +180,10 @@ def _verdicts(rows: pd.DataFrame, plan: str) -> pd.Series:
 def _flip(base: pd.Series, quant: pd.Series) -> dict:
     common = base.index.intersection(quant.index)
     fs = flip_stats(base.loc[common].tolist(), quant.loc[common].tolist())
+    # McNemar needs the reverse flips, i.e. every baseline prompt judged under the plan
+    both = len(common) == len(base)
     return {"flip": fs.flip.rate, "low": fs.flip.low, "high": fs.flip.high, "k": fs.flip.k, "n": fs.flip.n,
-            "to_degenerate": fs.flip_to_degenerate.rate, "mcnemar_p": fs.mcnemar_p}
+            "to_degenerate": fs.flip_to_degenerate.rate, "mcnemar_p": fs.mcnemar_p if both else None}
 
 
 def _flipped(base: pd.Series, quant: pd.Series) -> tuple[np.ndarray, np.ndarray]:
@@ -206,8 +232,7 @@ def stage_layer_sweep(model: KVModel, cfg: AuditConfig, ctx: dict) -> dict:
 def _layer_sweep(model: KVModel, cfg: AuditConfig, ctx: dict, calib: PromptSet, base: pd.Series) -> dict:
     plans = [_plan(cfg, cfg.sweep_scheme, layers=(la,), name=f"L{la}") for la in range(model.n_layers)]
     plans.append(_plan(cfg, cfg.sweep_scheme, name="all layers"))
-    rows = evaluate(model, calib, plans, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
-                    judge=ctx.get("_judge"))
+    rows = _eval(model, cfg, ctx, _flip_prompts(cfg, calib, base), plans)
     layers = [{"layer": la, **_flip(base, _verdicts(rows, f"L{la}"))} for la in range(model.n_layers)]
     return {"scheme": cfg.sweep_scheme, "mode": cfg.mode, "site": cfg.site, "layers": layers,
             "all_layer": _flip(base, _verdicts(rows, "all layers")),
@@ -303,9 +328,8 @@ def stage_channel_ablation(model: KVModel, cfg: AuditConfig, ctx: dict) -> dict:
     for i, (_subset, _f, _s, quantized) in enumerate(specs):
         keep = sorted(set(chans) - set(quantized))  # quantize only `quantized`: protect the rest
         plans.append(_plan(cfg, cfg.sweep_scheme, layers=(layer,), protect_channels={layer: keep}, name=f"abl{i}"))
-    rows = evaluate(model, calib, plans, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
-                    judge=ctx.get("_judge"))
     base = _baseline_series(ctx)
+    rows = _eval(model, cfg, ctx, _flip_prompts(cfg, calib, base), plans)
     out = []
     for i, (subset, f, s, quantized) in enumerate(specs):
         fl = _flip(base, _verdicts(rows, f"abl{i}"))
@@ -327,8 +351,7 @@ def _pcr(model: KVModel, cfg: AuditConfig, ctx: dict, calib: PromptSet, base: pd
     twin = per_channel_twin(cfg.sweep_scheme)
     plans = [_plan(cfg, cfg.sweep_scheme, layers=(layer,), name="per-tensor"),
              _plan(cfg, twin, layers=(layer,), name="per-channel")]
-    rows = evaluate(model, calib, plans, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
-                    judge=ctx.get("_judge"))
+    rows = _eval(model, cfg, ctx, _flip_prompts(cfg, calib, base), plans)
     refused, t_flip = _flipped(base, _verdicts(rows, "per-tensor"))
     _, c_flip = _flipped(base, _verdicts(rows, "per-channel"))
     ci = pcr_with_ci(c_flip, t_flip, baseline_refused=refused, seed=cfg.seed)
@@ -376,8 +399,7 @@ def stage_mitigation(model: KVModel, cfg: AuditConfig, ctx: dict) -> dict:
                            "reference": {}, "candidates": [], "search": None}
     per_split = {}
     for split, ps in (("calibration", calib), ("held_out", held)):
-        rows = evaluate(model, ps, run, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
-                    judge=ctx.get("_judge"))
+        rows = _eval(model, cfg, ctx, ps, run)
         base = _baseline_series(ctx, split)
         full = (base == Verdict.REFUSED.value).to_numpy()
         uni = (_verdicts(rows, "uniform").reindex(base.index) == Verdict.REFUSED.value).to_numpy()
@@ -424,8 +446,7 @@ def _search(model: KVModel, cfg: AuditConfig, ctx: dict, calib: PromptSet) -> di
 
     def rate(assignment: Sequence[str | None]) -> float:
         plan = assignment_plan(cfg, assignment, name="search")
-        rows = evaluate(model, calib, [plan], max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
-                        judge=ctx.get("_judge"), score=False)
+        rows = _eval(model, cfg, ctx, calib, [plan], score=False)
         return float(rows["refused"].mean())
 
     result = search_precision(rate, model.n_layers, levels, 0.95, full_rate=full_rate, d_head=model.d_head,
@@ -472,9 +493,13 @@ def stage_bit_sweep(model: KVModel, cfg: AuditConfig, ctx: dict) -> dict:
     fam = family_of(cfg.scheme)
     points = expand_family(fam, cfg.bits)
     plans = [_plan(cfg, s, name=s) for _, s in points]
-    rows = evaluate(model, calib, plans, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
-                    judge=ctx.get("_judge"))
-    ppl = perplexity(model, None, [None, *plans], max_tokens=cfg.ppl_tokens, batch_size=4)
+    rows = _eval(model, cfg, ctx, calib, plans)
+    # full precision and the target scheme were measured in the baseline stage on the same text and settings
+    target = str(Scheme.parse(cfg.scheme))
+    known = {target: ctx["baseline"]["perplexity"]["ppl_ratio"]}
+    todo = [p for p in plans if str(p.scheme) != target]
+    ppl = perplexity(model, None, todo, max_tokens=cfg.ppl_tokens, batch_size=4) if todo else None
+    full_ppl = ctx["baseline"]["perplexity"]["ppl"]
     base = _baseline_series(ctx)
     out = []
     for (b, s), p in zip(points, plans, strict=True):
@@ -482,11 +507,15 @@ def stage_bit_sweep(model: KVModel, cfg: AuditConfig, ctx: dict) -> dict:
         r = rate_ci(int((v == Verdict.REFUSED.value).sum()), len(v))
         out.append({"family": fam, "scheme": s, "bits": b, "refusal": r.rate, "low": r.low, "high": r.high,
                     **{f"flip_{k}": val for k, val in _flip(base, v).items() if k in ("flip", "low", "high")},
-                    "ppl_ratio": float(ppl.loc[ppl["plan"] == p.label, "ppl_ratio"].iloc[0])})
+                    "ppl_ratio": known.get(str(p.scheme)) or _ppl(ppl, p.label) / full_ppl})
     full = ctx["baseline"]["calibration"]
     out.insert(0, {"family": FULL, "scheme": "none", "bits": 16, "refusal": full["rate"], "low": full["low"],
                    "high": full["high"], "ppl_ratio": 1.0})
     return {"rows": out}
+
+
+def _ppl(ppl: pd.DataFrame, label: str) -> float:
+    return float(ppl.loc[ppl["plan"] == label, "ppl"].iloc[0])
 
 
 def stage_agreement(model: KVModel, cfg: AuditConfig, ctx: dict) -> dict:

@@ -183,13 +183,19 @@ def evaluate(
     batch_size: int = 32,
     score: bool = True,
     nll: bool = False,
+    settle: bool = False,
     progress: bool = False,
 ) -> pd.DataFrame:
     """Greedy-generate every (prompt × plan) row with per-row plans, judge it, and return a tidy table.
 
     Columns: ``prompt_id, category, prompt, plan, completion, verdict, refused, refusal_score,
-    n_tokens, stopped_at_eos`` (``refusal_score`` from the same pass's first-token logits). ``None`` in
-    ``plans`` is full precision, labelled ``"full"``. Rows of one prompt under all plans share a batch.
+    n_tokens, stopped_at_eos, settled`` (``refusal_score`` from the same pass's first-token logits). ``None``
+    in ``plans`` is full precision, labelled ``"full"``. Rows of one prompt under all plans share a batch.
+
+    ``settle=True`` stops a row as soon as the judge's verdict can no longer change (the judge's
+    ``settled(text)``; :class:`~kvgeom.judges.KeywordJudge`: a refusal phrase has appeared, and a refusal phrase
+    wins), so verdicts are those of the full generation while refused rows cost a few tokens. Such rows have
+    ``settled`` True and a completion cut at that point. Judges without ``settled`` generate in full.
     """
     ps = as_prompt_set(prompts)
     plan_list = [QuantPlan(p) if isinstance(p, str) else p for p in plans]
@@ -204,11 +210,13 @@ def evaluate(
     judge = judge or KeywordJudge()
     table = _rows(ps, plan_list)
     row_plans = [plan_list[j] for j in table["plan_idx"]]
+    stop_when = getattr(judge, "settled", None) if settle else None
     gen = generate(model, table["prompt"].tolist(), plans=row_plans, max_new_tokens=max_new_tokens,
-                   batch_size=batch_size, keep_first_logits=score, progress=progress)
+                   batch_size=batch_size, keep_first_logits=score, stop_when=stop_when, progress=progress)
     table["completion"] = gen.texts
     table["n_tokens"] = [len(t) for t in gen.tokens]
     table["stopped_at_eos"] = gen.stopped_at_eos
+    table["settled"] = gen.extra.get("settled", [False] * len(table))
     nlls = None
     if nll:  # full-precision NLL of the completions, for the degeneracy rule's criterion (d)
         nlls = completion_nll(model, table["prompt"].tolist(), gen.texts, batch_size=max(1, batch_size // 2))

@@ -57,11 +57,13 @@ def _generate_batch(
     stop_at_eos: bool,
     keep_first_logits: bool,
     select: Callable[[list[int]], None] | None = None,
-) -> tuple[list[list[int]], list[bool], Tensor | None]:
-    """Greedy decoding of one left-padded batch. Rows that hit EOS are dropped from the batch (and from the
-    cache, via ``cache.batch_select_indices``, and from the plan groups, via ``select``), so later steps
-    compute only the rows still generating."""
+    stop_when: Callable[[str], bool] | None = None,
+) -> tuple[list[list[int]], list[bool], Tensor | None, list[bool]]:
+    """Greedy decoding of one left-padded batch. Rows that hit EOS (or whose decoded text so far satisfies
+    ``stop_when``) are dropped from the batch (and from the cache, via ``cache.batch_select_indices``, and from
+    the plan groups, via ``select``), so later steps compute only the rows still generating."""
     eos = torch.tensor(sorted(model.eos_token_ids) or [-1], device=model.device)
+    eos_list = set(eos.tolist()) if stop_at_eos else set()
     mask = batch.mask.to(model.device)
     ids = batch.input_ids.to(model.device)
     pos = position_ids_from_mask(mask)
@@ -72,13 +74,20 @@ def _generate_batch(
     out = torch.full((b, max_new_tokens), -1, dtype=torch.long, device=model.device)
     hit_eos = torch.zeros(b, dtype=torch.bool, device=model.device)
     alive = torch.arange(b, device=model.device)
+    settled = torch.zeros(b, dtype=torch.bool)
     next_pos = pos[:, -1:] + 1
     for step in range(1, max_new_tokens + 1):
         tok = last.argmax(-1)
         out[alive, step - 1] = tok
         is_eos = torch.isin(tok, eos)
         hit_eos[alive] |= is_eos
-        n_done = int(is_eos.sum()) if stop_at_eos else 0  # the one host sync per step
+        if stop_when is not None:  # decode the rows still going and ask whether their outcome is settled
+            now = [not e and stop_when(model.tokenizer.decode(_until_eos(r, eos_list), skip_special_tokens=True))
+                   for r, e in zip(out[alive, :step].tolist(), is_eos.tolist(), strict=True)]
+            now_t = torch.tensor(now, dtype=torch.bool)
+            settled[alive.cpu()] |= now_t
+            is_eos = is_eos | now_t.to(is_eos.device)
+        n_done = int(is_eos.sum()) if stop_at_eos or stop_when is not None else 0  # the one host sync per step
         if step == max_new_tokens or n_done == len(alive):
             break
         if n_done:
@@ -100,7 +109,14 @@ def _generate_batch(
                 break
             seq.append(t)
         rows.append(seq)
-    return rows, hit_eos.tolist(), first
+    return rows, hit_eos.tolist(), first, settled.tolist()
+
+
+def _until_eos(tokens: list[int], eos: set[int]) -> list[int]:
+    for i, t in enumerate(tokens):
+        if t in eos:
+            return tokens[:i]
+    return tokens
 
 
 def generate(
@@ -115,6 +131,7 @@ def generate(
     plans: Any = None,
     cache_factory: Callable[[KVModel, Batch], Any] | None = None,
     keep_first_logits: bool = False,
+    stop_when: Callable[[str], bool] | None = None,
     progress: bool = False,
 ) -> Generation:
     """Greedy generation with the KV cache, left-padded batches, any active :func:`kv_hooks`.
@@ -126,6 +143,9 @@ def generate(
             ``DynamicCache``); not combinable with ``plans``.
         keep_first_logits: also return the logits of the first generated position ``[n, vocab]``
             (what refusal scores read).
+        stop_when: ``f(text_so_far) -> bool``; a row stops as soon as it is True for the row's decoded
+            completion (e.g. a judge's ``settled``: a refusal phrase has appeared, so the verdict cannot
+            change). Its text is then cut there; ``Generation.extra["settled"]`` flags such rows.
 
     Out of memory: the batch is retried at half the size (down to 1), and the smaller size is kept; results do
     not depend on the batch size.
@@ -143,6 +163,7 @@ def generate(
     tokens: list[list[int]] = []
     eos_flags: list[bool] = []
     firsts: list[Tensor] = []
+    settled: list[bool] = []
     start, size = 0, batch_size
     bar = tqdm(total=len(prompts), desc="generate", disable=not progress)
     while start < len(prompts):
@@ -151,9 +172,10 @@ def generate(
             with _plan_context(model, row_plans, start, len(batch)) as plan_factory:
                 factory = plan_factory or cache_factory
                 cache = factory(model, batch) if factory else _new_cache(model)
-                rows, hit, first = _generate_batch(
+                rows, hit, first, done = _generate_batch(
                     model, batch, max_new_tokens, cache=cache, stop_at_eos=stop_at_eos,
                     keep_first_logits=keep_first_logits, select=getattr(plan_factory, "select", None),
+                    stop_when=stop_when,
                 )
         except torch.OutOfMemoryError:
             if size == 1:
@@ -164,6 +186,7 @@ def generate(
             continue
         tokens.extend(rows)
         eos_flags.extend(hit)
+        settled.extend(done)
         if first is not None:
             firsts.append(first)
         start += len(batch)
@@ -172,7 +195,7 @@ def generate(
     texts = [model.tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
     return Generation(
         prompts=prompts, texts=texts, tokens=tokens, stopped_at_eos=eos_flags,
-        first_logits=torch.cat(firsts) if firsts else None,
+        first_logits=torch.cat(firsts) if firsts else None, extra={"settled": settled},
     )
 
 

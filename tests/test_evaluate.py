@@ -130,3 +130,26 @@ def test_completion_nll_matches_a_plain_forward(tiny_llama):
     assert got[0] == pytest.approx(ref, rel=1e-5)
     rows = evaluate(tiny_llama, PROMPTS, [None], max_new_tokens=4, nll=True)
     assert rows["nll"].notna().all()
+
+
+def test_settle_stops_refused_rows_and_keeps_every_verdict(tiny_llama):
+    from kvgeom.judges import KeywordJudge
+
+    plans = [None, QuantPlan("int2-token-asym")]
+    full = evaluate(tiny_llama, PROMPTS, plans, max_new_tokens=12, judge=KeywordJudge(degeneracy=None))
+    # ASCII pairs taken from the middle of real completions, so some rows settle early and others never do
+    import re
+
+    pairs = [m.group(0) for c in full["completion"] for m in [re.search(r"[a-z0-9]{2}", c[len(c) // 2:].lower())]
+             if m]
+    words = pairs[:2]
+    assert words, "tiny model produced no ASCII pair to use as a phrase"
+    judge = KeywordJudge(phrases=words, degeneracy=None)
+    ref = evaluate(tiny_llama, PROMPTS, plans, max_new_tokens=12, judge=judge)
+    fast = evaluate(tiny_llama, PROMPTS, plans, max_new_tokens=12, judge=judge, settle=True)
+    assert fast["verdict"].tolist() == ref["verdict"].tolist()
+    assert fast["settled"].any() and not ref["settled"].any()
+    for f, r, s in zip(fast["completion"], ref["completion"], fast["settled"], strict=True):
+        assert r.startswith(f)
+        assert (f != r) <= s  # only settled rows are cut
+    assert (fast["n_tokens"] <= ref["n_tokens"]).all() and fast["n_tokens"].sum() < ref["n_tokens"].sum()
