@@ -120,6 +120,9 @@ def main() -> None:
     ap.add_argument("--paper-tokens", type=int, default=256)
     ap.add_argument("--quick", action="store_true", help="tiny settings (CPU smoke test)")
     ap.add_argument("--out", default=None, help="directory for the audit's files")
+    ap.add_argument("--fake-quant", choices=("auto", "eager"), default="auto",
+                    help="fake-quant backend inside the plans' hooks (benchmark-only switch: 'auto' uses the Triton "
+                         "kernels on CUDA, 'eager' the torch ops; both give the same bits)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -130,6 +133,12 @@ def main() -> None:
     from kvgeom.prompts import load_prompts
     from kvgeom.testing import ChecksumJudge
 
+    if args.fake_quant != "auto":
+        import functools
+
+        import kvgeom.quant.plan as plan_mod
+
+        plan_mod.fake_quant = functools.partial(plan_mod.fake_quant, backend=args.fake_quant)
     dtype = getattr(torch, args.dtype)
     t0 = time.perf_counter()
     model = build(args.arch, args.device, dtype)
@@ -155,7 +164,7 @@ def main() -> None:
     audit_s = time.perf_counter() - t1
     n_rows = rows_judged(model.n_layers, cfg)
     result = {
-        "arch": args.arch, "device": args.device, "dtype": args.dtype,
+        "arch": args.arch, "device": args.device, "dtype": args.dtype, "fake_quant": args.fake_quant,
         "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor(),
         "versions": {"kvgeom": kvgeom.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
                      "python": platform.python_version()},
