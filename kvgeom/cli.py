@@ -191,7 +191,12 @@ def audit_summary(audit: dict) -> str:
             est = rec.get("estimate")
             rec_s = "n/a" if est is None else f"{est:.2f} [{rec.get('low') or float('nan'):.2f}, " \
                 f"{rec.get('high') or float('nan'):.2f}]"
-            lines.append(f"  fix: {c['name']:<40} {c['bits_per_element']:.2f} bits/elem, held-out recovery {rec_s}")
+            flip = (res.get("held_out") or {}).get("flip") or {}
+            uflip = ((st["mitigation"].get("reference") or {}).get("held_out") or {}).get("uniform_flip") or {}
+            flip_s = "" if flip.get("rate") is None or uflip.get("rate") is None else \
+                f", flips {flip['rate']:.2f} (uniform {uflip['rate']:.2f})"
+            lines.append(f"  fix: {c['name']:<40} {c['bits_per_element']:.2f} bits/elem, held-out recovery {rec_s}"
+                         f"{flip_s}")
     if "agreement" in st and "agree" in st["agreement"]:
         ag = st["agreement"]
         lines.append(f"  calibration vs held-out {ag['calibration']['label']} vs {ag['held_out']['label']} "

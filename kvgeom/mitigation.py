@@ -208,7 +208,7 @@ class Candidate:
         The most common quantized scheme (ties: the first by layer) is the plan's ``scheme``; full-precision
         layers are ``protect_layers``; layers with another scheme become ``layer_schemes`` overrides. Raises
         ValueError for mixed schemes when QuantPlan has no ``layer_schemes``. ``plan_kwargs`` (``mode``,
-        ``site``, ``prefill``) pass through.
+        ``site``, ``prefill``, ``name``: default the candidate's name) pass through.
         """
         from kvgeom.quant.plan import QuantPlan
 
@@ -224,8 +224,9 @@ class Candidate:
         full = tuple(i for i, s in enumerate(self.assignment) if s is None)
         extra = {"layer_schemes": {i: s for i, s in enumerate(self.assignment) if s not in (None, base)}} \
             if len(schemes) > 1 else {}
-        return QuantPlan(base, protect_layers=full, protect_channels=dict(self.protect_channels), name=self.name,
-                         **extra, **plan_kwargs)
+        plan_kwargs.setdefault("name", self.name)
+        return QuantPlan(base, protect_layers=full, protect_channels=dict(self.protect_channels), **extra,
+                         **plan_kwargs)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "assignment": list(self.assignment), "rationale": self.rationale,

@@ -46,6 +46,10 @@ def test_audit_writes_every_stage_and_report(full_run):
     assert audit["stages"]["label"]["label"] in html and "<script src=\"http" not in html
     text = audit_summary(audit)
     assert "LABEL" in text and "critical layer" in text
+    # every candidate a QuantPlan can express was really run on both prompt splits
+    for c in audit["stages"]["mitigation"]["candidates"]:
+        if c["expressible_as_plan"]:
+            assert {"calibration", "held_out"} <= set(c["results"]), c
 
 
 def test_resume_gives_the_same_audit(full_run, tmp_path):

@@ -308,3 +308,10 @@ def test_export_accepts_candidates_plans_and_reports_channels():
         export_settings("q4_0")
     with pytest.raises(ValueError, match="layers"):
         export_settings(["q4_0"] * 3, 4)
+
+
+def test_to_plan_takes_a_name_and_plan_settings():
+    (c,) = prescribe(SAFETY, target_scheme=T, n_layers=N)
+    plan = c.to_plan(mode="forward", site="k", name="cand0")  # the audit names its plans
+    assert plan.name == "cand0" and plan.protect_layers == (3,) and plan.site == "k"
+    assert c.to_plan().name == c.name

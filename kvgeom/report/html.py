@@ -305,7 +305,8 @@ def _mitigation(stage: Mapping[str, Any]) -> str:
             res = results.get(split) or {}
             rec = res.get("recovery") or {}
             rec_s = _ci(rec.get("estimate"), rec.get("low"), rec.get("high"))
-            cells[split] = f"{_rate(res.get('refusal'))}<br>recovery {rec_s}" if res else "not run"
+            flip_s = f"<br>flips {_rate(res['flip'])}" if res.get("flip") else ""
+            cells[split] = f"{_rate(res.get('refusal'))}<br>recovery {rec_s}{flip_s}" if res else "not run"
             if rec.get("estimate") is not None:
                 rows.append({"name": c.get("name"), "bits_per_element": c.get("bits_per_element"),
                              "recovery": rec.get("estimate"), "low": rec.get("low"), "high": rec.get("high"),
@@ -314,10 +315,11 @@ def _mitigation(stage: Mapping[str, Any]) -> str:
     ref = stage.get("reference") or {}
     ref_html = ""
     if ref:
-        ref_rows = [{"split": _e(k.replace("_", "-")), "full": _rate(v.get("full")), "uniform": _rate(v.get("uniform"))}
-                    for k, v in ref.items()]
+        ref_rows = [{"split": _e(k.replace("_", "-")), "full": _rate(v.get("full")), "uniform": _rate(v.get("uniform")),
+                     "uflip": _rate(v.get("uniform_flip"))} for k, v in ref.items()]
         cols = [("split", "prompts"), ("full", "full precision"),
-                ("uniform", f"uniform {stage.get('target_scheme', '')}")]
+                ("uniform", f"uniform {stage.get('target_scheme', '')}"),
+                ("uflip", "refusals flipped by the uniform scheme")]
         ref_html = "<h3>Reference refusal rates</h3>" + _table(ref_rows, cols)
     body = ""
     if rows:
