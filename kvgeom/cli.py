@@ -222,6 +222,10 @@ def _cmd_audit(args: argparse.Namespace) -> int:
         kw["max_new_tokens"] = args.max_new_tokens
     if args.search:
         kw["search"] = True
+    if args.all_prompts:
+        kw["refused_only"] = False
+    if args.full_text:
+        kw["settle"] = False
     cfg = AuditConfig(**kw)
     t0 = time.perf_counter()
 
@@ -300,6 +304,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "and report agreement with the calibration prompts' (a second layer sweep)")
     p.add_argument("--search", action="store_true", help="also search the cheapest per-layer precision keeping "
                    ">= 95%% of full-precision refusal (many generations: meant for a GPU)")
+    p.add_argument("--all-prompts", action="store_true", help="generate every calibration prompt in the layer "
+                   "sweep, channel ablation and PCR, not only those refused at full precision (adds reverse flips "
+                   "and McNemar p; flip rates are the same)")
+    p.add_argument("--full-text", action="store_true", help="generate every row to its end even after a refusal "
+                   "phrase (verdicts are the same; completions are stored uncut)")
     p.set_defaults(func=_cmd_audit)
     p = sub.add_parser("sweep", help="bit-width sweep: refusal, flips, perplexity vs bits")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL)

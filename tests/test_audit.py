@@ -166,3 +166,22 @@ def test_assignment_plan():
     assert plan.quantizes(0) and not plan.quantizes(1) and plan.quantizes(3)
     assert str(plan.scheme_for(3)) == "q8_0" and str(plan.scheme_for(0)) == "q4_0"
     assert assignment_plan(cfg, [None, None]) is None
+
+
+def test_refused_only_and_settle_keep_every_flip_rate(tmp_path):
+    """The audit's savings (generate only baseline-refused prompts where a flip rate is conditional on them; stop
+    settled rows) leave the flip rates unchanged; without them McNemar's p is measured too."""
+    from kvgeom.audit import stage_baseline, stage_layer_sweep
+
+    from .conftest import get_tiny
+
+    model = get_tiny("llama")
+    ctx = {"_judge": ChecksumJudge()}
+    fast = AuditConfig(**SMALL)
+    ctx["baseline"] = stage_baseline(model, fast, ctx)
+    a = stage_layer_sweep(model, fast, ctx)
+    b = stage_layer_sweep(model, AuditConfig(**{**SMALL, "refused_only": False, "settle": False}), ctx)
+    key = ("layer", "flip", "k", "n", "to_degenerate")
+    assert [{k: r[k] for k in key} for r in a["layers"]] == [{k: r[k] for k in key} for r in b["layers"]]
+    assert all(r["mcnemar_p"] is None for r in a["layers"])
+    assert all(r["mcnemar_p"] is not None for r in b["layers"])
