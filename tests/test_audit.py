@@ -185,3 +185,22 @@ def test_refused_only_and_settle_keep_every_flip_rate(tmp_path):
     assert [{k: r[k] for k in key} for r in a["layers"]] == [{k: r[k] for k in key} for r in b["layers"]]
     assert all(r["mcnemar_p"] is None for r in a["layers"])
     assert all(r["mcnemar_p"] is not None for r in b["layers"])
+
+
+def test_every_stage_has_a_table(full_run):
+    import pandas as pd
+
+    from kvgeom.audit import stage_frame
+
+    _, res = full_run
+    for name in STAGE_ORDER:
+        f = res.frame(name)
+        assert isinstance(f, pd.DataFrame) and len(f), name
+    sweep = res.frame("layer_sweep")
+    assert list(sweep["layer"]) == [0, 1, 2, "all layers"]
+    assert res.frame("outliers")["is_outlier"].sum() == len(res.audit["stages"]["outliers"]["channels"])
+    assert set(res.frame("mitigation")["split"]) <= {"calibration", "held_out"}
+    with pytest.raises(ValueError, match="unknown stage"):
+        stage_frame("nope", {})
+    with pytest.raises(KeyError, match="was not run"):
+        res.frame("agreement")

@@ -1,40 +1,8 @@
-"""The main job: diagnose a model × KV scheme, prescribe a fix, verify it — stage by stage, resumable.
-
-Stages (each a public function returning a JSON-friendly dict of the :mod:`kvgeom.report` schema):
-
-1. :func:`stage_baseline` — full-precision refusal on calibration and held-out harmful prompts, over-refusal
-   on borderline prompts, perplexity at full precision and under the target scheme.
-2. :func:`stage_layer_sweep` — one layer quantized at a time (default ``int3-tensor-sym``, mode ``forward``:
-   the paper's mechanistic setting) plus all layers, in one batched run of (layer × prompt) rows; conditional
-   flip rate per layer with Wilson CI.
-2b. :func:`stage_sensitivity` — per-layer geometric sensitivity of the target scheme (``rho_geo`` with CI).
-3. :func:`stage_outliers` — key channels ranked by max |K| over the calibration prompts; top 5% = outliers.
-4. :func:`stage_channel_ablation` — at the critical layer: quantize only the top-f channels by magnitude
-   ("outlier"), only the non-outliers, or f random channels (several seeds); causal ratio.
-5. :func:`stage_pcr` — PCR = 1 - flip(per-channel) / flip(per-tensor) at the critical layer, bootstrap CI.
-6. :func:`stage_label` — :func:`kvgeom.taxonomy.classify` with its decision trace.
-7. :func:`stage_mitigation` — :func:`kvgeom.mitigation.prescribe` candidates verified on the target scheme:
-   recovery with CI on calibration and held-out prompts separately, bits per element.
-8. :func:`stage_export` — serving settings for the best verified candidate.
-9. :func:`stage_bit_sweep` — the target family over bit-widths (refusal and perplexity).
-10. :func:`stage_agreement` (opt-in, ``kvgeom audit --agreement``) — label and PCR from the held-out prompts
-    against those from the 20 calibration prompts.
-
-:func:`run_audit` runs them in order, saving each stage's result atomically under ``out/stages/`` as it
-completes; with ``resume=True`` finished stages are loaded instead of recomputed. Generation is greedy, so a
-resumed run gives the same ``audit.json`` as an uninterrupted one.
-"""
+"""The audit's stages, each a public function ``stage_NAME(model, cfg, ctx) -> dict`` (the ``audit.json`` schema)."""
 
 from __future__ import annotations
 
-import json
-import os
-import platform
-import tempfile
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -44,117 +12,12 @@ from kvgeom.evaluate import FULL, evaluate, perplexity
 from kvgeom.judges import Verdict
 from kvgeom.prompts import PromptSet, load_prompts
 from kvgeom.quant import Scheme
-from kvgeom.quant.plan import QuantPlan
-from kvgeom.registry import DEFAULT_MODEL
 from kvgeom.stats import flip_stats, rate_ci
+
+from .config import AuditConfig, AuditError, _plan, _split, assignment_plan, family_of, per_channel_twin
 
 if TYPE_CHECKING:
     from kvgeom.models import KVModel
-
-__all__ = ["AuditConfig", "AuditError", "STAGE_ORDER", "run_audit"]
-
-STAGE_ORDER = ("baseline", "layer_sweep", "sensitivity", "outliers", "channel_ablation", "pcr", "label", "mitigation",
-               "export", "bit_sweep")
-
-
-class AuditError(ValueError):
-    """Bad audit input (model, prompts, scheme): raised before any work is done."""
-
-
-@dataclass(frozen=True)
-class AuditConfig:
-    """Every setting of an audit (recorded in ``audit.json``). Defaults fit a 2-core CPU in minutes.
-
-    ``scheme`` is the user's target serving scheme; ``sweep_scheme`` the layer-sweep scheme (the paper's
-    mechanistic int3 per-tensor setting); its per-channel twin is used for PCR.
-
-    Two savings that leave every verdict-based number the audit reports unchanged:
-    ``refused_only``: the stages that report conditional flip rates only (layer sweep, channel ablation, PCR)
-    generate for the calibration prompts refused at full precision — the flip rate's denominator — so reverse
-    flips and McNemar's p are not measured there (``mcnemar_p`` is null). ``settle``: rows stop generating
-    once a refusal phrase appears (:meth:`kvgeom.judges.KeywordJudge.settled`; a refusal phrase wins), outside
-    the baseline stage, whose completions the report shows.
-    """
-
-    model: str = DEFAULT_MODEL
-    scheme: str = "int4-token-asym"
-    sweep_scheme: str = "int3-tensor-sym"
-    mode: str = "forward"
-    site: str = "k"
-    harmful: str = "harmful"
-    harmless: str = "harmless"
-    n_calib: int = 20
-    n_heldout: int = 40
-    borderline: str = "borderline"
-    n_borderline: int = 20
-    max_new_tokens: int = 32
-    top_frac: float = 0.05
-    fractions: tuple[float, ...] = (0.01, 0.05, 0.10, 0.25, 0.50)
-    n_seeds: int = 3
-    bits: tuple[int, ...] = (8, 6, 5, 4, 3, 2)
-    ppl_tokens: int = 1024
-    batch_size: int = 64
-    refused_only: bool = True
-    settle: bool = True
-    search: bool = False
-    search_levels: tuple[str, ...] = ()
-    seed: int = 0
-    device: str = "auto"
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-# ---- inputs ----------------------------------------------------------------------------------------------
-def _split(cfg: AuditConfig) -> tuple[PromptSet, PromptSet]:
-    """Calibration and held-out harmful prompts: bundled splits, or the first ``n_calib`` of a user file."""
-    if cfg.harmful == "harmful":
-        calib = load_prompts("calibration", limit=cfg.n_calib)
-        held = load_prompts("heldout")
-    else:
-        allp = load_prompts(cfg.harmful)
-        if len(allp) < cfg.n_calib + 1:
-            raise AuditError(f"{cfg.harmful}: {len(allp)} prompts, need more than n_calib={cfg.n_calib}")
-        calib = PromptSet("calibration", allp.frame.head(cfg.n_calib), allp.source)
-        held = PromptSet("heldout", allp.frame.iloc[cfg.n_calib:], allp.source)
-    if cfg.n_heldout and len(held) > cfg.n_heldout:
-        held = held.sample(cfg.n_heldout, seed=cfg.seed)
-    return calib, held
-
-
-def check_config(cfg: AuditConfig) -> None:
-    """Validate schemes, prompt sets and numbers before any model work (clear errors, nothing lost)."""
-    for what in ("scheme", "sweep_scheme"):
-        try:
-            Scheme.parse(getattr(cfg, what))
-        except ValueError as err:
-            raise AuditError(f"--{what.replace('_', '-')}: {err}") from None
-    if cfg.mode not in ("forward", "cache"):
-        raise AuditError(f"mode must be 'forward' or 'cache', got {cfg.mode!r}")
-    if cfg.n_calib < 2:
-        raise AuditError(f"n_calib must be >= 2, got {cfg.n_calib}")
-    try:
-        _split(cfg)
-        load_prompts(cfg.borderline)
-        load_prompts(cfg.harmless)
-    except (ValueError, FileNotFoundError) as err:
-        raise AuditError(str(err)) from None
-    if not 0 < cfg.top_frac < 1 or any(not 0 < f <= 1 for f in cfg.fractions):
-        raise AuditError("top_frac and fractions must be shares in (0, 1]")
-
-
-def _plan(cfg: AuditConfig, scheme: str, **kw: Any) -> QuantPlan:
-    site = "rot_k" if cfg.mode == "cache" else cfg.site
-    return QuantPlan(scheme, mode=cfg.mode, site=site, **kw)
-
-
-def per_channel_twin(scheme: str) -> str:
-    """``int3-tensor-sym`` → ``int3-channel-sym`` (same bits and symmetry, per-channel ranges)."""
-    s = Scheme.parse(scheme)
-    k = s.k
-    if not hasattr(k, "granularity"):
-        raise AuditError(f"PCR needs an int scheme for the sweep (int{{b}}-tensor-...), got {scheme!r}")
-    return f"int{k.bits}-channel-{'sym' if k.symmetric else 'asym'}"
 
 
 # ---- helpers -------------------------------------------------------------------------------------------
@@ -426,20 +289,6 @@ def stage_mitigation(model: KVModel, cfg: AuditConfig, ctx: dict) -> dict:
     return res
 
 
-def assignment_plan(cfg: AuditConfig, assignment: Sequence[str | None], name: str | None = None) -> QuantPlan | None:
-    """One QuantPlan for a per-layer assignment (``None`` = full precision): the most common scheme plus
-    per-layer overrides; ``None`` when every layer is full precision."""
-    from collections import Counter
-
-    used = [s for s in assignment if s is not None]
-    if not used:
-        return None
-    main = Counter(used).most_common(1)[0][0]
-    layers = tuple(i for i, s in enumerate(assignment) if s == main)
-    others = {i: s for i, s in enumerate(assignment) if s is not None and s != main}
-    return _plan(cfg, main, layers=layers, layer_schemes=others, name=name)
-
-
 def _search(model: KVModel, cfg: AuditConfig, ctx: dict, calib: PromptSet) -> dict:
     """Greedy search (kvgeom.mitigation.search_precision) for the cheapest per-layer assignment that keeps
     >= 95% of full-precision refusal on the calibration prompts, judged on generated text."""
@@ -554,14 +403,6 @@ def stage_agreement(model: KVModel, cfg: AuditConfig, ctx: dict) -> dict:
             "same_critical_layer": cal["critical_layer"] == hel["critical_layer"]}
 
 
-def family_of(scheme: str) -> str:
-    """``int4-token-asym`` → ``int{b}-token-asym``; ``kivi2-g32-r32`` → ``kivi{b}-g32-r32``; others stay."""
-    import re
-
-    m = re.match(r"^(int|kivi)(\d+)(.*)$", str(Scheme.parse(scheme)))
-    return f"{m.group(1)}{{b}}{m.group(3)}" if m else scheme
-
-
 STAGES: dict[str, Callable[[Any, AuditConfig, dict], dict]] = {
     "baseline": stage_baseline, "layer_sweep": stage_layer_sweep, "sensitivity": stage_sensitivity,
     "outliers": stage_outliers,
@@ -569,116 +410,3 @@ STAGES: dict[str, Callable[[Any, AuditConfig, dict], dict]] = {
     "mitigation": stage_mitigation, "export": stage_export, "bit_sweep": stage_bit_sweep,
     "agreement": stage_agreement,
 }
-
-
-# ---- running ---------------------------------------------------------------------------------------------
-def _atomic_json(path: Path, data: Any) -> None:
-    from kvgeom.report import to_jsonable
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(to_jsonable(data), fh, indent=2, sort_keys=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _versions() -> dict:
-    import torch
-    import transformer_lens
-    import transformers
-
-    import kvgeom
-
-    return {"kvgeom": kvgeom.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "transformer_lens": getattr(transformer_lens, "__version__", "?"), "python": platform.python_version()}
-
-
-@dataclass
-class AuditResult:
-    audit: dict
-    out: Path | None
-    timings: dict = field(default_factory=dict)
-
-
-def run_audit(
-    cfg: AuditConfig,
-    out: str | os.PathLike | None = None,
-    *,
-    resume: bool = False,
-    model: KVModel | None = None,
-    judge: Any = None,
-    stages: tuple[str, ...] = STAGE_ORDER,
-    progress: Callable[[str, str], None] | None = None,
-) -> AuditResult:
-    """Run the audit's stages in order; each finished stage is saved atomically to ``out/stages/NAME.json``.
-
-    ``judge``: a :class:`kvgeom.judges.Judge` (default :class:`~kvgeom.judges.KeywordJudge`).
-    ``resume=True`` loads finished stages (written by a run with the same config) instead of recomputing them.
-    Writes ``out/audit.json`` and ``out/report.html`` at the end. ``progress(stage, event)`` is told of each
-    stage's start/finish (the CLI prints a line per stage). Bad input raises :class:`AuditError` before any work.
-    """
-    check_config(cfg)
-    unknown = set(stages) - set(STAGES)
-    if unknown:
-        raise AuditError(f"unknown stages {sorted(unknown)}; valid: {', '.join(STAGES)}")
-    d = Path(out) if out is not None else None
-    if d is not None:
-        cfg_path = d / "stages" / "_config.json"
-        if resume and cfg_path.is_file():
-            saved = json.loads(cfg_path.read_text())
-            if saved != json.loads(json.dumps(cfg.to_dict())):
-                raise AuditError(f"--resume: {d} holds an audit with other settings ({cfg_path}); use another --out "
-                                 "or the same settings")
-        _atomic_json(cfg_path, cfg.to_dict())
-    ctx: dict[str, Any] = {"_judge": judge}
-    timings: dict[str, float] = {}
-    t_load = time.perf_counter()
-    if model is None:
-        from kvgeom.models import load_model
-
-        model = load_model(cfg.model, device=cfg.device)
-    timings["load_model"] = time.perf_counter() - t_load
-    for name in stages:
-        path = d / "stages" / f"{name}.json" if d is not None else None
-        if resume and path is not None and path.is_file():
-            saved = json.loads(path.read_text())
-            ctx[name] = saved["result"]
-            timings[name] = saved["seconds"]
-            if progress:
-                progress(name, "resumed")
-            continue
-        if progress:
-            progress(name, "start")
-        t0 = time.perf_counter()
-        ctx[name] = STAGES[name](model, cfg, ctx)
-        timings[name] = time.perf_counter() - t0
-        if path is not None:
-            _atomic_json(path, {"result": ctx[name], "seconds": timings[name]})
-        if progress:
-            progress(name, f"done in {timings[name]:.1f}s")
-        if name == "baseline" and not ctx[name]["calibration"]["k"]:
-            raise AuditError(
-                f"{cfg.model} refuses none of the {ctx[name]['calibration']['n']} calibration prompts at full "
-                "precision, so there are no refusals for quantization to break: audit a safety-tuned chat model, "
-                "or pass --harmful with prompts it refuses (the baseline was saved; --resume continues from it)")
-    audit = {
-        "schema_version": 1,
-        "model": {"name": cfg.model, **{k: v for k, v in model.describe().items() if k != "name"}},
-        "scheme": str(Scheme.parse(cfg.scheme)), "versions": _versions(), "seed": cfg.seed,
-        "settings": cfg.to_dict(),
-        "stages": {k: v for k, v in ctx.items() if not k.startswith("_")},
-        "timings": timings,
-    }
-    if d is not None:
-        from kvgeom.report import render_html
-
-        # timings of a resumed run are those recorded when each stage ran; load time is this run's own
-        _atomic_json(d / "audit.json", {**audit, "timings": {k: v for k, v in timings.items() if k != "load_model"}})
-        render_html(audit, d / "report.html")
-    return AuditResult(audit=audit, out=d, timings=timings)

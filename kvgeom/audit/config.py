@@ -1,0 +1,141 @@
+"""Audit settings and inputs: :class:`AuditConfig`, validation, prompt splits, plans of a setting."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+from kvgeom.prompts import PromptSet, load_prompts
+from kvgeom.quant import Scheme
+from kvgeom.quant.plan import QuantPlan
+from kvgeom.registry import DEFAULT_MODEL
+
+if TYPE_CHECKING:
+    pass
+
+
+STAGE_ORDER = ("baseline", "layer_sweep", "sensitivity", "outliers", "channel_ablation", "pcr", "label", "mitigation",
+               "export", "bit_sweep")
+
+
+class AuditError(ValueError):
+    """Bad audit input (model, prompts, scheme): raised before any work is done."""
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """Every setting of an audit (recorded in ``audit.json``). Defaults fit a 2-core CPU in minutes.
+
+    ``scheme`` is the user's target serving scheme; ``sweep_scheme`` the layer-sweep scheme (the paper's
+    mechanistic int3 per-tensor setting); its per-channel twin is used for PCR.
+
+    Two savings that leave every verdict-based number the audit reports unchanged:
+    ``refused_only``: the stages that report conditional flip rates only (layer sweep, channel ablation, PCR)
+    generate for the calibration prompts refused at full precision — the flip rate's denominator — so reverse
+    flips and McNemar's p are not measured there (``mcnemar_p`` is null). ``settle``: rows stop generating
+    once a refusal phrase appears (:meth:`kvgeom.judges.KeywordJudge.settled`; a refusal phrase wins), outside
+    the baseline stage, whose completions the report shows.
+    """
+
+    model: str = DEFAULT_MODEL
+    scheme: str = "int4-token-asym"
+    sweep_scheme: str = "int3-tensor-sym"
+    mode: str = "forward"
+    site: str = "k"
+    harmful: str = "harmful"
+    harmless: str = "harmless"
+    n_calib: int = 20
+    n_heldout: int = 40
+    borderline: str = "borderline"
+    n_borderline: int = 20
+    max_new_tokens: int = 32
+    top_frac: float = 0.05
+    fractions: tuple[float, ...] = (0.01, 0.05, 0.10, 0.25, 0.50)
+    n_seeds: int = 3
+    bits: tuple[int, ...] = (8, 6, 5, 4, 3, 2)
+    ppl_tokens: int = 1024
+    batch_size: int = 64
+    refused_only: bool = True
+    settle: bool = True
+    search: bool = False
+    search_levels: tuple[str, ...] = ()
+    seed: int = 0
+    device: str = "auto"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---- inputs ----------------------------------------------------------------------------------------------
+def _split(cfg: AuditConfig) -> tuple[PromptSet, PromptSet]:
+    """Calibration and held-out harmful prompts: bundled splits, or the first ``n_calib`` of a user file."""
+    if cfg.harmful == "harmful":
+        calib = load_prompts("calibration", limit=cfg.n_calib)
+        held = load_prompts("heldout")
+    else:
+        allp = load_prompts(cfg.harmful)
+        if len(allp) < cfg.n_calib + 1:
+            raise AuditError(f"{cfg.harmful}: {len(allp)} prompts, need more than n_calib={cfg.n_calib}")
+        calib = PromptSet("calibration", allp.frame.head(cfg.n_calib), allp.source)
+        held = PromptSet("heldout", allp.frame.iloc[cfg.n_calib:], allp.source)
+    if cfg.n_heldout and len(held) > cfg.n_heldout:
+        held = held.sample(cfg.n_heldout, seed=cfg.seed)
+    return calib, held
+
+
+def check_config(cfg: AuditConfig) -> None:
+    """Validate schemes, prompt sets and numbers before any model work (clear errors, nothing lost)."""
+    for what in ("scheme", "sweep_scheme"):
+        try:
+            Scheme.parse(getattr(cfg, what))
+        except ValueError as err:
+            raise AuditError(f"--{what.replace('_', '-')}: {err}") from None
+    if cfg.mode not in ("forward", "cache"):
+        raise AuditError(f"mode must be 'forward' or 'cache', got {cfg.mode!r}")
+    if cfg.n_calib < 2:
+        raise AuditError(f"n_calib must be >= 2, got {cfg.n_calib}")
+    try:
+        _split(cfg)
+        load_prompts(cfg.borderline)
+        load_prompts(cfg.harmless)
+    except (ValueError, FileNotFoundError) as err:
+        raise AuditError(str(err)) from None
+    if not 0 < cfg.top_frac < 1 or any(not 0 < f <= 1 for f in cfg.fractions):
+        raise AuditError("top_frac and fractions must be shares in (0, 1]")
+
+
+def _plan(cfg: AuditConfig, scheme: str, **kw: Any) -> QuantPlan:
+    site = "rot_k" if cfg.mode == "cache" else cfg.site
+    return QuantPlan(scheme, mode=cfg.mode, site=site, **kw)
+
+
+def per_channel_twin(scheme: str) -> str:
+    """``int3-tensor-sym`` → ``int3-channel-sym`` (same bits and symmetry, per-channel ranges)."""
+    s = Scheme.parse(scheme)
+    k = s.k
+    if not hasattr(k, "granularity"):
+        raise AuditError(f"PCR needs an int scheme for the sweep (int{{b}}-tensor-...), got {scheme!r}")
+    return f"int{k.bits}-channel-{'sym' if k.symmetric else 'asym'}"
+
+
+def assignment_plan(cfg: AuditConfig, assignment: Sequence[str | None], name: str | None = None) -> QuantPlan | None:
+    """One QuantPlan for a per-layer assignment (``None`` = full precision): the most common scheme plus
+    per-layer overrides; ``None`` when every layer is full precision."""
+    from collections import Counter
+
+    used = [s for s in assignment if s is not None]
+    if not used:
+        return None
+    main = Counter(used).most_common(1)[0][0]
+    layers = tuple(i for i, s in enumerate(assignment) if s == main)
+    others = {i: s for i, s in enumerate(assignment) if s is not None and s != main}
+    return _plan(cfg, main, layers=layers, layer_schemes=others, name=name)
+
+
+def family_of(scheme: str) -> str:
+    """``int4-token-asym`` → ``int{b}-token-asym``; ``kivi2-g32-r32`` → ``kivi{b}-g32-r32``; others stay."""
+    import re
+
+    m = re.match(r"^(int|kivi)(\d+)(.*)$", str(Scheme.parse(scheme)))
+    return f"{m.group(1)}{{b}}{m.group(3)}" if m else scheme
