@@ -235,7 +235,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     from kvgeom.audit import STAGE_ORDER
 
     stages = STAGE_ORDER + (("agreement",) if args.agreement else ())
-    res = run_audit(cfg, args.out, resume=args.resume, progress=progress, stages=stages)
+    res = run_audit(cfg, args.out, resume=args.resume, progress=progress, stages=stages, bars=True)
     print(audit_summary(res.audit))
     if args.out:
         print(f"wrote {args.out}/audit.json and {args.out}/report.html")

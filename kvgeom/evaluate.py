@@ -184,7 +184,7 @@ def evaluate(
     score: bool = True,
     nll: bool = False,
     settle: bool = False,
-    progress: bool = False,
+    progress: bool | str = False,
 ) -> pd.DataFrame:
     """Greedy-generate every (prompt × plan) row with per-row plans, judge it, and return a tidy table.
 

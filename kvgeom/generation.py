@@ -132,7 +132,7 @@ def generate(
     cache_factory: Callable[[KVModel, Batch], Any] | None = None,
     keep_first_logits: bool = False,
     stop_when: Callable[[str], bool] | None = None,
-    progress: bool = False,
+    progress: bool | str = False,
 ) -> Generation:
     """Greedy generation with the KV cache, left-padded batches, any active :func:`kv_hooks`.
 
@@ -143,6 +143,7 @@ def generate(
             ``DynamicCache``); not combinable with ``plans``.
         keep_first_logits: also return the logits of the first generated position ``[n, vocab]``
             (what refusal scores read).
+        progress: a tqdm bar of rows done (a string: the bar's label).
         stop_when: ``f(text_so_far) -> bool``; a row stops as soon as it is True for the row's decoded
             completion (e.g. a judge's ``settled``: a refusal phrase has appeared, so the verdict cannot
             change). Its text is then cut there; ``Generation.extra["settled"]`` flags such rows.
@@ -165,7 +166,8 @@ def generate(
     firsts: list[Tensor] = []
     settled: list[bool] = []
     start, size = 0, batch_size
-    bar = tqdm(total=len(prompts), desc="generate", disable=not progress)
+    bar = tqdm(total=len(prompts), desc=progress if isinstance(progress, str) else "generate", unit="row",
+               disable=not progress)
     while start < len(prompts):
         batch = encode(model, prompts[start:start + size], chat=chat, system=system)
         try:

@@ -204,3 +204,21 @@ def test_every_stage_has_a_table(full_run):
         stage_frame("nope", {})
     with pytest.raises(KeyError, match="was not run"):
         res.frame("agreement")
+
+
+def test_bars_label_each_stage(tmp_path, capsys):
+    from .conftest import get_tiny
+
+    run_audit(AuditConfig(**SMALL), None, model=get_tiny("llama"), judge=ChecksumJudge(),
+              stages=("baseline", "layer_sweep"), bars=True)
+    err = capsys.readouterr().err
+    assert "baseline" in err and "layer_sweep" in err and "row" in err
+
+
+def test_cli_audit_bad_scheme_is_clear_before_any_work(tmp_path, capsys):
+    from kvgeom.cli import main
+
+    assert main(["audit", "--scheme", "int9-bogus", "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "scheme" in err and "int9-bogus" in err
+    assert not (tmp_path / "a" / "stages").exists()

@@ -77,13 +77,15 @@ def run_audit(
     judge: Any = None,
     stages: tuple[str, ...] = STAGE_ORDER,
     progress: Callable[[str, str], None] | None = None,
+    bars: bool = False,
 ) -> AuditResult:
     """Run the audit's stages in order; each finished stage is saved atomically to ``out/stages/NAME.json``.
 
     ``judge``: a :class:`kvgeom.judges.Judge` (default :class:`~kvgeom.judges.KeywordJudge`).
     ``resume=True`` loads finished stages (written by a run with the same config) instead of recomputing them.
     Writes ``out/audit.json`` and ``out/report.html`` at the end. ``progress(stage, event)`` is told of each
-    stage's start/finish (the CLI prints a line per stage). Bad input raises :class:`AuditError` before any work.
+    stage's start/finish (the CLI prints a line per stage); ``bars=True`` adds a tqdm bar of generated rows per
+    evaluation, labelled with its stage. Bad input raises :class:`AuditError` before any work.
     """
     check_config(cfg)
     unknown = set(stages) - set(STAGES)
@@ -118,6 +120,7 @@ def run_audit(
         if progress:
             progress(name, "start")
         t0 = time.perf_counter()
+        ctx["_bar"] = name if bars else None
         ctx[name] = STAGES[name](model, cfg, ctx)
         timings[name] = time.perf_counter() - t0
         if path is not None:

@@ -23,8 +23,9 @@ if TYPE_CHECKING:
 # ---- helpers -------------------------------------------------------------------------------------------
 def _eval(model: KVModel, cfg: AuditConfig, ctx: dict, prompts: PromptSet, plans: list, **kw: Any) -> pd.DataFrame:
     """:func:`evaluate` with the audit's settings (batch size, tokens, judge, settling)."""
+    bar = ctx.get("_bar")  # run_audit(bars=True): a tqdm bar per evaluation, labelled with the stage
     return evaluate(model, prompts, plans, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
-                    judge=ctx.get("_judge"), settle=cfg.settle, **kw)
+                    judge=ctx.get("_judge"), settle=cfg.settle, progress=bar or False, **kw)
 
 
 def _flip_prompts(cfg: AuditConfig, prompts: PromptSet, base: pd.Series) -> PromptSet:
@@ -65,12 +66,11 @@ def _rate(series: pd.Series) -> dict:
 def stage_baseline(model: KVModel, cfg: AuditConfig, ctx: dict) -> dict:
     calib, held = _split(cfg)
     border = load_prompts(cfg.borderline, limit=cfg.n_borderline)
-    rows = evaluate(model, calib, [None], max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
-                    judge=ctx.get("_judge"))
-    rows_h = evaluate(model, held, [None], max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
-                    judge=ctx.get("_judge"))
-    rows_b = evaluate(model, border, [None], max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
-                    judge=ctx.get("_judge"))
+    kw = dict(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, judge=ctx.get("_judge"),
+              progress=ctx.get("_bar") or False)  # no settling: the report shows these completions whole
+    rows = evaluate(model, calib, [None], **kw)
+    rows_h = evaluate(model, held, [None], **kw)
+    rows_b = evaluate(model, border, [None], **kw)
     ppl = perplexity(model, None, [None, _plan(cfg, cfg.scheme)], max_tokens=cfg.ppl_tokens, batch_size=4)
     return {
         "calibration": _rate(rows["verdict"]), "held_out": _rate(rows_h["verdict"]),
