@@ -222,3 +222,17 @@ def test_cli_audit_bad_scheme_is_clear_before_any_work(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "scheme" in err and "int9-bogus" in err
     assert not (tmp_path / "a" / "stages").exists()
+
+
+def test_rows_run_once_are_reused_consistently(full_run):
+    """PCR's per-tensor arm is the layer sweep's critical-layer row; the bit sweep's target point is the
+    mitigation stage's uniform row: the numbers must agree exactly."""
+    _, res = full_run
+    st = res.audit["stages"]
+    crit = st["pcr"]["layer"]
+    row = next(r for r in st["layer_sweep"]["layers"] if r["layer"] == crit)
+    assert st["pcr"]["flip_per_tensor"]["k"] == row["k"] and st["pcr"]["flip_per_tensor"]["n"] == row["n"]
+    target = next(r for r in st["bit_sweep"]["rows"] if r["scheme"] == res.audit["scheme"])
+    assert target["refusal"] == st["mitigation"]["reference"]["calibration"]["uniform"]["rate"]
+    assert set(st["baseline"]["verdicts"]["calibration"]) == set(
+        st["mitigation"]["reference"]["calibration"]["uniform_verdicts"])

@@ -21,11 +21,24 @@ if TYPE_CHECKING:
 
 
 # ---- helpers -------------------------------------------------------------------------------------------
-def _eval(model: KVModel, cfg: AuditConfig, ctx: dict, prompts: PromptSet, plans: list, **kw: Any) -> pd.DataFrame:
+def _eval(model: KVModel, cfg: AuditConfig, ctx: dict, prompts: PromptSet, plans: list, *,
+          settle: bool | None = None, **kw: Any) -> pd.DataFrame:
     """:func:`evaluate` with the audit's settings (batch size, tokens, judge, settling)."""
     bar = ctx.get("_bar")  # run_audit(bars=True): a tqdm bar per evaluation, labelled with the stage
     return evaluate(model, prompts, plans, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
-                    judge=ctx.get("_judge"), settle=cfg.settle, progress=bar or False, **kw)
+                    judge=ctx.get("_judge"), settle=cfg.settle if settle is None else settle,
+                    progress=bar or False, **kw)
+
+
+def _eval_splits(model: KVModel, cfg: AuditConfig, ctx: dict, splits: dict[str, PromptSet], plans: list,
+                 **kw: Any) -> dict[str, pd.DataFrame]:
+    """One :func:`evaluate` over several prompt sets (full batches instead of one small batch per set), split
+    back into one table per set with the sets' own prompt ids."""
+    frames = [ps.frame.assign(id=[f"{name}\x1f{i}" for i in ps.frame["id"]]) for name, ps in splits.items()]
+    rows = _eval(model, cfg, ctx, PromptSet("audit", pd.concat(frames, ignore_index=True)), plans, **kw)
+    split_of, _, ids = rows["prompt_id"].str.partition("\x1f").T.to_numpy()
+    rows = rows.assign(prompt_id=ids)
+    return {name: rows[split_of == name].reset_index(drop=True) for name in splits}
 
 
 def _flip_prompts(cfg: AuditConfig, prompts: PromptSet, base: pd.Series) -> PromptSet:
@@ -66,11 +79,10 @@ def _rate(series: pd.Series) -> dict:
 def stage_baseline(model: KVModel, cfg: AuditConfig, ctx: dict) -> dict:
     calib, held = _split(cfg)
     border = load_prompts(cfg.borderline, limit=cfg.n_borderline)
-    kw = dict(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, judge=ctx.get("_judge"),
-              progress=ctx.get("_bar") or False)  # no settling: the report shows these completions whole
-    rows = evaluate(model, calib, [None], **kw)
-    rows_h = evaluate(model, held, [None], **kw)
-    rows_b = evaluate(model, border, [None], **kw)
+    # no settling: the report shows these completions whole
+    out = _eval_splits(model, cfg, ctx, {"calibration": calib, "held_out": held, "borderline": border}, [None],
+                       settle=False)
+    rows, rows_h, rows_b = out["calibration"], out["held_out"], out["borderline"]
     ppl = perplexity(model, None, [None, _plan(cfg, cfg.scheme)], max_tokens=cfg.ppl_tokens, batch_size=4)
     return {
         "calibration": _rate(rows["verdict"]), "held_out": _rate(rows_h["verdict"]),
@@ -99,7 +111,8 @@ def _layer_sweep(model: KVModel, cfg: AuditConfig, ctx: dict, calib: PromptSet, 
     layers = [{"layer": la, **_flip(base, _verdicts(rows, f"L{la}"))} for la in range(model.n_layers)]
     return {"scheme": cfg.sweep_scheme, "mode": cfg.mode, "site": cfg.site, "layers": layers,
             "all_layer": _flip(base, _verdicts(rows, "all layers")),
-            "mean_refusal_score": rows.groupby("plan")["refusal_score"].mean().to_dict()}
+            "mean_refusal_score": rows.groupby("plan")["refusal_score"].mean().to_dict(),
+            "verdicts": {p.label: _verdicts(rows, p.label).to_dict() for p in plans}}
 
 
 def _harmless_pairs(cfg: AuditConfig, calib: PromptSet) -> list[str]:
@@ -205,17 +218,23 @@ def stage_channel_ablation(model: KVModel, cfg: AuditConfig, ctx: dict) -> dict:
 
 def stage_pcr(model: KVModel, cfg: AuditConfig, ctx: dict) -> dict:
     calib, _ = _split(cfg)
-    return _pcr(model, cfg, ctx, calib, _baseline_series(ctx), _critical(ctx))
+    return _pcr(model, cfg, ctx, calib, _baseline_series(ctx), _critical(ctx), ctx["layer_sweep"])
 
 
-def _pcr(model: KVModel, cfg: AuditConfig, ctx: dict, calib: PromptSet, base: pd.Series, layer: int) -> dict:
+def _pcr(model: KVModel, cfg: AuditConfig, ctx: dict, calib: PromptSet, base: pd.Series, layer: int,
+         sweep: dict | None = None) -> dict:
+    """PCR at ``layer``. The per-tensor arm is the layer sweep's own row for that layer (the same plan on the same
+    prompts) when ``sweep`` holds its verdicts; only the per-channel arm is generated then."""
     from kvgeom.taxonomy import pcr_with_ci
 
     twin = per_channel_twin(cfg.sweep_scheme)
-    plans = [_plan(cfg, cfg.sweep_scheme, layers=(layer,), name="per-tensor"),
-             _plan(cfg, twin, layers=(layer,), name="per-channel")]
+    known = ((sweep or {}).get("verdicts") or {}).get(f"L{layer}")
+    plans = [_plan(cfg, twin, layers=(layer,), name="per-channel")]
+    if known is None:
+        plans.insert(0, _plan(cfg, cfg.sweep_scheme, layers=(layer,), name="per-tensor"))
     rows = _eval(model, cfg, ctx, _flip_prompts(cfg, calib, base), plans)
-    refused, t_flip = _flipped(base, _verdicts(rows, "per-tensor"))
+    tensor = pd.Series(known) if known is not None else _verdicts(rows, "per-tensor")
+    refused, t_flip = _flipped(base, tensor)
     _, c_flip = _flipped(base, _verdicts(rows, "per-channel"))
     ci = pcr_with_ci(c_flip, t_flip, baseline_refused=refused, seed=cfg.seed)
     n_ref = int(refused.sum())
@@ -263,14 +282,15 @@ def stage_mitigation(model: KVModel, cfg: AuditConfig, ctx: dict) -> dict:
                                d_head=model.d_head, n_kv_heads=model.n_kv_heads),
                            "reference": {}, "candidates": [], "search": None}
     per_split = {}
-    for split, ps in (("calibration", calib), ("held_out", held)):
-        rows = _eval(model, cfg, ctx, ps, run)
+    tables = _eval_splits(model, cfg, ctx, {"calibration": calib, "held_out": held}, run)
+    for split, rows in tables.items():
         base = _baseline_series(ctx, split)
         full = (base == Verdict.REFUSED.value).to_numpy()
         uni = (_verdicts(rows, "uniform").reindex(base.index) == Verdict.REFUSED.value).to_numpy()
         res["reference"][split] = {"full": rate_ci(int(full.sum()), len(full)).to_dict(),
                                    "uniform": rate_ci(int(uni.sum()), len(uni)).to_dict(),
-                                   "uniform_flip": rate_ci(int((full & ~uni).sum()), int(full.sum())).to_dict()}
+                                   "uniform_flip": rate_ci(int((full & ~uni).sum()), int(full.sum())).to_dict(),
+                                   "uniform_verdicts": _verdicts(rows, "uniform").to_dict()}
         per_split[split] = (rows, base, full, uni)
     for i, c in enumerate(cands):
         d = c.to_dict()
@@ -351,9 +371,16 @@ def stage_bit_sweep(model: KVModel, cfg: AuditConfig, ctx: dict) -> dict:
     fam = family_of(cfg.scheme)
     points = expand_family(fam, cfg.bits)
     plans = [_plan(cfg, s, name=s) for _, s in points]
-    rows = _eval(model, cfg, ctx, calib, plans)
-    # full precision and the target scheme were measured in the baseline stage on the same text and settings
     target = str(Scheme.parse(cfg.scheme))
+    # the target scheme's calibration verdicts were generated by the mitigation stage (its "uniform" plan: the
+    # same plan on the same prompts); full precision and its perplexity come from the baseline stage
+    reuse = ((ctx.get("mitigation") or {}).get("reference") or {}).get("calibration", {}).get("uniform_verdicts")
+    gen = [p for p in plans if not (reuse and str(p.scheme) == target)]
+    rows = _eval(model, cfg, ctx, calib, gen) if gen else pd.DataFrame(columns=["plan", "prompt_id", "verdict"])
+    if reuse:
+        done = [p for p in plans if p not in gen]
+        rows = pd.concat([rows, *[pd.DataFrame({"plan": p.label, "prompt_id": list(reuse),
+                                                "verdict": list(reuse.values())}) for p in done]], ignore_index=True)
     known = {target: ctx["baseline"]["perplexity"]["ppl_ratio"]}
     todo = [p for p in plans if str(p.scheme) != target]
     ppl = perplexity(model, None, todo, max_tokens=cfg.ppl_tokens, batch_size=4) if todo else None
@@ -388,7 +415,7 @@ def stage_agreement(model: KVModel, cfg: AuditConfig, ctx: dict) -> dict:
         return {"status": "skipped", "reason": "no held-out prompt refused at full precision"}
     sweep = _layer_sweep(model, cfg, ctx, held, base)
     layer = critical_layer(pd.DataFrame(sweep["layers"]))
-    pcr = _pcr(model, cfg, ctx, held, base, layer)
+    pcr = _pcr(model, cfg, ctx, held, base, layer, sweep)
     held_label = _label(sweep, pcr, {})
 
     def brief(lab: dict) -> dict:
