@@ -5,6 +5,7 @@
 Bytes moved = one read + one write of K/V (parameters and the mask are ignored); % HBM is against
 ``--hbm-tbps`` (H200: 4.8 TB/s). ``identical`` compares the Triton (or fallback) output with eager by
 ``torch.equal``; ``backend`` says whether a kernel covers the scheme or ``fake_quant`` fell back to eager.
+Keys are timed for every scheme; values too where their path differs (KIVI, ``@amax``): rows marked (V).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from kvgeom.quant import triton_kernels as tk
 
 SCHEMES = ("int4-token-asym", "int4-token-sym", "int8-token-sym", "int4-head-asym", "int4-group64-asym",
            "int4-tensor-asym", "int8-channel-asym", "q8_0", "q4_0", "q4_1", "q5_0", "fp8_e4m3", "fp8_e4m3@amax",
-           "kivi2", "q4_0+rot")
+           "kivi2", "kivi4", "q4_0+rot")
 
 
 def bench(fn, x, repeats: int, inner: int) -> float:
@@ -60,19 +61,21 @@ def main() -> None:
         return None if ms is None else nbytes / ms / 1e6
 
     rows = []
-    for name in args.schemes:
-        covered = tk.supported(x, Scheme.parse(name).k)
+    jobs = [(name, role) for name in args.schemes
+            for role in (("k", "v") if name.startswith("kivi") or "@amax" in name else ("k",))]
+    for name, role in jobs:
+        covered = tk.supported(x, Scheme.parse(name).for_role(role))
 
-        def eager(t, _n=name):
-            return fake_quant(t, _n, role="k", check_finite=False, backend="eager")
+        def eager(t, _n=name, _r=role):
+            return fake_quant(t, _n, role=_r, check_finite=False, backend="eager")
 
-        def fused(t, _n=name):
-            return fake_quant(t, _n, role="k", check_finite=False, backend="auto")
+        def fused(t, _n=name, _r=role):
+            return fake_quant(t, _n, role=_r, check_finite=False, backend="auto")
 
         ref = eager(x)
         out = fused(x)
         diff = (out.float() - ref.float()).abs()
-        row = {"scheme": name, "backend": "triton" if covered else "eager (fallback)",
+        row = {"scheme": name, "role": role, "backend": "triton" if covered else "eager (fallback)",
                "bit_identical": bool(torch.equal(out, ref)), "n_mismatch": int((out != ref).sum()),
                "max_abs_diff": float(diff.max()), "eager_ms": bench(eager, x, args.repeats, args.inner),
                "triton_ms": bench(fused, x, args.repeats, args.inner), "compiled_ms": None, "compiled_identical": None}
@@ -103,7 +106,8 @@ def main() -> None:
     for r in rows:
         ident = str(r["bit_identical"]) + ("" if r["bit_identical"] else f" ({r['n_mismatch']} differ, "
                                                                          f"max {r['max_abs_diff']:.3g})")
-        print(f"| `{r['scheme']}` | {r['backend']} | {ms(r['eager_ms'])} | {ms(r['compiled_ms'])} | "
+        name = f"`{r['scheme']}`" + (" (V)" if r["role"] == "v" else "")
+        print(f"| {name} | {r['backend']} | {ms(r['eager_ms'])} | {ms(r['compiled_ms'])} | "
               f"{ms(r['triton_ms'])} | {r['triton_gbps']:.0f} | {pct(r['eager_hbm_frac'])} | "
               f"{pct(r['compiled_hbm_frac'])} | {pct(r['triton_hbm_frac'])} | {ident} | "
               f"{'-' if r['compiled_identical'] is None else r['compiled_identical']} |")

@@ -2,9 +2,9 @@
 
 One pass over the data for per-position ranges (``int{b}-{token|head|group{G}}-*``, llama.cpp ``q8_0``,
 ``q4_0``, ``q5_0``, ``q4_1``, ``q5_1``) and for static ``fp8_e4m3`` / ``fp8_e5m2``; a range pass (exact
-atomic min/max) then an elementwise pass for ``int{b}-{tensor|channel}-*`` and ``fp8_*@amax``. Anything
-else (KIVI, iq4_nl, ``+rot``, casts, other dtypes) makes :func:`fused_fake_quant` return None and the caller
-falls back to the eager path.
+atomic min/max) then an elementwise pass for ``int{b}-{tensor|channel}-*`` and ``fp8_*@amax``. KIVI (forward
+mode) runs in :mod:`kvgeom.quant.triton_kivi`. Anything else (iq4_nl, ``+rot``, casts, other dtypes) makes
+:func:`fused_fake_quant` return None and the caller falls back to the eager path.
 
 Bit-exactness with the eager fp32 math (each torch op rounds once):
 
@@ -28,7 +28,8 @@ from torch import Tensor
 
 from .fp8 import AMAX_DIVISOR
 from .ggml import QK
-from .scheme import FP8_MAX, BaseSpec, FP8Spec, GGMLSpec, IntSpec, Role
+from .kivi import check_kivi
+from .scheme import FP8_MAX, BaseSpec, FP8Spec, GGMLSpec, IntSpec, KIVISpec, Role
 
 INT_SYM: tl.constexpr = tl.constexpr(0)
 INT_ASYM: tl.constexpr = tl.constexpr(1)
@@ -276,6 +277,10 @@ def supported(x: Tensor, spec: BaseSpec) -> bool:
         return g is not None and L % g == 0 and triton.next_power_of_2(g) <= MAX_BLOCK
     if isinstance(spec, GGMLSpec):
         return spec.qtype in _GGML and not spec.rotate and D % QK == 0
+    if isinstance(spec, KIVISpec):
+        from .triton_kivi import kivi_supported  # imports this module: load it lazily
+
+        return kivi_supported(x, spec)
     return isinstance(spec, FP8Spec)
 
 
@@ -309,6 +314,8 @@ def fused_fake_quant(x: Tensor, spec: BaseSpec, role: Role, mask: Tensor | None 
     Expects an input already validated by :func:`kvgeom.quant.fake.check_input` (finite at real positions).
     The result is contiguous with ``x``'s shape and dtype, bit-identical to the eager path.
     """
+    if isinstance(spec, KIVISpec):
+        check_kivi(spec, x.shape[-1])  # the eager path's error for a group size not dividing d_head
     if not supported(x, spec):
         return None
     x = x.contiguous()
@@ -318,7 +325,11 @@ def fused_fake_quant(x: Tensor, spec: BaseSpec, role: Role, mask: Tensor | None 
     B, P, H, D = x.shape
     L = H * D
     with torch.cuda.device(x.device) if x.is_cuda else nullcontext():
-        if isinstance(spec, FP8Spec):
+        if isinstance(spec, KIVISpec):
+            from .triton_kivi import kivi_fused
+
+            kivi_fused(x, out, m if has_mask else None, spec, role)
+        elif isinstance(spec, FP8Spec):
             mbits, emin = _FP8_BITS[spec.fmt]
             p = (FP8_MAX[spec.fmt], 23 - mbits, 2.0**emin, 2.0 ** (emin - mbits), AMAX_DIVISOR[role])
             _ranged(x, out, m, has_mask, 5, False if spec.dynamic else None, p)

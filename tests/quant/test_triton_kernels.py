@@ -28,7 +28,9 @@ COVERED = (
     "int4-group32-asym int4-group16-sym int5-group64-asym int4-group48-asym int4-tensor-asym int2-tensor-sym "
     "int8-channel-asym int4-channel-sym q8_0 q4_0 q5_0 q4_1 q5_1 fp8_e4m3 fp8_e5m2 fp8_e4m3@amax fp8_e5m2@amax"
 ).split()
-FALLBACK = ("kivi2-g8-r16", "kivi4", "iq4_nl", "q4_0+rot", "q8_0+rot", "bf16", "fp16")
+FALLBACK = ("iq4_nl", "q4_0+rot", "q8_0+rot", "bf16", "fp16")
+#: KIVI (forward mode): default G=32 R=128, R = G, R = 2G, small groups, a group size not a power of two
+KIVI = ("kivi2", "kivi4", "kivi2-g32-r32", "kivi4-g16-r32", "kivi2-g8-r16", "kivi4-g4-r8", "kivi2-g12-r24")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SHAPES = ((3, 45, 3, 64), (2, 33, 2, 128))
 DEVICES = [
@@ -192,7 +194,7 @@ def test_no_fma_contraction(name, device):
 def test_non_contiguous_input(device):
     x = random_kv((2, 40, 3, 64), seed=5).transpose(1, 2).contiguous().transpose(1, 2).to(device)  # HF layout
     assert not x.is_contiguous()
-    for name in ("int4-token-asym", "q4_0", "int4-channel-asym", "fp8_e4m3@amax"):
+    for name in ("int4-token-asym", "q4_0", "int4-channel-asym", "fp8_e4m3@amax", "kivi2-g8-r16"):
         got, want = run_both(x, name, "v", None)
         assert_same(got, want, f"{name} non-contiguous")
 
@@ -213,3 +215,102 @@ def test_auto_on_cpu_is_eager_and_bad_backend_rejected():
     assert torch.equal(fake_quant(x, "q4_0"), fake_quant(x, "q4_0", backend="eager"))
     with pytest.raises(ValueError, match="backend"):
         fake_quant(x, "q4_0", backend="fast")
+
+
+# ---- KIVI -------------------------------------------------------------------------------------------------
+def kivi_case(name: str) -> tuple[tuple[int, int, int, int], list[int]]:
+    """Shape (d_head a multiple of G) and per-row real lengths: all, > R, exactly R, < R, 0 (all padding)."""
+    spec = Scheme.parse(name).k
+    g, r = spec.group_size, spec.residual
+    d = 48 if 64 % g else 64
+    P = 2 * r + g + 5
+    return (5, P, 2, d), [P, r + g + 1, r, max(r - g - 1, 1), 0]
+
+
+def left_padded(P: int, lengths: list[int], device) -> torch.Tensor:
+    mask = torch.zeros(len(lengths), P, dtype=torch.bool)
+    for b, n in enumerate(lengths):
+        mask[b, P - n:] = n > 0
+    return mask.to(device)
+
+
+def scattered(P: int, lengths: list[int], device, seed: int) -> torch.Tensor:
+    """Real positions anywhere in the row (not a suffix): groups still run over them in order."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(len(lengths), P, dtype=torch.bool)
+    for b, n in enumerate(lengths):
+        mask[b, torch.randperm(P, generator=g)[:n]] = True
+    return mask.to(device)
+
+
+def kivi_tie_kv(shape, g: int, seed: int) -> torch.Tensor:
+    """Grid values in [-2, 1.75], extremes frequent (most groups span the whole range: (x - mn)/scale hits
+    k + 1/2 for both 2 and 4 bits), a constant stretch (scale 0) and a stretch of mixed +-0."""
+    rng = np.random.default_rng(seed)
+    pool = np.array([-2.0, 1.75] + [k / 8 for k in range(-16, 15)], dtype=np.float32)
+    p = np.full(len(pool), 0.5 / (len(pool) - 2))
+    p[:2] = 0.25
+    x = torch.from_numpy(rng.choice(pool, size=shape, p=p))
+    x[:, 7 : 7 + 2 * g, 0] = 0.75
+    x[:, 7 : 7 + 2 * g, 1, :g] = torch.from_numpy(rng.choice(np.array([0.0, -0.0], dtype=np.float32),
+                                                             size=(shape[0], 2 * g, g)))
+    return x
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("name", KIVI)
+def test_kivi_bit_identical(name, dtype, device):
+    shape, lengths = kivi_case(name)
+    x = random_kv(shape, seed=len(name)).to(dtype).to(device)
+    assert tk.supported(x, Scheme.parse(name).k)
+    masks = {"left": left_padded(shape[1], lengths, device), "scattered": scattered(shape[1], lengths, device, 0),
+             "none": None}
+    for role in ("k", "v"):
+        for what, mask in masks.items():
+            got, want = run_both(x, name, role, mask)
+            assert_same(got, want, f"{name} {dtype} role={role} mask={what}")
+            if mask is not None:
+                assert torch.equal(got[~mask], x[~mask])  # padding returned unchanged
+        assert not torch.equal(got, x)  # something was quantized
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("name", ["kivi2-g8-r16", "kivi4-g8-r16", "kivi2-g32-r32", "kivi4-g12-r24"])
+def test_kivi_ties_and_constant_groups(name, dtype, device):
+    spec = Scheme.parse(name).k
+    shape, lengths = kivi_case(name)
+    x = kivi_tie_kv(shape, spec.group_size, seed=2).to(dtype).to(device)
+    for role in ("k", "v"):
+        for mask in (None, left_padded(shape[1], lengths, device)):
+            got, want = run_both(x, name, role, mask)
+            assert_same(got, want, f"{name} {dtype} ties role={role} mask={mask is not None}")
+    # the ties are there: fp32 (x - mn)/scale lands on k + 1/2 for many values of the first row's value groups
+    g, qmax = spec.group_size, 2**spec.bits - 1
+    t = x[0, : shape[1] - spec.residual].float().cpu().reshape(-1, g)
+    mn, mx = t.amin(1, keepdim=True), t.amax(1, keepdim=True)
+    v = (t - mn) / ((mx - mn) / qmax).clamp_min(1e-30)
+    assert int((v - v.floor() == 0.5).sum()) > 50
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_kivi_unsupported_shapes(device):
+    x = random_kv((2, 40, 2, 64), seed=8).to(device)
+    odd = tk.KIVISpec(2, 8, 12)  # R not a multiple of G: the parser refuses it, eager cannot run it
+    assert not tk.supported(x, odd) and tk.fused_fake_quant(x, odd, "k") is None
+    with pytest.raises(ValueError, match="not a multiple of 48"):  # eager's message for G not dividing d_head
+        fake_quant(x, "kivi2-g48-r96", backend="triton")
+
+
+@pytest.mark.parametrize("device", [p for p in DEVICES if p.values[0] == "cuda"])
+@pytest.mark.parametrize("name", ["kivi2", "kivi4", "kivi2-g32-r32"])
+def test_kivi_realistic_shape(name, device):
+    """[8, 2048, 8, 128] bf16 (many programs per row), rows of lengths around multiples of R."""
+    P = 2048
+    x = random_kv((8, P, 8, 128), seed=9).to(torch.bfloat16).to(device)
+    lengths = [P, P - 1, 1000, 129, 128, 127, 1, 0]
+    for role in ("k", "v"):
+        for mask in (left_padded(P, lengths, device), scattered(P, lengths, device, 1)):
+            got, want = run_both(x, name, role, mask)
+            assert_same(got, want, f"{name} realistic role={role}")
