@@ -69,8 +69,8 @@ def main() -> None:
         def eager(t, _n=name, _r=role):
             return fake_quant(t, _n, role=_r, check_finite=False, backend="eager")
 
-        def fused(t, _n=name, _r=role):
-            return fake_quant(t, _n, role=_r, check_finite=False, backend="auto")
+        def fused(t, _n=name, _r=role, _b="triton" if covered else "auto"):
+            return fake_quant(t, _n, role=_r, check_finite=False, backend=_b)
 
         ref = eager(x)
         out = fused(x)

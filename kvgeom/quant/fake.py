@@ -44,6 +44,8 @@ def _fused(x: KV, mask: Tensor, spec: BaseSpec, role: Role, backend: Backend) ->
     if backend == "eager" or (backend == "auto" and not x.is_cuda):
         return None
     kernels = _triton_kernels()
+    if backend == "auto" and kernels is not None and isinstance(spec, kernels.OPT_IN):
+        return None  # a kernel not yet run on a GPU: only on request (backend="triton")
     out = kernels.fused_fake_quant(x, spec, role, mask) if kernels is not None else None
     if out is None and backend == "triton":
         why = "Triton is not installed" if kernels is None else "no Triton kernel covers it"

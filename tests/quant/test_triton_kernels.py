@@ -314,3 +314,20 @@ def test_kivi_realistic_shape(name, device):
         for mask in (left_padded(P, lengths, device), scattered(P, lengths, device, 1)):
             got, want = run_both(x, name, role, mask)
             assert_same(got, want, f"{name} realistic role={role}")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="needs a CUDA GPU and no TRITON_INTERPRET")
+def test_kivi_kernel_is_opt_in_until_verified_on_a_gpu(monkeypatch):
+    """``backend="auto"`` keeps KIVI on the eager path (its kernel is in ``tk.OPT_IN``); ``"triton"`` runs it."""
+    import kvgeom.quant.triton_kivi as tkivi
+
+    assert any(issubclass(type(Scheme.parse("kivi2").k), c) for c in tk.OPT_IN)
+    x = torch.randn(2, 40, 2, 64, device="cuda", dtype=torch.bfloat16)
+    calls = []
+    real = tkivi.kivi_fused
+    monkeypatch.setattr(tkivi, "kivi_fused", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    assert_same(fake_quant(x, "kivi2"), fake_quant(x, "kivi2", backend="eager"), "auto")
+    assert not calls
+    assert_same(fake_quant(x, "kivi2", backend="triton"), fake_quant(x, "kivi2", backend="eager"), "triton")
+    assert calls
