@@ -105,6 +105,14 @@ def paper_style(model, prompts: list[str], n_rows: int, new_tokens: int, scheme:
             "per_token_ms": 1000 * per_row / new_tokens, "new_tokens": new_tokens}
 
 
+def emit(result: dict, path: str | None) -> None:
+    """Print ``result`` as JSON and, with ``path``, write it there too."""
+    print(json.dumps(result, indent=2))
+    if path:
+        with open(path, "w") as fh:
+            json.dump(result, fh, indent=2)
+
+
 def sync(model) -> None:
     if model.device.type == "cuda":
         torch.cuda.synchronize()
@@ -180,10 +188,7 @@ def main() -> None:
         p["extrapolated_s"] = p["per_row_s"] * n_rows
         result["paper_style"] = p
         result["speedup"] = p["extrapolated_s"] / audit_s
-    print(json.dumps(result, indent=2))
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=2)
+    emit(result, args.json)
 
 
 if __name__ == "__main__":

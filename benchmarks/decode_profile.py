@@ -12,7 +12,6 @@ decode steps, plus the kernel count per decode step.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
@@ -28,7 +27,7 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
-    from audit_gpu import build  # benchmarks/ is on sys.path when run as a script
+    from audit_gpu import build, emit  # benchmarks/ is on sys.path when run as a script
 
     from kvgeom import generate
     from kvgeom.prompts import load_prompts
@@ -80,10 +79,7 @@ def main() -> None:
         "gpu_span_s": (last - first) / 1e6, "busy_fraction_of_span": busy / max(1, last - first),
         "kernels": len(events), "kernels_per_step": len(events) / n_steps,
     }
-    print(json.dumps(result, indent=2))
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=2)
+    emit(result, args.json)
 
 
 if __name__ == "__main__":
