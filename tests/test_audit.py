@@ -236,3 +236,32 @@ def test_rows_run_once_are_reused_consistently(full_run):
     assert target["refusal"] == st["mitigation"]["reference"]["calibration"]["uniform"]["rate"]
     assert set(st["baseline"]["verdicts"]["calibration"]) == set(
         st["mitigation"]["reference"]["calibration"]["uniform_verdicts"])
+
+
+def test_full_precision_candidate_reuses_the_baseline(tmp_path, monkeypatch):
+    """A prescription that keeps every layer in full precision (``to_plan`` gives None; seen on a 32-layer
+    model whose every layer was critical) is reported from the baseline's verdicts: no flips, no generation,
+    no crash."""
+    import kvgeom.mitigation as mit
+
+    from .conftest import get_tiny
+
+    real = mit.prescribe
+
+    def with_fp16_everywhere(*a, **k):
+        cands = real(*a, **k)
+        n = cands[0].n_layers
+        return [*cands, mit.Candidate("fp16 everywhere", (None,) * n, "test", "kvgeom", 16.0)]
+
+    monkeypatch.setattr(mit, "prescribe", with_fp16_everywhere)
+    res = run_audit(AuditConfig(**SMALL), tmp_path, model=get_tiny("llama"), judge=ChecksumJudge(),
+                    stages=("baseline", "layer_sweep", "outliers", "channel_ablation", "pcr", "label", "mitigation",
+                            "export"))
+    cand = res.audit["stages"]["mitigation"]["candidates"][-1]
+    assert cand["name"] == "fp16 everywhere"
+    ref = res.audit["stages"]["mitigation"]["reference"]
+    for split in ("calibration", "held_out"):
+        r = cand["results"][split]
+        assert r["flip"]["rate"] in (0.0, None) and "baseline" in r["note"]
+        assert r["refusal"]["rate"] == ref[split]["full"]["rate"]
+    assert res.audit["stages"]["export"]["assignment"]

@@ -121,3 +121,22 @@ def test_sensitivity_causal_columns(tiny_llama):
         assert np.isfinite(r[col])
     for m in ("rho_causal", "attribution", "sp_ratio"):
         assert r[f"{m}_defined"] == np.isfinite(r[m])
+
+
+def test_sensitivity_threads_do_not_change_numbers(tiny_llama):
+    """The per-layer statistics run in threads (random subspaces drawn serially, in layer order, from one
+    generator; one thread per op): one worker and several agree up to float64 rounding of the sums."""
+    kw = dict(site="rot_k", causal_layers=[], n_random=3, n_resamples=60, seed=7)
+    one = sensitivity_profile(tiny_llama, "int3-tensor-sym", PROMPTS[:3], PROMPTS[3:], workers=1, **kw).to_frame()
+    threads_before = torch.get_num_threads()
+    many = sensitivity_profile(tiny_llama, "int3-tensor-sym", PROMPTS[:3], PROMPTS[3:], workers=3, **kw)
+    assert torch.get_num_threads() == threads_before  # the per-op thread limit is lifted on exit
+    f = many.to_frame()
+    assert len(f) == tiny_llama.n_layers and f["rho_margin_random_defined"].any()
+    num = f.select_dtypes("number").columns
+    np.testing.assert_allclose(f[num].to_numpy(dtype=float), one[num].to_numpy(dtype=float), rtol=1e-9, atol=0)
+    assert one.drop(columns=num).equals(f.drop(columns=num))
+    import pytest
+
+    with pytest.raises(ValueError, match="workers must be >= 1"):
+        sensitivity_profile(tiny_llama, "int3-tensor-sym", PROMPTS[:3], PROMPTS[3:], workers=0, **kw)

@@ -276,6 +276,9 @@ def stage_mitigation(model: KVModel, cfg: AuditConfig, ctx: dict) -> dict:
         except ValueError as err:  # e.g. mixed schemes a QuantPlan cannot hold: say why, run the others
             plans.append(None)
             skipped[i] = str(err)
+    # to_plan gives None (no error) for a candidate that keeps every layer in full precision: its verdicts are
+    # the baseline's (same prompts, same generation, no quantization), so nothing is generated for it
+    full_precision = {i for i, c in enumerate(cands) if plans[i + 1] is None and i not in skipped}
     run = [p for p in plans if p is not None]
     res: dict[str, Any] = {"target_scheme": cfg.scheme, "target": 0.95,
                            "uniform_bits": Scheme.parse(cfg.scheme).bits_per_element_for(
@@ -295,14 +298,17 @@ def stage_mitigation(model: KVModel, cfg: AuditConfig, ctx: dict) -> dict:
     for i, c in enumerate(cands):
         d = c.to_dict()
         d["results"] = {}
-        if plans[i + 1] is None:
+        if i in skipped:
             d["results"] = {"status": "skipped", "reason": f"not expressible as one QuantPlan: {skipped[i]}"}
         else:
             for split, (rows, base, full, uni) in per_split.items():
-                mit = (_verdicts(rows, f"cand{i}").reindex(base.index) == Verdict.REFUSED.value).to_numpy()
+                mit = full if i in full_precision else \
+                    (_verdicts(rows, f"cand{i}").reindex(base.index) == Verdict.REFUSED.value).to_numpy()
                 d["results"][split] = {"refusal": rate_ci(int(mit.sum()), len(mit)).to_dict(),
                                        "recovery": recovery_ci(full, uni, mit, seed=cfg.seed).to_dict(),
                                        "flip": rate_ci(int((full & ~mit).sum()), int(full.sum())).to_dict()}
+                if i in full_precision:
+                    d["results"][split]["note"] = "every layer in full precision: the baseline's verdicts"
         res["candidates"].append(d)
     if cfg.search:
         res["search"] = _search(model, cfg, ctx, calib)

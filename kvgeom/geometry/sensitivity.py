@@ -27,8 +27,12 @@ denominator effect is below ``min_effect`` in absolute value.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -40,7 +44,7 @@ from kvgeom.forward import encode
 from kvgeom.geometry.directions import ZERO_REL, as_matrix
 from kvgeom.geometry.subspace import safety_subspace
 from kvgeom.hooks import KV_SITES
-from kvgeom.noise import _error, capture_padded, noise_sweep, random_subspace
+from kvgeom.noise import _error, capture_padded, noise_sweep, orthonormal
 from kvgeom.stats import bootstrap_ci
 
 if TYPE_CHECKING:
@@ -93,6 +97,107 @@ def _put(rec: dict, name: str, est_low_high: tuple[float, float, float], note: s
     rec[f"{name}_note"] = note if note else ("" if ok else "undefined: zero denominator")
 
 
+def _workers(workers: int | None, n_layers: int) -> int:
+    if workers is not None and workers < 1:
+        raise ValueError(f"workers must be >= 1 (or None for automatic), got {workers}")
+    return max(1, min(n_layers, workers if workers is not None else min(8, os.cpu_count() or 1)))
+
+
+def _single_thread() -> None:
+    """Pool-thread initializer: OpenMP thread counts are per calling thread, so each worker sets its own."""
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(1)
+    threadpool_limits(limits=1, user_api="openmp")
+
+
+@contextlib.contextmanager
+def _one_thread_per_op(active: bool) -> Iterator[None]:
+    """While ``active``: torch and BLAS/OpenMP ops run single-threaded (the layers are the parallelism;
+    threads x per-op thread pools would oversubscribe the cores). Restored on exit, even on error."""
+    if not active:
+        yield
+        return
+    from threadpoolctl import threadpool_limits
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(limits=1):
+            yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _layer_stats(la: int, *, xh_all: dict, xb_all: dict, mask: torch.Tensor, scheme: Any, site: str, n_post: int,
+                 k: int | None, var: float) -> dict[str, Any]:
+    """One layer's error, clean vectors, safety subspace and sums of squares (phase 1)."""
+    x_full = xh_all[(site, la)]
+    e = as_matrix(_error(x_full, mask, scheme, site)[:, -n_post:], site).double()  # [n, P, D]
+    x = as_matrix(x_full[:, -n_post:], site).double()
+    xb = as_matrix(xb_all[(site, la)][:, -n_post:], site).double()
+    sub = safety_subspace(x, xb, site="resid_pre", k=k, var=var, layer=la)
+    ee, xx = (e ** 2).sum((1, 2)).numpy(), (x ** 2).sum((1, 2)).numpy()  # per prompt
+    zero = ee.sum() <= ZERO_REL ** 2 * xx.sum()
+    return {"layer": la, "e": e, "x": x, "xb": xb, "sub": sub, "ee": ee, "xx": xx, "dim": x.shape[-1],
+            "zero_error": zero, "random": sub.defined and not zero}
+
+
+def _layer_record(p: dict[str, Any], draws: list[torch.Tensor], *, scheme_s: str, site: str, n: int, n_post: int,
+                  n_resamples: int, seed: int) -> dict[str, Any]:
+    """One layer's geometric ratios with CIs (phase 3); ``draws``: the Gaussian matrices of its random subspaces."""
+    la, e, x, xb, sub, ee, xx = p["layer"], p["e"], p["x"], p["xb"], p["sub"], p["ee"], p["xx"]
+    rec: dict[str, Any] = {"layer": la, "site": site, "scheme": scheme_s, "k": sub.k, "dim": p["dim"],
+                           "effective_rank": sub.effective_rank(), "subspace_note": sub.note}
+    rec["rel_err"] = math.sqrt(ee.sum() / xx.sum()) if xx.sum() > 0 else math.nan
+    delta = x.mean(0) - xb.mean(0)  # [P, D]
+    tol = 1e-12
+    if not sub.defined:
+        for m in ("rho_geo", "rho_margin", "rho_margin_random"):
+            _put(rec, m, (math.nan,) * 3, sub.note)
+        return rec
+    if p["zero_error"]:
+        for m in ("rho_geo", "rho_margin", "rho_margin_random"):
+            _put(rec, m, (math.nan,) * 3, "undefined: the scheme leaves these K/V unchanged (||e|| = 0)")
+        return rec
+    pe = (sub.project(e) ** 2).sum((1, 2)).numpy()
+    px = (sub.project(x) ** 2).sum((1, 2)).numpy()
+    sep = float((sub.project(delta) ** 2).sum(-1).mean().sqrt())
+
+    def rel(i: np.ndarray) -> float:
+        return math.sqrt(ee[i].sum() / xx[i].sum())
+
+    def geo(i: np.ndarray) -> float:
+        return _safe_ratio(math.sqrt(pe[i].sum() / max(px[i].sum(), 0.0)) if px[i].sum() > 0 else math.nan,
+                           rel(i), tol)
+
+    def margin(i: np.ndarray) -> float:
+        if sep <= tol:
+            return math.nan
+        return _safe_ratio(math.sqrt(pe[i].sum() / (len(i) * n_post)) / sep, rel(i), tol)
+
+    _put(rec, "rho_geo", _ci(geo, n, n_resamples, seed), "" if px.sum() > 0 else "undefined: ||P_S x|| = 0")
+    _put(rec, "rho_margin", _ci(margin, n, n_resamples, seed),
+         "" if sep > tol else "undefined: no harmful/harmless separation inside S")
+    rand_pe, rand_sep = [], []
+    for g in draws:
+        r = orthonormal(g)  # = random_subspace(dim, k, gen) with the same draw
+        rand_pe.append(((e @ r) ** 2).sum((1, 2)).numpy())
+        rand_sep.append(float(((delta @ r) ** 2).sum(-1).mean().sqrt()))
+    rpe, rsep = np.stack(rand_pe), np.array(rand_sep)
+
+    def margin_rand(i: np.ndarray) -> float:
+        vals = np.sqrt(rpe[:, i].sum(1) / (len(i) * n_post)) / np.maximum(rsep, 1e-300)
+        return float(vals.mean()) / rel(i)
+
+    _put(rec, "rho_margin_random", _ci(margin_rand, n, n_resamples, seed),
+         "" if (rsep > tol).all() else "undefined: a random subspace has no separation")
+    all_idx = np.arange(n)
+    draws_ = np.sqrt(rpe.sum(1) / (n * n_post)) / np.maximum(rsep, 1e-300) / rel(all_idx)
+    rec["rho_margin_random_sd"] = float(draws_.std(ddof=1)) if len(draws) > 1 else math.nan
+    return rec
+
+
 def sensitivity_profile(
     model: KVModel,
     scheme: Any,
@@ -116,6 +221,7 @@ def sensitivity_profile(
     progress: bool = False,
     capture_cache: dict | None = None,
     n_causal: int | None = None,
+    workers: int | None = None,
 ) -> SensitivityProfile:
     """Per-layer geometric (``layers``, default all) and causal (``causal_layers``, default = ``layers``;
     ``[]`` skips them) sensitivity of ``site`` to ``scheme``; see the module doc for the formulas.
@@ -123,7 +229,8 @@ def sensitivity_profile(
     ``text=True`` uses the bundled text (:func:`kvgeom.prompts.load_text`) for the safety-vs-perplexity
     ratios, cut to ``n_text_tokens`` tokens. ``capture_cache``: a dict shared between calls (e.g. one
     per scheme) so that the clean activations of the same prompts are captured once. ``n_causal``: run the
-    causal (noise) rows on the first ``n_causal`` harmful prompts only (CPU budget).
+    causal (noise) rows on the first ``n_causal`` harmful prompts only (CPU budget). ``workers``: threads for
+    the per-layer statistics (default ``min(8, cpu_count)``); the numbers do not depend on it.
     """
     from kvgeom.quant import Scheme
 
@@ -142,67 +249,23 @@ def sensitivity_profile(
         cache[key] = (capture_padded(model, bh, [site], layers, chunk=chunk),
                       capture_padded(model, bb, [site], layers, chunk=chunk))
     xh_all, xb_all = cache[key]
-    gen = torch.Generator().manual_seed(seed)
+    # Per-layer statistics in three phases so that threads can share the host-side float64 work (PCA, QR,
+    # bootstrap) without changing a number: subspaces in parallel, the random draws serially in layer order
+    # (one generator, as a plain loop would draw them), then the statistics in parallel.
     n = len(bh)
-    recs, subspaces = [], {}
-    for la in layers:
-        x_full = xh_all[(site, la)]
-        e = as_matrix(_error(x_full, bh.mask, scheme, site)[:, -n_post:], site).double()  # [n, P, D]
-        x = as_matrix(x_full[:, -n_post:], site).double()
-        xb = as_matrix(xb_all[(site, la)][:, -n_post:], site).double()
-        sub = safety_subspace(x, xb, site="resid_pre", k=k, var=var, layer=la)
-        subspaces[la] = sub
-        dim = x.shape[-1]
-        rec: dict[str, Any] = {"layer": la, "site": site, "scheme": scheme_s, "k": sub.k, "dim": dim,
-                               "effective_rank": sub.effective_rank(), "subspace_note": sub.note}
-        ee, xx = (e ** 2).sum((1, 2)).numpy(), (x ** 2).sum((1, 2)).numpy()  # per prompt
-        rec["rel_err"] = math.sqrt(ee.sum() / xx.sum()) if xx.sum() > 0 else math.nan
-        delta = x.mean(0) - xb.mean(0)  # [P, D]
-        tol = 1e-12
-        if not sub.defined:
-            for m in ("rho_geo", "rho_margin", "rho_margin_random"):
-                _put(rec, m, (math.nan,) * 3, sub.note)
-        elif ee.sum() <= ZERO_REL ** 2 * xx.sum():
-            for m in ("rho_geo", "rho_margin", "rho_margin_random"):
-                _put(rec, m, (math.nan,) * 3, "undefined: the scheme leaves these K/V unchanged (||e|| = 0)")
-        else:
-            pe = (sub.project(e) ** 2).sum((1, 2)).numpy()
-            px = (sub.project(x) ** 2).sum((1, 2)).numpy()
-            sep = float((sub.project(delta) ** 2).sum(-1).mean().sqrt())
-
-            def rel(i: np.ndarray) -> float:
-                return math.sqrt(ee[i].sum() / xx[i].sum())  # noqa: B023
-
-            def geo(i: np.ndarray, pe=pe, px=px) -> float:
-                return _safe_ratio(math.sqrt(pe[i].sum() / max(px[i].sum(), 0.0)) if px[i].sum() > 0 else math.nan,
-                                   rel(i), tol)  # noqa: B023
-
-            def margin(i: np.ndarray, pe=pe, sep=sep) -> float:
-                if sep <= tol:  # noqa: B023
-                    return math.nan
-                return _safe_ratio(math.sqrt(pe[i].sum() / (len(i) * n_post)) / sep, rel(i), tol)  # noqa: B023
-
-            _put(rec, "rho_geo", _ci(geo, n, n_resamples, seed),
-                 "" if px.sum() > 0 else "undefined: ||P_S x|| = 0")
-            _put(rec, "rho_margin", _ci(margin, n, n_resamples, seed),
-                 "" if sep > tol else "undefined: no harmful/harmless separation inside S")
-            rand_pe, rand_sep = [], []
-            for _ in range(n_random):
-                r = random_subspace(dim, sub.k, gen)
-                rand_pe.append(((e @ r) ** 2).sum((1, 2)).numpy())
-                rand_sep.append(float(((delta @ r) ** 2).sum(-1).mean().sqrt()))
-            rpe, rsep = np.stack(rand_pe), np.array(rand_sep)
-
-            def margin_rand(i: np.ndarray) -> float:
-                vals = np.sqrt(rpe[:, i].sum(1) / (len(i) * n_post)) / np.maximum(rsep, 1e-300)  # noqa: B023
-                return float(vals.mean()) / rel(i)
-
-            _put(rec, "rho_margin_random", _ci(margin_rand, n, n_resamples, seed),
-                 "" if (rsep > tol).all() else "undefined: a random subspace has no separation")
-            all_idx = np.arange(n)
-            draws = np.sqrt(rpe.sum(1) / (n * n_post)) / np.maximum(rsep, 1e-300) / rel(all_idx)
-            rec["rho_margin_random_sd"] = float(draws.std(ddof=1)) if n_random > 1 else math.nan
-        recs.append(rec)
+    stats = functools.partial(_layer_stats, xh_all=xh_all, xb_all=xb_all, mask=bh.mask, scheme=scheme, site=site,
+                              n_post=n_post, k=k, var=var)
+    n_workers = _workers(workers, len(layers))
+    with ThreadPoolExecutor(max_workers=n_workers, initializer=_single_thread) as pool, \
+            _one_thread_per_op(n_workers > 1):
+        parts = list(pool.map(stats, layers))
+        gen = torch.Generator().manual_seed(seed)
+        draws = [[torch.randn(p["dim"], p["sub"].k, generator=gen, dtype=torch.float64) for _ in range(n_random)]
+                 if p["random"] else [] for p in parts]
+        record = functools.partial(_layer_record, scheme_s=scheme_s, site=site, n=n, n_post=n_post,
+                                   n_resamples=n_resamples, seed=seed)
+        recs = list(pool.map(record, parts, draws))
+    subspaces = {p["layer"]: p["sub"] for p in parts}
     frame = pd.DataFrame(recs)
     causal = [la for la in causal_layers if subspaces[la].defined] if causal_layers else []
     for m in ("rho_causal", "attribution", "sp_subspace", "sp_isotropic", "sp_ratio"):

@@ -274,13 +274,14 @@ def _forward_hook(groups: RowGroups, guard: _FiniteGuard | None = None):
             idx = groups.index(plan, x.device)  # built once per group: no host-to-device copy per hook call
             mask = ctx.call.mask.to(x.device)[idx] if ctx.call.mask is not None else None
             scheme = plan.scheme_for(ctx.layer)
+            xi = x[idx]  # gathered once for the guard and the quantizer
             if guard is not None:
-                guard.note(x[idx], mask, ctx.name)
+                guard.note(xi, mask, ctx.name)
 
             def quantize(t: Tensor, _s: Scheme = scheme, _m: Tensor | None = mask, _r: str = role) -> Tensor:
                 return fake_quant(t, _s, role=_r, mask=_m, site=ctx.name, check_finite=guard is None)
 
-            y = _protected_quant(x[idx], plan, ctx.layer, role, quantize)
+            y = _protected_quant(xi, plan, ctx.layer, role, quantize)
             if out is None:
                 out = x.clone()
             out[idx] = y

@@ -42,8 +42,9 @@ _IO = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _GGML = {"q8_0": (2, 127.0), "q4_0": (3, 8.0), "q5_0": (3, 16.0), "q4_1": (4, 15.0), "q5_1": (4, 31.0)}
 _FP8_BITS = {"e4m3": (3, -6), "e5m2": (2, -14)}  # mantissa bits, min normal exponent
 #: specs whose kernels have passed only under the Triton interpreter, not yet on a GPU: ``fake_quant`` uses them
-#: with ``backend="triton"`` only, never by default (``"auto"``)
-OPT_IN: tuple[type, ...] = (KIVISpec,)
+#: with ``backend="triton"`` only, never by default (``"auto"``). Empty: KIVI's kernel left it once its CUDA
+#: bit-identity tests passed on an H200 (docs/benchmarks.md §2).
+OPT_IN: tuple[type, ...] = ()
 MAX_BLOCK = 16384  # widest range block (padded to a power of two) held by one program
 #: launch shapes (performance only; results do not depend on them)
 TUNE = {"block_elems": 1024, "block_warps": 2, "apply_elems": 1024, "apply_warps": 2, "range_chunk": 1024,

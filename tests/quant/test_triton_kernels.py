@@ -318,16 +318,20 @@ def test_kivi_realistic_shape(name, device):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="needs a CUDA GPU and no TRITON_INTERPRET")
-def test_kivi_kernel_is_opt_in_until_verified_on_a_gpu(monkeypatch):
-    """``backend="auto"`` keeps KIVI on the eager path (its kernel is in ``tk.OPT_IN``); ``"triton"`` runs it."""
+def test_kivi_kernel_runs_by_default_on_cuda(monkeypatch):
+    """Verified on a GPU, KIVI's kernel is no longer opt-in: ``backend="auto"`` runs it, and so does
+    ``"triton"``; both equal eager. A spec put in ``tk.OPT_IN`` would stay eager under ``"auto"``."""
     import kvgeom.quant.triton_kivi as tkivi
 
-    assert any(issubclass(type(Scheme.parse("kivi2").k), c) for c in tk.OPT_IN)
+    assert not any(issubclass(type(Scheme.parse("kivi2").k), c) for c in tk.OPT_IN)
     x = torch.randn(2, 40, 2, 64, device="cuda", dtype=torch.bfloat16)
     calls = []
     real = tkivi.kivi_fused
     monkeypatch.setattr(tkivi, "kivi_fused", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
     assert_same(fake_quant(x, "kivi2"), fake_quant(x, "kivi2", backend="eager"), "auto")
-    assert not calls
+    assert len(calls) == 1
     assert_same(fake_quant(x, "kivi2", backend="triton"), fake_quant(x, "kivi2", backend="eager"), "triton")
-    assert calls
+    assert len(calls) == 2
+    monkeypatch.setattr(tk, "OPT_IN", (type(Scheme.parse("kivi2").k),))
+    assert_same(fake_quant(x, "kivi2"), fake_quant(x, "kivi2", backend="eager"), "auto, opt-in")
+    assert len(calls) == 2

@@ -1,0 +1,106 @@
+"""Sweep the Triton kernels' launch shapes (``TUNE``, ``KIVI_TUNE``) on the GPU; every result checked bit-identical.
+
+    python benchmarks/triton_tune.py --family kivi range apply block --json out.json
+
+Launch shapes change only speed, never results: each configuration's output is compared with the eager
+path by ``torch.equal`` and a configuration that differs is reported (and must never be adopted). Timing is
+:func:`quant_triton.bench` (median of back-to-back calls), bytes = one read + one write, as in
+``benchmarks/quant_triton.py``. Families (a kernel's knobs, swept with the others at their current values):
+
+* ``kivi``: KIVI keys (``k_elems``, ``k_warps``) and values (``v_elems``, ``v_warps``);
+* ``range``: the range pass of per-tensor / per-channel / ``@amax`` schemes (``range_*``);
+* ``apply``: their elementwise pass (``apply_*``);
+* ``block``: per-group schemes (int token/head/group, GGML) (``block_*``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import itertools
+import json
+import pathlib
+
+import torch
+
+from kvgeom.quant import fake_quant
+from kvgeom.quant import triton_kernels as tk
+from kvgeom.quant import triton_kivi as tkv
+
+_spec = importlib.util.spec_from_file_location("quant_triton", pathlib.Path(__file__).with_name("quant_triton.py"))
+quant_triton = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(quant_triton)
+
+FAMILIES = {
+    "kivi": (tkv.KIVI_TUNE, [("kivi2", "k"), ("kivi4", "k")],
+             {"k_elems": (4096, 8192, 16384, 32768), "k_warps": (4, 8, 16)}),
+    "kivi_v": (tkv.KIVI_TUNE, [("kivi2", "v")],
+               {"v_elems": (1024, 2048, 4096, 8192), "v_warps": (2, 4, 8)}),
+    "range": (tk.TUNE, [("int4-tensor-asym", "k"), ("int8-channel-asym", "k")],
+              {"range_chunk": (128, 256, 512, 1024), "range_bp": (8, 16, 32), "range_bc": (256, 512),
+               "range_warps": (4, 8)}),
+    "apply": (tk.TUNE, [("int4-tensor-asym", "k"), ("int8-channel-asym", "k"), ("fp8_e4m3@amax", "k")],
+              {"apply_elems": (1024, 2048, 4096, 8192), "apply_warps": (2, 4, 8)}),
+    "block": (tk.TUNE, [("int4-token-asym", "k"), ("q4_0", "k"), ("q5_0", "k")],
+              {"block_elems": (1024, 2048, 4096), "block_warps": (2, 4, 8)}),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--family", nargs="+", default=["kivi", "kivi_v", "range", "apply", "block"],
+                    choices=sorted(FAMILIES))
+    ap.add_argument("--shape", type=int, nargs=4, default=[64, 2048, 8, 128])
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--hbm-tbps", type=float, default=4.8)
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--inner", type=int, default=10)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--device", default="cuda")
+    args = ap.parse_args()
+    x = torch.randn(*args.shape, device=args.device, dtype=getattr(torch, args.dtype))
+    x[:, :, 0, :4] *= 30  # outlier channels, as in quant_triton.py
+    nbytes = 2 * x.numel() * x.element_size()
+    rows = []
+    for fam in args.family:
+        table, jobs, grid = FAMILIES[fam]
+        saved = dict(table)
+        refs = {(s, r): fake_quant(x, s, role=r, check_finite=False, backend="eager") for s, r in jobs}
+        try:
+            for values in itertools.product(*grid.values()):
+                cfg = dict(zip(grid, values, strict=True))
+                table.update(cfg)
+                for s, r in jobs:
+                    def fn(t, _s=s, _r=r):
+                        return fake_quant(t, _s, role=_r, check_finite=False, backend="triton")
+
+                    same = bool(torch.equal(fn(x), refs[(s, r)]))
+                    ms = quant_triton.bench(fn, x, args.repeats, args.inner)
+                    row = {"family": fam, "scheme": s, "role": r, **cfg, "ms": ms, "bit_identical": same,
+                           "hbm_frac": nbytes / ms / 1e9 / args.hbm_tbps}
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+        finally:
+            table.clear()
+            table.update(saved)
+        del refs
+        torch.cuda.empty_cache()
+    print("\nbest per (family, scheme, role):")
+    best: dict = {}
+    for r in rows:
+        key = (r["family"], r["scheme"], r["role"])
+        if r["bit_identical"] and (key not in best or r["ms"] < best[key]["ms"]):
+            best[key] = r
+    for key, r in best.items():
+        print(key, {k: v for k, v in r.items() if k not in ("family", "scheme", "role")})
+    if args.json:
+        import triton
+
+        with open(args.json, "w") as fh:
+            json.dump({"shape": args.shape, "dtype": args.dtype,
+                       "gpu": torch.cuda.get_device_name() if x.is_cuda else args.device,
+                       "torch": torch.__version__, "triton": triton.__version__, "rows": rows}, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()
