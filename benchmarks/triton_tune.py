@@ -7,7 +7,8 @@ path by ``torch.equal`` and a configuration that differs is reported (and must n
 :func:`quant_triton.bench` (median of back-to-back calls), bytes = one read + one write, as in
 ``benchmarks/quant_triton.py``. Families (a kernel's knobs, swept with the others at their current values):
 
-* ``kivi``: KIVI keys (``k_elems``, ``k_warps``) and values (``v_elems``, ``v_warps``);
+* ``kivi``: KIVI keys, tile kernel (``k_elems``, ``k_warps``); ``kivi_loop``: the row-loop key kernel
+  (``k_loop_cols``, ``k_loop_warps``); ``kivi_v``: values (``v_elems``, ``v_warps``);
 * ``range``: the range pass of per-tensor / per-channel / ``@amax`` schemes (``range_*``);
 * ``apply``: their elementwise pass (``apply_*``);
 * ``block``: per-group schemes (int token/head/group, GGML) (``block_*``).
@@ -34,6 +35,8 @@ _spec.loader.exec_module(quant_triton)
 FAMILIES = {
     "kivi": (tkv.KIVI_TUNE, [("kivi2", "k"), ("kivi4", "k")],
              {"k_elems": (4096, 8192, 16384, 32768), "k_warps": (4, 8, 16)}),
+    "kivi_loop": (tkv.KIVI_TUNE, [("kivi2", "k")],
+                  {"k_loop": (True,), "k_loop_cols": (128, 256, 512, 1024), "k_loop_warps": (1, 2, 4, 8)}),
     "kivi_v": (tkv.KIVI_TUNE, [("kivi2", "v")],
                {"v_elems": (1024, 2048, 4096, 8192), "v_warps": (2, 4, 8)}),
     "range": (tk.TUNE, [("int4-tensor-asym", "k"), ("int8-channel-asym", "k")],

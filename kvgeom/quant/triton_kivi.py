@@ -24,8 +24,12 @@ from torch import Tensor
 from .scheme import KIVISpec, Role
 from .triton_kernels import _IO, MAX_BLOCK, _io, _load, _rint, _store
 
-#: launch shapes (performance only; results do not depend on them). Untuned: re-measure on the GPU.
-KIVI_TUNE = {"perm_chunk": 1024, "k_elems": 4096, "k_warps": 4, "v_elems": 1024, "v_warps": 2}
+#: launch shapes. ``k_loop``: keys by the row-loop kernel (each program walks its G slots one row at a time:
+#: the per-channel min/max stay in registers, no cross-warp reduction) instead of one [G, BC] tile. Only the
+#: settings the CUDA bit-identity tests ran with are known safe: in ``benchmarks/triton_tune.py`` on an H200
+#: (Triton 3.6) the tile kernel at k_elems=32768, k_warps=16 gave different bits (docs/benchmarks.md §2).
+KIVI_TUNE = {"perm_chunk": 1024, "k_elems": 4096, "k_warps": 4, "k_loop": False, "k_loop_cols": 256,
+             "k_loop_warps": 2, "v_elems": 1024, "v_warps": 2}
 
 
 @triton.jit
@@ -96,6 +100,51 @@ def _keys_kernel(x_ptr, out_ptr, perm_ptr, n_ptr, P, L, NJ, G: tl.constexpr, GP:
 
 
 @triton.jit
+def _keys_loop_kernel(x_ptr, out_ptr, perm_ptr, n_ptr, P, L, NJ, G: tl.constexpr, BC: tl.constexpr,
+                      R: tl.constexpr, QMAX: tl.constexpr, IO: tl.constexpr, HAS_MASK: tl.constexpr):
+    """As :func:`_keys_kernel`, one slot (row of ``BC`` columns) at a time: min/max, then quantize and store."""
+    pid = tl.program_id(0)
+    b = pid // NJ
+    j = pid % NJ
+    cols = tl.program_id(1) * BC + tl.arange(0, BC)
+    col_ok = cols < L
+    if HAS_MASK:
+        n = tl.load(n_ptr + b)
+    else:
+        n = P
+    quant = j * G + G <= (n // R) * R
+    mn = tl.full([BC], float("inf"), tl.float32)
+    mx = tl.full([BC], float("-inf"), tl.float32)
+    for t in range(G):
+        s = j * G + t
+        if HAS_MASK:
+            pos = tl.load(perm_ptr + b.to(tl.int64) * P + s, mask=s < P, other=0)
+        else:
+            pos = s
+        ok = col_ok & (s < P)
+        x, _ = _load(x_ptr, (b.to(tl.int64) * P + pos) * L + cols, ok, IO)
+        x = tl.where(quant, x, 0.0)
+        mn = tl.minimum(mn, tl.where(s < P, x, float("inf")))
+        mx = tl.maximum(mx, tl.where(s < P, x, float("-inf")))
+    scale = tl.math.div_rn(mx - mn, QMAX)
+    nz = scale > 0.0
+    safe = tl.where(nz, scale, 1.0)
+    for t in range(G):
+        s = j * G + t
+        if HAS_MASK:
+            pos = tl.load(perm_ptr + b.to(tl.int64) * P + s, mask=s < P, other=0)
+        else:
+            pos = s
+        ok = col_ok & (s < P)
+        offs = (b.to(tl.int64) * P + pos) * L + cols
+        x, raw = _load(x_ptr, offs, ok, IO)
+        x = tl.where(quant, x, 0.0)
+        q = _rint(tl.minimum(tl.maximum(tl.math.div_rn(x - mn, safe), 0.0), QMAX))
+        y = tl.where(nz, q * scale + mn, mn)
+        _store(out_ptr, offs, ok, y, raw, quant, IO)
+
+
+@triton.jit
 def _values_kernel(x_ptr, out_ptr, perm_ptr, n_ptr, n_groups, P, NB: tl.constexpr, G: tl.constexpr,
                    GP: tl.constexpr, BLOCK: tl.constexpr, R: tl.constexpr, QMAX: tl.constexpr, IO: tl.constexpr,
                    HAS_MASK: tl.constexpr):
@@ -143,7 +192,13 @@ def kivi_fused(x: Tensor, out: Tensor, mask: Tensor | None, spec: KIVISpec, role
     else:
         perm = n = x  # placeholders, never read
     qmax = float(2**spec.bits - 1)
-    if role == "k":
+    if role == "k" and KIVI_TUNE["k_loop"]:
+        bc = min(triton.next_power_of_2(L), KIVI_TUNE["k_loop_cols"])
+        nj = triton.cdiv(P, G)
+        _keys_loop_kernel[(B * nj, triton.cdiv(L, bc))](
+            _io(x), _io(out), perm, n, P, L, nj, G=G, BC=bc, R=R, QMAX=qmax, IO=_IO[x.dtype], HAS_MASK=has_mask,
+            num_warps=KIVI_TUNE["k_loop_warps"], enable_fp_fusion=False)
+    elif role == "k":
         bc = min(triton.next_power_of_2(L), max(16, KIVI_TUNE["k_elems"] // gp))
         nj = triton.cdiv(P, G)
         _keys_kernel[(B * nj, triton.cdiv(L, bc))](

@@ -295,6 +295,25 @@ def test_kivi_ties_and_constant_groups(name, dtype, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ["kivi2", "kivi4-g16-r32", "kivi2-g12-r24"])
+def test_kivi_key_kernels_agree(name, device, monkeypatch):
+    """Both key kernels (one [G, BC] tile, or a loop over the G rows: ``KIVI_TUNE["k_loop"]``) give eager's bits,
+    ties and constant groups included, with and without padding."""
+    import kvgeom.quant.triton_kivi as tkivi
+
+    spec = Scheme.parse(name).k
+    shape, lengths = kivi_case(name)
+    xs = {"random": random_kv(shape, seed=5).to(torch.bfloat16).to(device),
+          "ties": kivi_tie_kv(shape, spec.group_size, seed=3).to(device)}
+    for loop in (False, True):
+        monkeypatch.setitem(tkivi.KIVI_TUNE, "k_loop", loop)
+        for what, x in xs.items():
+            for mask in (None, left_padded(shape[1], lengths, device), scattered(shape[1], lengths, device, 1)):
+                got, want = run_both(x, name, "k", mask)
+                assert_same(got, want, f"{name} loop={loop} {what} mask={mask is not None}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_kivi_unsupported_shapes(device):
     x = random_kv((2, 40, 2, 64), seed=8).to(device)
     odd = tk.KIVISpec(2, 8, 12)  # R not a multiple of G: the parser refuses it, eager cannot run it
