@@ -25,10 +25,11 @@ from .scheme import KIVISpec, Role
 from .triton_kernels import _IO, MAX_BLOCK, _io, _load, _rint, _store
 
 #: launch shapes. ``k_loop``: keys by the row-loop kernel (each program walks its G slots one row at a time:
-#: the per-channel min/max stay in registers, no cross-warp reduction) instead of one [G, BC] tile. Only the
-#: settings the CUDA bit-identity tests ran with are known safe: in ``benchmarks/triton_tune.py`` on an H200
-#: (Triton 3.6) the tile kernel at k_elems=32768, k_warps=16 gave different bits (docs/benchmarks.md §2).
-KIVI_TUNE = {"perm_chunk": 1024, "k_elems": 4096, "k_warps": 4, "k_loop": False, "k_loop_cols": 256,
+#: the per-channel min/max stay in registers, no cross-warp reduction) instead of one [G, BC] tile: 0.447 ms
+#: against 0.593 ms on [64, 2048, 8, 128] bf16 on an H200 (``benchmarks/triton_tune.py``, best of each).
+#: Only the settings the CUDA bit-identity tests ran with are known safe: in that sweep the tile kernel at
+#: k_elems=32768, k_warps=16 gave different bits (Triton 3.6; docs/benchmarks.md §2).
+KIVI_TUNE = {"perm_chunk": 1024, "k_elems": 4096, "k_warps": 4, "k_loop": True, "k_loop_cols": 256,
              "k_loop_warps": 2, "v_elems": 1024, "v_warps": 2}
 
 
