@@ -46,6 +46,7 @@ _FP8_BITS = {"e4m3": (3, -6), "e5m2": (2, -14)}  # mantissa bits, min normal exp
 #: bit-identity tests passed on an H200 (docs/benchmarks.md §2).
 OPT_IN: tuple[type, ...] = ()
 MAX_BLOCK = 16384  # widest range block (padded to a power of two) held by one program
+GRID_YZ = 65535  # CUDA's limit on a launch grid's 2nd and 3rd dimensions (the batch rides on one of them)
 #: launch shapes (performance only; results do not depend on them)
 TUNE = {"block_elems": 1024, "block_warps": 2, "apply_elems": 1024, "apply_warps": 2, "range_chunk": 1024,
         "range_bp": 16, "range_bc": 256, "range_warps": 4}  # tuned on an H200, [64, 2048, 8, 128] bf16
@@ -222,15 +223,19 @@ def _range_kernel(x_ptr, mask_ptr, lo_ptr, hi_ptr, P, L, CHUNK: tl.constexpr, BP
 
 
 @triton.jit
-def _apply_kernel(x_ptr, out_ptr, mask_ptr, lo_ptr, hi_ptr, N, P, L, RANGED: tl.constexpr,
+def _apply_kernel(x_ptr, out_ptr, mask_ptr, lo_ptr, hi_ptr, P, L, RANGED: tl.constexpr,
                   PER_COL: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, KIND: tl.constexpr,
                   P1: tl.constexpr, P2: tl.constexpr, P3: tl.constexpr, P4: tl.constexpr, P5: tl.constexpr,
                   IO: tl.constexpr, HAS_MASK: tl.constexpr):
-    """Elementwise, parameters from the ranges in ``lo``/``hi`` (per batch row, or per row and column)."""
-    rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    """Elementwise, parameters from the ranges in ``lo``/``hi`` (per batch row, or per row and column). Grid:
+    (position blocks, column blocks, batch row): a program's range is one load (or one column vector)."""
+    b = tl.program_id(2).to(tl.int64)
+    p = tl.program_id(0) * BR + tl.arange(0, BR)
     cols = tl.program_id(1) * BC + tl.arange(0, BC)
-    row_ok = rows < N
-    ok = row_ok[:, None] & (cols < L)[None, :]
+    row_ok = p < P
+    col_ok = cols < L
+    ok = row_ok[:, None] & col_ok[None, :]
+    rows = b * P + p
     offs = rows[:, None] * L + cols[None, :]
     x, raw = _load(x_ptr, offs, ok, IO)
     if HAS_MASK:
@@ -242,11 +247,11 @@ def _apply_kernel(x_ptr, out_ptr, mask_ptr, lo_ptr, hi_ptr, N, P, L, RANGED: tl.
     hi = 0.0
     if RANGED:
         if PER_COL:
-            pidx, pok = (rows // P)[:, None] * L + cols[None, :], ok
-        else:  # one range per batch row, broadcast along the columns
-            pidx, pok = (rows // P)[:, None], row_ok[:, None]
-        lo = tl.load(lo_ptr + pidx, mask=pok, other=0.0)
-        hi = tl.load(hi_ptr + pidx, mask=pok, other=0.0)
+            lo = tl.load(lo_ptr + b * L + cols, mask=col_ok, other=0.0)[None, :]
+            hi = tl.load(hi_ptr + b * L + cols, mask=col_ok, other=0.0)[None, :]
+        else:  # one range per batch row
+            lo = tl.load(lo_ptr + b)
+            hi = tl.load(hi_ptr + b)
         empty = lo == float("inf")  # no real position: the range is parked at 0 (uniform._masked_range)
         lo = tl.where(empty, 0.0, lo)
         hi = tl.where(empty, 0.0, hi)
@@ -276,7 +281,7 @@ def supported(x: Tensor, spec: BaseSpec) -> bool:
     L, D = x.shape[2] * x.shape[3], x.shape[3]
     if isinstance(spec, IntSpec):
         if spec.granularity in ("tensor", "channel"):
-            return True
+            return x.shape[0] <= GRID_YZ  # the elementwise pass puts the batch on the grid's 3rd dimension
         g = {"token": L, "head": D}.get(spec.granularity, spec.group_size)
         return g is not None and L % g == 0 and triton.next_power_of_2(g) <= MAX_BLOCK
     if isinstance(spec, GGMLSpec):
@@ -285,7 +290,7 @@ def supported(x: Tensor, spec: BaseSpec) -> bool:
         from .triton_kivi import kivi_supported  # imports this module: load it lazily
 
         return kivi_supported(x, spec)
-    return isinstance(spec, FP8Spec)
+    return isinstance(spec, FP8Spec) and x.shape[0] <= GRID_YZ
 
 
 def _io(x: Tensor) -> Tensor:
@@ -306,8 +311,8 @@ def _ranged(x: Tensor, out: Tensor, m: Tensor, has_mask: bool, kind: int, per_co
             HAS_MASK=has_mask, num_warps=TUNE["range_warps"])
     bc = min(1024, triton.next_power_of_2(L))
     br = max(1, TUNE["apply_elems"] // bc)
-    _apply_kernel[(triton.cdiv(B * P, br), triton.cdiv(L, bc))](
-        _io(x), _io(out), m, lo, hi, B * P, P, L, RANGED=per_col is not None, PER_COL=bool(per_col), BR=br,
+    _apply_kernel[(triton.cdiv(P, br), triton.cdiv(L, bc), B)](
+        _io(x), _io(out), m, lo, hi, P, L, RANGED=per_col is not None, PER_COL=bool(per_col), BR=br,
         BC=bc, KIND=kind, P1=p[0], P2=p[1], P3=p[2], P4=p[3], P5=p[4], IO=_IO[x.dtype], HAS_MASK=has_mask,
         num_warps=TUNE["apply_warps"], enable_fp_fusion=False)
 

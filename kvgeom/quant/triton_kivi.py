@@ -22,7 +22,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .scheme import KIVISpec, Role
-from .triton_kernels import _IO, MAX_BLOCK, _io, _load, _rint, _store
+from .triton_kernels import _IO, GRID_YZ, MAX_BLOCK, _io, _load, _rint, _store
 
 #: launch shapes. ``k_loop``: keys by the row-loop kernel (each program walks its G slots one row at a time:
 #: the per-channel min/max stay in registers, no cross-warp reduction) instead of one [G, BC] tile: 0.447 ms
@@ -103,7 +103,8 @@ def _keys_kernel(x_ptr, out_ptr, perm_ptr, n_ptr, P, L, NJ, G: tl.constexpr, GP:
 @triton.jit
 def _keys_loop_kernel(x_ptr, out_ptr, perm_ptr, n_ptr, P, L, NJ, G: tl.constexpr, BC: tl.constexpr,
                       R: tl.constexpr, QMAX: tl.constexpr, IO: tl.constexpr, HAS_MASK: tl.constexpr):
-    """As :func:`_keys_kernel`, one slot (row of ``BC`` columns) at a time: min/max, then quantize and store."""
+    """As :func:`_keys_kernel`, one slot (row of ``BC`` columns) at a time: min/max, then quantize and store.
+    The loops are unrolled (G is a compile-time constant) so that the G row loads are in flight together."""
     pid = tl.program_id(0)
     b = pid // NJ
     j = pid % NJ
@@ -116,7 +117,7 @@ def _keys_loop_kernel(x_ptr, out_ptr, perm_ptr, n_ptr, P, L, NJ, G: tl.constexpr
     quant = j * G + G <= (n // R) * R
     mn = tl.full([BC], float("inf"), tl.float32)
     mx = tl.full([BC], float("-inf"), tl.float32)
-    for t in range(G):
+    for t in tl.static_range(G):
         s = j * G + t
         if HAS_MASK:
             pos = tl.load(perm_ptr + b.to(tl.int64) * P + s, mask=s < P, other=0)
@@ -130,7 +131,7 @@ def _keys_loop_kernel(x_ptr, out_ptr, perm_ptr, n_ptr, P, L, NJ, G: tl.constexpr
     scale = tl.math.div_rn(mx - mn, QMAX)
     nz = scale > 0.0
     safe = tl.where(nz, scale, 1.0)
-    for t in range(G):
+    for t in tl.static_range(G):
         s = j * G + t
         if HAS_MASK:
             pos = tl.load(perm_ptr + b.to(tl.int64) * P + s, mask=s < P, other=0)
@@ -146,19 +147,19 @@ def _keys_loop_kernel(x_ptr, out_ptr, perm_ptr, n_ptr, P, L, NJ, G: tl.constexpr
 
 
 @triton.jit
-def _values_kernel(x_ptr, out_ptr, perm_ptr, n_ptr, n_groups, P, NB: tl.constexpr, G: tl.constexpr,
-                   GP: tl.constexpr, BLOCK: tl.constexpr, R: tl.constexpr, QMAX: tl.constexpr, IO: tl.constexpr,
+def _values_kernel(x_ptr, out_ptr, perm_ptr, n_ptr, P, NB: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
+                   BLOCK: tl.constexpr, R: tl.constexpr, QMAX: tl.constexpr, IO: tl.constexpr,
                    HAS_MASK: tl.constexpr):
-    """``BLOCK`` groups of G channels (``NB`` per slot) per program."""
-    blk = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    blk_ok = blk < n_groups
-    slot = blk // NB  # b*P + s
+    """Row ``b`` = program_id(1); ``BLOCK`` of its groups of G channels (``NB`` per slot) per program (the
+    2-D grid keeps 64-bit divisions by the runtime ``P`` out of the kernel)."""
+    b = tl.program_id(1).to(tl.int64)
+    blk = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # group within row b: slot * NB + k
+    s = blk // NB
     k = blk % NB
-    b = slot // P
-    s = slot % P
+    blk_ok = s < P
     if HAS_MASK:
-        pos = tl.load(perm_ptr + slot, mask=blk_ok, other=0)
-        n = tl.load(n_ptr + b, mask=blk_ok, other=0)
+        pos = tl.load(perm_ptr + b * P + s, mask=blk_ok, other=0)
+        n = tl.load(n_ptr + b)
     else:
         pos = s
         n = P
@@ -176,7 +177,9 @@ def _values_kernel(x_ptr, out_ptr, perm_ptr, n_ptr, n_groups, P, NB: tl.constexp
 def kivi_supported(x: Tensor, spec: KIVISpec) -> bool:
     """Shape conditions (device/dtype checked by the caller): G divides d_head and R, as eager requires."""
     g, r = spec.group_size, spec.residual
-    return g >= 1 and x.shape[3] % g == 0 and r >= g and r % g == 0 and triton.next_power_of_2(g) <= MAX_BLOCK
+    B, P, H, D = x.shape
+    return (g >= 1 and D % g == 0 and r >= g and r % g == 0 and triton.next_power_of_2(g) <= MAX_BLOCK
+            and B <= GRID_YZ and P * H * D < 2**31)
 
 
 def kivi_fused(x: Tensor, out: Tensor, mask: Tensor | None, spec: KIVISpec, role: Role) -> None:
@@ -207,8 +210,7 @@ def kivi_fused(x: Tensor, out: Tensor, mask: Tensor | None, spec: KIVISpec, role
             HAS_MASK=has_mask, num_warps=KIVI_TUNE["k_warps"], enable_fp_fusion=False)
     else:
         block = max(1, KIVI_TUNE["v_elems"] // gp)
-        n_groups = B * P * (L // G)
-        _values_kernel[(triton.cdiv(n_groups, block),)](
-            _io(x), _io(out), perm, n, n_groups, P, NB=L // G, G=G, GP=gp, BLOCK=block, R=R, QMAX=qmax,
+        _values_kernel[(triton.cdiv(P * (L // G), block), B)](
+            _io(x), _io(out), perm, n, P, NB=L // G, G=G, GP=gp, BLOCK=block, R=R, QMAX=qmax,
             IO=_IO[x.dtype], HAS_MASK=has_mask, num_warps=min(16, max(KIVI_TUNE["v_warps"], gp * block // 512)),
             enable_fp_fusion=False)
