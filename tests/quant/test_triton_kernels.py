@@ -217,6 +217,17 @@ def test_auto_on_cpu_is_eager_and_bad_backend_rejected():
         fake_quant(x, "q4_0", backend="fast")
 
 
+def test_batch_beyond_the_grid_limit_falls_back():
+    """The range schemes' elementwise pass puts the batch on the launch grid's 3rd dimension (at most 65,535):
+    a larger batch is not claimed by the kernels (so fake_quant runs eager) instead of failing to launch."""
+    for spec in (Scheme.parse("int4-tensor-asym").k, Scheme.parse("int8-channel-sym").k, Scheme.parse("fp8_e4m3").k):
+        ok = torch.zeros(tk.GRID_YZ, 1, 1, 2, device="cuda" if torch.cuda.is_available() else "cpu")
+        big = torch.zeros(tk.GRID_YZ + 1, 1, 1, 2, device=ok.device)
+        if ok.is_cuda or INTERPRET:
+            assert tk.supported(ok, spec)
+        assert not tk.supported(big, spec)
+
+
 # ---- KIVI -------------------------------------------------------------------------------------------------
 def kivi_case(name: str) -> tuple[tuple[int, int, int, int], list[int]]:
     """Shape (d_head a multiple of G) and per-row real lengths: all, > R, exactly R, < R, 0 (all padding)."""
