@@ -34,7 +34,7 @@ _spec.loader.exec_module(quant_triton)
 
 FAMILIES = {
     "kivi": (tkv.KIVI_TUNE, [("kivi2", "k"), ("kivi4", "k")],
-             {"k_elems": (4096, 8192, 16384, 32768), "k_warps": (4, 8, 16)}),
+             {"k_elems": (2048, 4096, 8192, 16384, 32768), "k_warps": (1, 2, 4, 8, 16)}),
     "kivi_loop": (tkv.KIVI_TUNE, [("kivi2", "k")],
                   {"k_loop": (True,), "k_loop_cols": (128, 256, 512, 1024), "k_loop_warps": (1, 2, 4, 8)}),
     "kivi_v": (tkv.KIVI_TUNE, [("kivi2", "v")],
