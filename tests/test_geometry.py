@@ -123,6 +123,28 @@ def test_sensitivity_causal_columns(tiny_llama):
         assert r[f"{m}_defined"] == np.isfinite(r[m])
 
 
+def test_sensitivity_one_worker_is_the_plain_loop(tiny_llama, monkeypatch):
+    """``workers=1`` runs the layers in the calling thread (its usual op threads, no pool)."""
+    import threading
+
+    import kvgeom.geometry.sensitivity as sens
+
+    seen = []
+    real = sens._layer_stats
+    def spy(*a, **k):
+        seen.append(threading.current_thread())
+        return real(*a, **k)
+
+    monkeypatch.setattr(sens, "_layer_stats", spy)
+    sensitivity_profile(tiny_llama, "int3-tensor-sym", PROMPTS[:3], PROMPTS[3:], workers=1, causal_layers=[],
+                        n_random=2, n_resamples=20)
+    assert seen and all(t is threading.main_thread() for t in seen)
+    seen.clear()
+    sensitivity_profile(tiny_llama, "int3-tensor-sym", PROMPTS[:3], PROMPTS[3:], workers=2, causal_layers=[],
+                        n_random=2, n_resamples=20)
+    assert seen and not any(t is threading.main_thread() for t in seen)
+
+
 def test_sensitivity_threads_do_not_change_numbers(tiny_llama):
     """The per-layer statistics run in threads (random subspaces drawn serially, in layer order, from one
     generator; one thread per op): one worker and several agree up to float64 rounding of the sums."""

@@ -112,12 +112,9 @@ def _single_thread() -> None:
 
 
 @contextlib.contextmanager
-def _one_thread_per_op(active: bool) -> Iterator[None]:
-    """While ``active``: torch and BLAS/OpenMP ops run single-threaded (the layers are the parallelism;
-    threads x per-op thread pools would oversubscribe the cores). Restored on exit, even on error."""
-    if not active:
-        yield
-        return
+def _one_thread_per_op() -> Iterator[None]:
+    """Torch and BLAS/OpenMP ops single-threaded while the layers run in threads (threads x per-op thread
+    pools would oversubscribe the cores). Restored on exit, even on error."""
     from threadpoolctl import threadpool_limits
 
     before = torch.get_num_threads()
@@ -255,16 +252,22 @@ def sensitivity_profile(
     n = len(bh)
     stats = functools.partial(_layer_stats, xh_all=xh_all, xb_all=xb_all, mask=bh.mask, scheme=scheme, site=site,
                               n_post=n_post, k=k, var=var)
+    record = functools.partial(_layer_record, scheme_s=scheme_s, site=site, n=n, n_post=n_post,
+                               n_resamples=n_resamples, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+
+    def draw(parts: list[dict[str, Any]]) -> list[list[torch.Tensor]]:
+        return [[torch.randn(p["dim"], p["sub"].k, generator=gen, dtype=torch.float64) for _ in range(n_random)]
+                if p["random"] else [] for p in parts]
+
     n_workers = _workers(workers, len(layers))
-    with ThreadPoolExecutor(max_workers=n_workers, initializer=_single_thread) as pool, \
-            _one_thread_per_op(n_workers > 1):
-        parts = list(pool.map(stats, layers))
-        gen = torch.Generator().manual_seed(seed)
-        draws = [[torch.randn(p["dim"], p["sub"].k, generator=gen, dtype=torch.float64) for _ in range(n_random)]
-                 if p["random"] else [] for p in parts]
-        record = functools.partial(_layer_record, scheme_s=scheme_s, site=site, n=n, n_post=n_post,
-                                   n_resamples=n_resamples, seed=seed)
-        recs = list(pool.map(record, parts, draws))
+    if n_workers == 1:  # the plain loop, in the calling thread with its usual op threads
+        parts = [stats(la) for la in layers]
+        recs = list(map(record, parts, draw(parts)))
+    else:
+        with ThreadPoolExecutor(max_workers=n_workers, initializer=_single_thread) as pool, _one_thread_per_op():
+            parts = list(pool.map(stats, layers))
+            recs = list(pool.map(record, parts, draw(parts)))
     subspaces = {p["layer"]: p["sub"] for p in parts}
     frame = pd.DataFrame(recs)
     causal = [la for la in causal_layers if subspaces[la].defined] if causal_layers else []
