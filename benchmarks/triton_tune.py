@@ -7,11 +7,13 @@ path by ``torch.equal`` and a configuration that differs is reported (and must n
 :func:`quant_triton.bench` (median of back-to-back calls), bytes = one read + one write, as in
 ``benchmarks/quant_triton.py``. Families (a kernel's knobs, swept with the others at their current values):
 
-* ``kivi``: KIVI keys, tile kernel (``k_elems``, ``k_warps``); ``kivi_loop``: the row-loop key kernel
-  (``k_loop_cols``, ``k_loop_warps``); ``kivi_v``: values (``v_elems``, ``v_warps``);
+* ``kivi``: KIVI keys (``k_elems``, ``k_warps``); ``kivi_v``: values (``v_elems``, ``v_warps``);
 * ``range``: the range pass of per-tensor / per-channel / ``@amax`` schemes (``range_*``);
 * ``apply``: their elementwise pass (``apply_*``);
 * ``block``: per-group schemes (int token/head/group, GGML) (``block_*``).
+
+``fast_div`` (division by a per-divisor reciprocal, ``triton_kernels._fast_div``) is swept on and off where it
+applies.
 """
 
 from __future__ import annotations
@@ -33,19 +35,18 @@ quant_triton = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(quant_triton)
 
 FAMILIES = {
-    "kivi": (tkv.KIVI_TUNE, [("kivi2", "k"), ("kivi4", "k")],
-             {"k_elems": (2048, 4096, 8192, 16384, 32768), "k_warps": (1, 2, 4, 8, 16)}),
-    "kivi_loop": (tkv.KIVI_TUNE, [("kivi2", "k")],
-                  {"k_loop": (True,), "k_loop_cols": (128, 256, 512, 1024), "k_loop_warps": (1, 2, 4, 8)}),
+    "kivi": (tkv.KIVI_TUNE, [("kivi2", "k")],
+             {"k_elems": (1024, 2048, 4096), "k_warps": (1, 2, 4), "fast_div": (False, True)}),
     "kivi_v": (tkv.KIVI_TUNE, [("kivi2", "v")],
-               {"v_elems": (1024, 2048, 4096, 8192), "v_warps": (2, 4, 8)}),
+               {"v_elems": (512, 1024, 2048), "v_warps": (1, 2, 4), "fast_div": (False, True)}),
     "range": (tk.TUNE, [("int4-tensor-asym", "k"), ("int8-channel-asym", "k")],
               {"range_chunk": (128, 256, 512, 1024), "range_bp": (8, 16, 32), "range_bc": (256, 512),
                "range_warps": (4, 8)}),
     "apply": (tk.TUNE, [("int4-tensor-asym", "k"), ("int8-channel-asym", "k"), ("fp8_e4m3@amax", "k")],
-              {"apply_elems": (1024, 2048, 4096, 8192), "apply_warps": (2, 4, 8)}),
+              {"apply_bc": (256, 512, 1024), "apply_elems": (1024, 2048, 4096), "apply_warps": (2, 4),
+               "fast_div": (True,)}),
     "block": (tk.TUNE, [("int4-token-asym", "k"), ("q4_0", "k"), ("q5_0", "k")],
-              {"block_elems": (1024, 2048, 4096), "block_warps": (2, 4, 8)}),
+              {"block_elems": (1024, 2048, 4096), "block_warps": (2, 4), "fast_div": (False, True)}),
 }
 
 

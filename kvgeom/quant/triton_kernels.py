@@ -8,7 +8,10 @@ mode) runs in :mod:`kvgeom.quant.triton_kivi`. Anything else (iq4_nl, ``+rot``, 
 
 Bit-exactness with the eager fp32 math (each torch op rounds once):
 
-* divisions are ``tl.math.div_rn`` (IEEE, not ``div.full.f32``); the eager path divides tensor by tensor;
+* divisions are IEEE (``tl.math.div_rn``, not ``div.full.f32``), as the eager path's tensor-by-tensor ones; on the
+  GPU, a program whose divisors all lie in [2^-64, 2^64] divides by their reciprocals the way CUDA's own
+  ``div.rn.f32`` does on its fast path (:func:`_fast_div`: same bits where they matter, no per-element
+  reciprocal, check or branch);
 * kernels are launched with ``enable_fp_fusion=False``: eager's ``x*id + 8.5`` is two roundings, not an fma;
 * ``torch.round`` / ``torch.trunc`` are written with the exact ``(a + 2^23) - 2^23`` idiom and the sign copied
   bitwise, fp32 -> bf16 is the round-to-nearest-even bit trick, and fp8 rounding is done in fp32 bits: no
@@ -48,8 +51,9 @@ OPT_IN: tuple[type, ...] = ()
 MAX_BLOCK = 16384  # widest range block (padded to a power of two) held by one program
 GRID_YZ = 65535  # CUDA's limit on a launch grid's 2nd and 3rd dimensions (the batch rides on one of them)
 #: launch shapes (performance only; results do not depend on them)
-TUNE = {"block_elems": 1024, "block_warps": 2, "apply_elems": 1024, "apply_warps": 2, "range_chunk": 1024,
-        "range_bp": 16, "range_bc": 256, "range_warps": 4}  # tuned on an H200, [64, 2048, 8, 128] bf16
+TUNE = {"block_elems": 1024, "block_warps": 2, "apply_elems": 2048, "apply_bc": 256, "apply_warps": 2,
+        "range_chunk": 1024, "range_bp": 16, "range_bc": 256, "range_warps": 4,
+        "fast_div": True}  # tuned on an H200, [64, 2048, 8, 128] bf16; fast_div: see _fast_div
 
 
 # ---- exact elementwise helpers (same arithmetic on the GPU and under the interpreter) ------------------
@@ -78,9 +82,49 @@ def _trunc(v):
 
 @triton.jit
 def _recip(d):
-    """``d ? 1.0f/d : 0.0f`` with an IEEE division."""
+    """ggml's ``d ? 1.0f/d : 0.0f`` (IEEE division), with 0 also where ``1/d`` overflows: ``d`` is then subnormal,
+    its fp16 copy (the dequantization scale) is 0 and every code dequantizes to 0, as eager's do whatever its
+    integer cast made of ``x * inf``; a float ``0 * inf`` would be NaN."""
     nz = d != 0.0
-    return tl.where(nz, tl.math.div_rn(tl.zeros_like(d) + 1.0, tl.where(nz, d, 1.0)), 0.0)
+    r = tl.math.div_rn(tl.zeros_like(d) + 1.0, tl.where(nz, d, 1.0))
+    return tl.where(nz & (tl.abs(r) < float("inf")), r, 0.0)
+
+
+#: divisor range inside which :func:`_fast_div` is exact where it matters (see there); a program holding any
+#: other divisor (or a quotient beyond FAST_HI) runs ``div_rn``
+FAST_LO: tl.constexpr = tl.constexpr(2.0**-64)
+FAST_HI: tl.constexpr = tl.constexpr(2.0**64)
+
+
+@triton.jit
+def _rcp(s):
+    """The refined reciprocal of CUDA's ``div.rn.f32`` fast path: ``rcp.approx`` (inline PTX: GPU only), then one
+    Newton step."""
+    r0 = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [s], dtype=tl.float32, is_pure=True,
+                                   pack=1)
+    return tl.fma(r0, tl.fma(-s, r0, 1.0), r0)
+
+
+@triton.jit
+def _fast_div(d, s, r):
+    """``d / s`` as CUDA's ``div.rn.f32`` computes it when its check (FCHK) lets it skip its slow path, with the
+    reciprocal ``r = _rcp(s)`` computed once per divisor instead of once per element.
+
+    For ``s`` in [FAST_LO, FAST_HI] and ``|d / s| <= FAST_HI`` it equals the IEEE quotient (same bits) whenever
+    ``|d / s| >= 2^-20``: operands and result are then normal and the residual ``d - s*q`` exact, the fast path's
+    domain. A smaller quotient (``d`` zero, subnormal or tiny against ``s``, where FCHK would take the slow path)
+    may be off by ulps, has the sign of ``d`` (also when zero: ``s > 0``), and rounds to the same integer code
+    (``|q| < 1/4``) and to the same fp8 value (below half the smallest fp8 subnormal, 2^-17) as the exact one.
+    ``tests/quant/test_triton_kernels.py::test_fast_division_is_exact`` checks this against torch on the GPU."""
+    q = tl.fma(d, r, 0.0)
+    return _copysign(tl.fma(r, tl.fma(-s, q, d), q), d)
+
+
+@triton.jit
+def _fast_ok(safe, amax, r):
+    """Whether every divisor ``safe`` (and quotient bound ``amax * r``) of a program is in :func:`_fast_div`'s
+    range: a scalar, so that the program takes one branch."""
+    return (tl.min(safe) >= FAST_LO) & (tl.max(safe) <= FAST_HI) & (tl.max(amax * r) <= FAST_HI)
 
 
 @triton.jit
@@ -122,34 +166,81 @@ def _store(ptr, offs, ok, y, raw, real, IO: tl.constexpr):
 
 
 @triton.jit
-def _int_params(lo, hi, KIND: tl.constexpr, QMAX: tl.constexpr):
-    """:func:`kvgeom.quant.uniform.int_params` from a block's min/max; QMAX 2^(b-1)-1 (sym) or 2^b-1."""
-    if KIND == INT_SYM:
-        scale = tl.math.div_rn(tl.maximum(tl.abs(lo), tl.abs(hi)), QMAX)
-        zp = scale * 0.0
+def _divide(d, s, r, fast, FAST: tl.constexpr):
+    """``d / s`` (IEEE): :func:`_fast_div` where the program's ``fast`` check passed, else ``div_rn``."""
+    if FAST:
+        if fast:
+            t = _fast_div(d, s, r)
+        else:
+            t = tl.math.div_rn(d, s)
     else:
-        scale = tl.maximum(tl.math.div_rn(hi - lo, QMAX), 1e-8)
-        zp = tl.minimum(tl.maximum(_rint(tl.math.div_rn(-lo, scale)), 0.0), QMAX)
-    return scale, zp
+        t = tl.math.div_rn(d, s)
+    return t
 
 
 @triton.jit
-def _int_apply(x, scale, zp, KIND: tl.constexpr, QMAX: tl.constexpr):
-    """:func:`kvgeom.quant.uniform.int_apply`."""
+def _divisor(safe, amax, FAST: tl.constexpr):
+    """The reciprocal of each divisor ``safe`` (or ``safe`` itself if not ``FAST``) and the program's fast check."""
+    if FAST:
+        r = _rcp(safe)
+        fast = _fast_ok(safe, amax, r)
+    else:
+        r = safe
+        fast = False
+    return r, fast
+
+
+@triton.jit
+def _int_params(lo, hi, KIND: tl.constexpr, QMAX: tl.constexpr, FAST: tl.constexpr):
+    """:func:`kvgeom.quant.uniform.int_params` from a block's min/max; QMAX 2^(b-1)-1 (sym) or 2^b-1. Also the
+    divisor ``safe`` of :func:`_int_apply`, its reciprocal and the program's fast-division check."""
+    amax = tl.maximum(tl.abs(lo), tl.abs(hi))
     if KIND == INT_SYM:
+        scale = tl.math.div_rn(amax, QMAX)
+        zp = scale * 0.0
         safe = tl.where(scale > 0.0, scale, 1.0)
-        q = tl.minimum(tl.maximum(_rint(tl.math.div_rn(x, safe)), -QMAX - 1.0), QMAX)
+    else:
+        scale = tl.maximum(tl.math.div_rn(hi - lo, QMAX), 1e-8)
+        zp = tl.minimum(tl.maximum(_rint(tl.math.div_rn(-lo, scale)), 0.0), QMAX)
+        safe = scale
+    r, fast = _divisor(safe, amax, FAST)
+    return scale, zp, safe, r, fast
+
+
+@triton.jit
+def _int_apply(x, scale, zp, safe, r, fast, KIND: tl.constexpr, QMAX: tl.constexpr, FAST: tl.constexpr):
+    """:func:`kvgeom.quant.uniform.int_apply` (``safe``, ``r``, ``fast`` from :func:`_int_params`)."""
+    t = _divide(x, safe, r, fast, FAST)
+    if KIND == INT_SYM:
+        q = tl.minimum(tl.maximum(_rint(t), -QMAX - 1.0), QMAX)
         return q * scale
     else:
-        q = tl.minimum(tl.maximum(_rint(tl.math.div_rn(x, scale) + zp), 0.0), QMAX)
+        q = tl.minimum(tl.maximum(_rint(t + zp), 0.0), QMAX)
         return (q - zp) * scale
+
+
+@triton.jit
+def _first_absmax16(raw, e, IO: tl.constexpr):
+    """Per row of 16-bit ``raw`` (fp16, or bf16 as int16): the value of largest magnitude, the first on ties
+    (:func:`kvgeom.quant.ggml.signed_absmax`). For finite values the order of ``|x|``'s bit patterns is that of
+    ``|x|``, so one integer max over ``(|x| bits) << 16 | (32767 - position) << 1 | sign`` finds it."""
+    if IO == 1:
+        bits = raw.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    else:
+        bits = raw.to(tl.int32) & 0xFFFF
+    top = tl.max(((bits & 0x7FFF) << 16) | ((0x7FFF - e[None, :]) << 1) | (bits >> 15), axis=1)
+    mb = ((top & 1) << 15) | (top >> 16)
+    if IO == 1:
+        return mb.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    else:
+        return (mb << 16).to(tl.float32, bitcast=True)
 
 
 # ---- kernels ------------------------------------------------------------------------------------------
 @triton.jit
 def _block_kernel(x_ptr, out_ptr, mask_ptr, n_blocks, NB: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
                   BLOCK: tl.constexpr, KIND: tl.constexpr, P1: tl.constexpr, IO: tl.constexpr,
-                  HAS_MASK: tl.constexpr, I64: tl.constexpr):
+                  HAS_MASK: tl.constexpr, I64: tl.constexpr, FAST: tl.constexpr):
     """Blocks of ``G`` consecutive values (``NB`` per position), ``BLOCK`` blocks per program."""
     pid = tl.program_id(0)
     if I64:
@@ -169,8 +260,8 @@ def _block_kernel(x_ptr, out_ptr, mask_ptr, n_blocks, NB: tl.constexpr, G: tl.co
     lo = tl.min(tl.where(lane, x, float("inf")), axis=1)
     hi = tl.max(tl.where(lane, x, float("-inf")), axis=1)
     if KIND == INT_SYM or KIND == INT_ASYM:
-        scale, zp = _int_params(lo, hi, KIND, P1)
-        y = _int_apply(x, scale[:, None], zp[:, None], KIND, P1)
+        scale, zp, safe, r, fast = _int_params(lo, hi, KIND, P1, FAST)
+        y = _int_apply(x, scale[:, None], zp[:, None], safe[:, None], r[:, None], fast, KIND, P1, FAST)
     elif KIND == Q8_0:  # ggml quantize_q8_0: roundf(x*id) = t + trunc(2*(v - t)); codes q+128
         d = tl.math.div_rn(tl.maximum(tl.abs(lo), tl.abs(hi)), 127.0)
         v = x * _recip(d)[:, None]
@@ -178,10 +269,13 @@ def _block_kernel(x_ptr, out_ptr, mask_ptr, n_blocks, NB: tl.constexpr, G: tl.co
         code = (t + _trunc(2.0 * (v - t))) + 128.0
         y = _fp16(d)[:, None] * (code - 128.0)
     elif KIND == Q_0:  # d = max/-half, max the first value of largest magnitude
-        ax = tl.where(lane, tl.abs(x), -1.0)
-        amax = tl.max(ax, axis=1)
-        first = tl.min(tl.where(ax == amax[:, None], e[None, :], GP), axis=1)
-        mx = tl.max(tl.where(e[None, :] == first[:, None], x, float("-inf")), axis=1)
+        if IO == 0:
+            ax = tl.where(lane, tl.abs(x), -1.0)
+            amax = tl.max(ax, axis=1)
+            first = tl.min(tl.where(ax == amax[:, None], e[None, :], GP), axis=1)
+            mx = tl.max(tl.where(e[None, :] == first[:, None], x, float("-inf")), axis=1)
+        else:  # 16-bit input: one integer max over keys (|x|'s bits, first position, sign)
+            mx = _first_absmax16(raw, e, IO)
         d = tl.math.div_rn(mx, -P1)
         q = tl.minimum(tl.maximum(_trunc(x * _recip(d)[:, None] + (P1 + 0.5)), 0.0), 2.0 * P1 - 1.0)
         y = _fp16(d)[:, None] * (q - P1)
@@ -226,7 +320,7 @@ def _range_kernel(x_ptr, mask_ptr, lo_ptr, hi_ptr, P, L, CHUNK: tl.constexpr, BP
 def _apply_kernel(x_ptr, out_ptr, mask_ptr, lo_ptr, hi_ptr, P, L, RANGED: tl.constexpr,
                   PER_COL: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, KIND: tl.constexpr,
                   P1: tl.constexpr, P2: tl.constexpr, P3: tl.constexpr, P4: tl.constexpr, P5: tl.constexpr,
-                  IO: tl.constexpr, HAS_MASK: tl.constexpr):
+                  IO: tl.constexpr, HAS_MASK: tl.constexpr, FAST: tl.constexpr):
     """Elementwise, parameters from the ranges in ``lo``/``hi`` (per batch row, or per row and column). Grid:
     (position blocks, column blocks, batch row): a program's range is one load (or one column vector)."""
     b = tl.program_id(2).to(tl.int64)
@@ -243,29 +337,28 @@ def _apply_kernel(x_ptr, out_ptr, mask_ptr, lo_ptr, hi_ptr, P, L, RANGED: tl.con
     else:
         real = row_ok
     x = tl.where(real[:, None], x, 0.0)
-    lo = 0.0
-    hi = 0.0
-    if RANGED:
+    if RANGED:  # the range as a vector: one entry per column, or a single one for the batch row
         if PER_COL:
-            lo = tl.load(lo_ptr + b * L + cols, mask=col_ok, other=0.0)[None, :]
-            hi = tl.load(hi_ptr + b * L + cols, mask=col_ok, other=0.0)[None, :]
-        else:  # one range per batch row
-            lo = tl.load(lo_ptr + b)
-            hi = tl.load(hi_ptr + b)
+            idx = b * L + cols
+        else:
+            idx = b + tl.zeros([1], tl.int64)
+        lo = tl.load(lo_ptr + idx, mask=idx < (b + 1) * L, other=0.0)
+        hi = tl.load(hi_ptr + idx, mask=idx < (b + 1) * L, other=0.0)
         empty = lo == float("inf")  # no real position: the range is parked at 0 (uniform._masked_range)
         lo = tl.where(empty, 0.0, lo)
         hi = tl.where(empty, 0.0, hi)
-    if KIND == FP8:  # vLLM: fp8(clamp(x/s, -max, max)) * s; P1 max, P2..P4 see _fp8_round, P5 amax divisor
-        if RANGED:
-            s = tl.math.div_rn(tl.maximum(tl.abs(lo), tl.abs(hi)), P5)
+        if KIND == FP8:  # vLLM: fp8(clamp(x/s, -max, max)) * s; P1 max, P2..P4 see _fp8_round, P5 amax divisor
+            amax = tl.maximum(tl.abs(lo), tl.abs(hi))
+            s = tl.math.div_rn(amax, P5)
             s = tl.where(s > 0.0, s, 1.0)
-            y = tl.minimum(tl.maximum(tl.math.div_rn(x, s), -P1), P1)
-            y = _fp8_round(y, P2, P3, P4) * s
-        else:  # s = 1: x/1 and y*1 are exact
-            y = _fp8_round(tl.minimum(tl.maximum(x, -P1), P1), P2, P3, P4)
-    else:
-        scale, zp = _int_params(lo, hi, KIND, P1)
-        y = _int_apply(x, scale, zp, KIND, P1)
+            r, fast = _divisor(s, amax, FAST)
+            y = tl.minimum(tl.maximum(_divide(x, s[None, :], r[None, :], fast, FAST), -P1), P1)
+            y = _fp8_round(y, P2, P3, P4) * s[None, :]
+        else:
+            scale, zp, safe, r, fast = _int_params(lo, hi, KIND, P1, FAST)
+            y = _int_apply(x, scale[None, :], zp[None, :], safe[None, :], r[None, :], fast, KIND, P1, FAST)
+    else:  # static fp8, s = 1: x/1 and y*1 are exact
+        y = _fp8_round(tl.minimum(tl.maximum(x, -P1), P1), P2, P3, P4)
     _store(out_ptr, offs, ok, y, raw, real[:, None], IO)
 
 
@@ -293,6 +386,11 @@ def supported(x: Tensor, spec: BaseSpec) -> bool:
     return isinstance(spec, FP8Spec) and x.shape[0] <= GRID_YZ
 
 
+def _fast(x: Tensor) -> bool:
+    """Whether kernels on ``x`` may use :func:`_fast_div` (its inline PTX needs the GPU, not the interpreter)."""
+    return TUNE["fast_div"] and x.is_cuda
+
+
 def _io(x: Tensor) -> Tensor:
     return x.view(torch.int16) if x.dtype == torch.bfloat16 else x
 
@@ -309,12 +407,12 @@ def _ranged(x: Tensor, out: Tensor, m: Tensor, has_mask: bool, kind: int, per_co
         _range_kernel[(B, triton.cdiv(P, chunk), triton.cdiv(L, bc))](
             _io(x), m, lo, hi, P, L, CHUNK=chunk, BP=TUNE["range_bp"], BC=bc, PER_COL=per_col, IO=_IO[x.dtype],
             HAS_MASK=has_mask, num_warps=TUNE["range_warps"])
-    bc = min(1024, triton.next_power_of_2(L))
+    bc = min(TUNE["apply_bc"], triton.next_power_of_2(L))
     br = max(1, TUNE["apply_elems"] // bc)
     _apply_kernel[(triton.cdiv(P, br), triton.cdiv(L, bc), B)](
         _io(x), _io(out), m, lo, hi, P, L, RANGED=per_col is not None, PER_COL=bool(per_col), BR=br,
         BC=bc, KIND=kind, P1=p[0], P2=p[1], P3=p[2], P4=p[3], P5=p[4], IO=_IO[x.dtype], HAS_MASK=has_mask,
-        num_warps=TUNE["apply_warps"], enable_fp_fusion=False)
+        FAST=_fast(x), num_warps=TUNE["apply_warps"], enable_fp_fusion=False)
 
 
 def fused_fake_quant(x: Tensor, spec: BaseSpec, role: Role, mask: Tensor | None = None) -> Tensor | None:
@@ -357,6 +455,6 @@ def fused_fake_quant(x: Tensor, spec: BaseSpec, role: Role, mask: Tensor | None 
             n_blocks = B * P * (L // g)
             _block_kernel[(triton.cdiv(n_blocks, block),)](
                 _io(x), _io(out), m, n_blocks, NB=L // g, G=g, GP=gp, BLOCK=block, KIND=kind, P1=float(p1),
-                IO=_IO[x.dtype], HAS_MASK=has_mask, I64=x.numel() + block * gp >= 2**31,
+                IO=_IO[x.dtype], HAS_MASK=has_mask, I64=x.numel() + block * gp >= 2**31, FAST=_fast(x),
                 num_warps=min(16, max(TUNE["block_warps"], gp * block // 512)), enable_fp_fusion=False)
     return out

@@ -12,6 +12,8 @@ the padding positions, and ``n[b]``, all on the device (no host sync). The data 
 everything else (full-precision tail, padding) is copied unchanged. Per group, in fp32 as eager does it:
 ``scale = (mx - mn)/M`` (IEEE division, ``M = 2^b - 1``), ``q = round(clamp((x - mn)/safe, 0, M))``,
 ``x̂ = q*scale + mn`` (two roundings: kernels run with ``enable_fp_fusion=False``), or ``mn`` if ``scale == 0``.
+The division is :func:`~kvgeom.quant.triton_kernels._fast_div` on the GPU where every scale of a program
+allows it (one reciprocal per group), else ``div_rn``.
 """
 
 from __future__ import annotations
@@ -22,17 +24,13 @@ import triton.language as tl
 from torch import Tensor
 
 from .scheme import KIVISpec, Role
-from .triton_kernels import _IO, MAX_BLOCK, _io, _load, _rint, _store
+from .triton_kernels import _IO, MAX_BLOCK, _divide, _divisor, _io, _load, _store
 
-#: launch shapes. ``k_loop``: keys by the row-loop kernel (each program walks its G slots one row at a time:
-#: the per-channel min/max stay in registers, no cross-warp reduction) instead of one [G, BC] tile: 0.447 ms
-#: against 0.593 ms on [64, 2048, 8, 128] bf16 on an H200 (``benchmarks/triton_tune.py``, best of each).
-#: Only the settings the CUDA bit-identity tests ran with are known safe: in that sweep the tile kernel at
-#: k_elems=32768, k_warps=16 gave different bits (Triton 3.6; docs/benchmarks.md §2). Tried and measured no
-#: better on the H200: unrolling the row loop (``tl.static_range``: 0.626 ms against 0.466 ms) and the values
-#: kernel on a (slot group, batch row) grid without 64-bit divisions (0.336-0.357 ms against 0.351 ms).
-KIVI_TUNE = {"perm_chunk": 1024, "k_elems": 4096, "k_warps": 4, "k_loop": True, "k_loop_cols": 256,
-             "k_loop_warps": 2, "v_elems": 1024, "v_warps": 2}
+#: launch shapes and the division (performance only: results do not depend on them), tuned on an H200 with
+#: ``benchmarks/triton_tune.py`` (docs/benchmarks.md §2). ``fast_div``: divide by a per-group reciprocal
+#: (:func:`~kvgeom.quant.triton_kernels._fast_div`), on the GPU only. Only the shapes the CUDA bit-identity tests
+#: ran with are known safe: in one sweep the key kernel at k_elems=32768, k_warps=16 gave different bits (Triton 3.6).
+KIVI_TUNE = {"perm_chunk": 1024, "k_elems": 2048, "k_warps": 1, "v_elems": 1024, "v_warps": 2, "fast_div": True}
 
 
 @triton.jit
@@ -65,20 +63,44 @@ def _perm_kernel(mask_ptr, perm_ptr, n_ptr, P, CH: tl.constexpr):
 
 
 @triton.jit
-def _kivi_quant(x, lane, AXIS: tl.constexpr, QMAX: tl.constexpr):
-    """:func:`kvgeom.quant.kivi.quant_groups` along ``AXIS`` (``lane``: the group's members)."""
-    mn = tl.min(tl.where(lane, x, float("inf")), axis=AXIS, keep_dims=True)
-    mx = tl.max(tl.where(lane, x, float("-inf")), axis=AXIS, keep_dims=True)
+def _kivi_params(mn, mx, QMAX: tl.constexpr, FAST: tl.constexpr):
+    """Per group: ``scale``, the divisor ``safe`` (1 for a constant group), its reciprocal, and whether the
+    program may use :func:`~kvgeom.quant.triton_kernels._fast_div` (a scalar; quotients are at most ~M)."""
     scale = tl.math.div_rn(mx - mn, QMAX)
     nz = scale > 0.0
     safe = tl.where(nz, scale, 1.0)
-    q = _rint(tl.minimum(tl.maximum(tl.math.div_rn(x - mn, safe), 0.0), QMAX))
+    r, fast = _divisor(safe, safe, FAST)
+    return scale, nz, safe, r, fast
+
+
+@triton.jit
+def _kivi_apply(x, mn, scale, nz, safe, r, fast, QMAX: tl.constexpr, FAST: tl.constexpr):
+    """:func:`kvgeom.quant.kivi.quant_groups`' quantize-dequantize of ``x`` with its group's parameters."""
+    t = _divide(x - mn, safe, r, fast, FAST)
+    # round half to even of a value in [0, M] (or -0): no sign or range handling needed. A -0 quotient (x = -0,
+    # mn = +0) becomes +0 here, which changes nothing: q * scale + mn is +0 for either sign
+    q = (tl.minimum(tl.maximum(t, 0.0), QMAX) + 8388608.0) - 8388608.0
     return tl.where(nz, q * scale + mn, mn)
 
 
 @triton.jit
+def _kivi_quant(x, lane, AXIS: tl.constexpr, QMAX: tl.constexpr, FAST: tl.constexpr):
+    """:func:`kvgeom.quant.kivi.quant_groups` along ``AXIS`` (``lane``: the group's members)."""
+    mn = tl.min(tl.where(lane, x, float("inf")), axis=AXIS, keep_dims=True)
+    mx = tl.max(tl.where(lane, x, float("-inf")), axis=AXIS, keep_dims=True)
+    scale, nz, safe, r, fast = _kivi_params(mn, mx, QMAX, FAST)
+    return _kivi_apply(x, mn, scale, nz, safe, r, fast, QMAX, FAST)
+
+
+@triton.jit
+def _copy(x_ptr, out_ptr, offs, ok):
+    tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=ok), mask=ok)
+
+
+@triton.jit
 def _keys_kernel(x_ptr, out_ptr, perm_ptr, n_ptr, P, L, NJ, G: tl.constexpr, GP: tl.constexpr, BC: tl.constexpr,
-                 R: tl.constexpr, QMAX: tl.constexpr, IO: tl.constexpr, HAS_MASK: tl.constexpr):
+                 R: tl.constexpr, QMAX: tl.constexpr, IO: tl.constexpr, HAS_MASK: tl.constexpr,
+                 FAST: tl.constexpr):
     """Program (row b, slot group j, column block): the G slots ``j*G ...`` of row b, ``BC`` columns."""
     pid = tl.program_id(0)
     b = pid // NJ
@@ -93,86 +115,41 @@ def _keys_kernel(x_ptr, out_ptr, perm_ptr, n_ptr, P, L, NJ, G: tl.constexpr, GP:
     else:
         pos = s
         n = P
-    quant = j * G + G <= (n // R) * R
     ok = slot_ok[:, None] & (cols < L)[None, :]
     offs = (b.to(tl.int64) * P + pos)[:, None] * L + cols[None, :]
-    x, raw = _load(x_ptr, offs, ok, IO)
-    x = tl.where(quant, x, 0.0)
-    y = _kivi_quant(x, slot_ok[:, None], 0, QMAX)
-    _store(out_ptr, offs, ok, y, raw, quant, IO)
-
-
-@triton.jit
-def _keys_loop_kernel(x_ptr, out_ptr, perm_ptr, n_ptr, P, L, NJ, G: tl.constexpr, BC: tl.constexpr,
-                      R: tl.constexpr, QMAX: tl.constexpr, IO: tl.constexpr, HAS_MASK: tl.constexpr):
-    """As :func:`_keys_kernel`, one slot (row of ``BC`` columns) at a time: min/max, then quantize and store."""
-    pid = tl.program_id(0)
-    b = pid // NJ
-    j = pid % NJ
-    cols = tl.program_id(1) * BC + tl.arange(0, BC)
-    col_ok = cols < L
-    if HAS_MASK:
-        n = tl.load(n_ptr + b)
-    else:
-        n = P
-    quant = j * G + G <= (n // R) * R
-    mn = tl.full([BC], float("inf"), tl.float32)
-    mx = tl.full([BC], float("-inf"), tl.float32)
-    for t in range(G):
-        s = j * G + t
-        if HAS_MASK:
-            pos = tl.load(perm_ptr + b.to(tl.int64) * P + s, mask=s < P, other=0)
-        else:
-            pos = s
-        ok = col_ok & (s < P)
-        x, _ = _load(x_ptr, (b.to(tl.int64) * P + pos) * L + cols, ok, IO)
-        x = tl.where(quant, x, 0.0)
-        mn = tl.minimum(mn, tl.where(s < P, x, float("inf")))
-        mx = tl.maximum(mx, tl.where(s < P, x, float("-inf")))
-    scale = tl.math.div_rn(mx - mn, QMAX)
-    nz = scale > 0.0
-    safe = tl.where(nz, scale, 1.0)
-    for t in range(G):
-        s = j * G + t
-        if HAS_MASK:
-            pos = tl.load(perm_ptr + b.to(tl.int64) * P + s, mask=s < P, other=0)
-        else:
-            pos = s
-        ok = col_ok & (s < P)
-        offs = (b.to(tl.int64) * P + pos) * L + cols
+    if j * G + G <= (n // R) * R:  # the group is quantized (whole groups only: R is a multiple of G)
         x, raw = _load(x_ptr, offs, ok, IO)
-        x = tl.where(quant, x, 0.0)
-        q = _rint(tl.minimum(tl.maximum(tl.math.div_rn(x - mn, safe), 0.0), QMAX))
-        y = tl.where(nz, q * scale + mn, mn)
-        _store(out_ptr, offs, ok, y, raw, quant, IO)
+        y = _kivi_quant(x, (e < G)[:, None], 0, QMAX, FAST)  # every slot of the group is real here
+        _store(out_ptr, offs, ok, y, raw, True, IO)
+    else:  # full-precision tail, padding
+        _copy(x_ptr, out_ptr, offs, ok)
 
 
 @triton.jit
-def _values_kernel(x_ptr, out_ptr, perm_ptr, n_ptr, n_groups, P, NB: tl.constexpr, G: tl.constexpr,
+def _values_kernel(x_ptr, out_ptr, perm_ptr, n_ptr, P, NB: tl.constexpr, NKB: tl.constexpr, G: tl.constexpr,
                    GP: tl.constexpr, BLOCK: tl.constexpr, R: tl.constexpr, QMAX: tl.constexpr, IO: tl.constexpr,
-                   HAS_MASK: tl.constexpr):
-    """``BLOCK`` groups of G channels (``NB`` per slot) per program."""
-    blk = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    blk_ok = blk < n_groups
-    slot = blk // NB  # b*P + s
-    k = blk % NB
+                   HAS_MASK: tl.constexpr, FAST: tl.constexpr):
+    """Program (slot, block): ``BLOCK`` of the ``NB`` groups of G channels of one slot (``NKB`` blocks per slot)."""
+    pid = tl.program_id(0).to(tl.int64)
+    slot = pid // NKB  # b*P + s
+    k = (pid % NKB) * BLOCK + tl.arange(0, BLOCK)
     b = slot // P
     s = slot % P
     if HAS_MASK:
-        pos = tl.load(perm_ptr + slot, mask=blk_ok, other=0)
-        n = tl.load(n_ptr + b, mask=blk_ok, other=0)
+        pos = tl.load(perm_ptr + slot)
+        n = tl.load(n_ptr + b)
     else:
         pos = s
         n = P
-    quant = blk_ok & (s + R < n)
     e = tl.arange(0, GP)
     lane = (e < G)[None, :]
-    ok = blk_ok[:, None] & lane
+    ok = (k < NB)[:, None] & lane
     offs = ((b * P + pos) * NB + k)[:, None] * G + e[None, :]
-    x, raw = _load(x_ptr, offs, ok, IO)
-    x = tl.where(quant[:, None], x, 0.0)
-    y = _kivi_quant(x, lane, 1, QMAX)
-    _store(out_ptr, offs, ok, y, raw, quant[:, None], IO)
+    if s + R < n:
+        x, raw = _load(x_ptr, offs, ok, IO)
+        _store(out_ptr, offs, ok, _kivi_quant(x, lane, 1, QMAX, FAST), raw, True, IO)
+    else:  # full-precision tail, padding
+        _copy(x_ptr, out_ptr, offs, ok)
 
 
 def kivi_supported(x: Tensor, spec: KIVISpec) -> bool:
@@ -195,22 +172,18 @@ def kivi_fused(x: Tensor, out: Tensor, mask: Tensor | None, spec: KIVISpec, role
     else:
         perm = n = x  # placeholders, never read
     qmax = float(2**spec.bits - 1)
-    if role == "k" and KIVI_TUNE["k_loop"]:
-        bc = min(triton.next_power_of_2(L), KIVI_TUNE["k_loop_cols"])
-        nj = triton.cdiv(P, G)
-        _keys_loop_kernel[(B * nj, triton.cdiv(L, bc))](
-            _io(x), _io(out), perm, n, P, L, nj, G=G, BC=bc, R=R, QMAX=qmax, IO=_IO[x.dtype], HAS_MASK=has_mask,
-            num_warps=KIVI_TUNE["k_loop_warps"], enable_fp_fusion=False)
-    elif role == "k":
+    fast = KIVI_TUNE["fast_div"] and x.is_cuda  # inline PTX (_rcp): the interpreter cannot run it
+    if role == "k":
         bc = min(triton.next_power_of_2(L), max(16, KIVI_TUNE["k_elems"] // gp))
         nj = triton.cdiv(P, G)
         _keys_kernel[(B * nj, triton.cdiv(L, bc))](
             _io(x), _io(out), perm, n, P, L, nj, G=G, GP=gp, BC=bc, R=R, QMAX=qmax, IO=_IO[x.dtype],
-            HAS_MASK=has_mask, num_warps=KIVI_TUNE["k_warps"], enable_fp_fusion=False)
+            HAS_MASK=has_mask, FAST=fast, num_warps=KIVI_TUNE["k_warps"], enable_fp_fusion=False)
     else:
-        block = max(1, KIVI_TUNE["v_elems"] // gp)
-        n_groups = B * P * (L // G)
-        _values_kernel[(triton.cdiv(n_groups, block),)](
-            _io(x), _io(out), perm, n, n_groups, P, NB=L // G, G=G, GP=gp, BLOCK=block, R=R, QMAX=qmax,
-            IO=_IO[x.dtype], HAS_MASK=has_mask, num_warps=min(16, max(KIVI_TUNE["v_warps"], gp * block // 512)),
-            enable_fp_fusion=False)
+        nb = L // G
+        block = min(triton.next_power_of_2(nb), max(1, KIVI_TUNE["v_elems"] // gp))
+        nkb = triton.cdiv(nb, block)
+        _values_kernel[(B * P * nkb,)](
+            _io(x), _io(out), perm, n, P, NB=nb, NKB=nkb, G=G, GP=gp, BLOCK=block, R=R, QMAX=qmax,
+            IO=_IO[x.dtype], HAS_MASK=has_mask, FAST=fast,
+            num_warps=min(16, max(KIVI_TUNE["v_warps"], gp * block // 512)), enable_fp_fusion=False)

@@ -190,6 +190,49 @@ def test_no_fma_contraction(name, device):
     assert_same(got, want, f"{name} fma traps")
 
 
+def subnormal_kv(shape, seed: int) -> torch.Tensor:
+    """Random values at magnitudes 1e-45 .. 1e-30 per position: many ranges, scales and quotients are fp32
+    subnormals, which eager keeps and a flush-to-zero division (``div.rn.ftz.f32``) would zero."""
+    g = torch.Generator().manual_seed(seed)
+    mag = 10.0 ** (-45 + 15 * torch.rand(shape[:2] + (1, 1), generator=g))
+    return (torch.randn(shape, generator=g, dtype=torch.float64) * mag).float()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("name", [*COVERED, *KIVI[:3]])
+def test_subnormal_ranges_bit_identical(name, dtype, device):
+    shape = (2, 64, 2, 64)
+    x = subnormal_kv(shape, seed=4).to(dtype).to(device)
+    skip_uncovered(x, name)
+    assert int(((x != 0) & (x.abs() < torch.finfo(torch.float32).tiny)).sum()) > 1000  # subnormal inputs
+    for role in ("k", "v") if "@amax" in name or name.startswith("kivi") else ("k",):
+        for mask in (None, padded_mask(shape, device)):
+            got, want = run_both(x, name, role, mask)
+            assert_same(got, want, f"{name} {dtype} subnormal role={role} mask={mask is not None}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("name", ["q4_0", "q5_0"])
+def test_first_largest_magnitude_wins(name, dtype, device):
+    """q4_0/q5_0 scale by the *first* value of largest magnitude: blocks holding both +a and -a (and +-0 for an
+    all-zero block) at every pair of positions, in both orders."""
+    g = torch.Generator().manual_seed(11)
+    blocks = []
+    for i, j in [(0, 31), (31, 0), (3, 4), (4, 3), (15, 16), (16, 15), (0, 1)]:
+        for a in (1.5, 0.75):
+            b = torch.rand(32, generator=g) - 0.5
+            b[i], b[j] = a, -a
+            blocks.append(b)
+    zero = torch.zeros(32)
+    zero[5] = -0.0
+    blocks.append(zero)
+    x = torch.stack(blocks).reshape(1, len(blocks), 1, 32).to(dtype).to(device)
+    got, want = run_both(x, name, "k", None)
+    assert_same(got, want, f"{name} {dtype} magnitude ties")
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_non_contiguous_input(device):
     x = random_kv((2, 40, 3, 64), seed=5).transpose(1, 2).contiguous().transpose(1, 2).to(device)  # HF layout
@@ -307,21 +350,22 @@ def test_kivi_ties_and_constant_groups(name, dtype, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", ["kivi2", "kivi4-g16-r32", "kivi2-g12-r24"])
-def test_kivi_key_kernels_agree(name, device, monkeypatch):
-    """Both key kernels (one [G, BC] tile, or a loop over the G rows: ``KIVI_TUNE["k_loop"]``) give eager's bits,
-    ties and constant groups included, with and without padding."""
+def test_kivi_key_tile_shapes_agree(name, device, monkeypatch):
+    """The key kernel gives eager's bits at every tile shape (``KIVI_TUNE["k_elems"]``: columns per program)
+    that a sweep tried, ties and constant groups included, with and without padding."""
     import kvgeom.quant.triton_kivi as tkivi
 
     spec = Scheme.parse(name).k
     shape, lengths = kivi_case(name)
     xs = {"random": random_kv(shape, seed=5).to(torch.bfloat16).to(device),
           "ties": kivi_tie_kv(shape, spec.group_size, seed=3).to(device)}
-    for loop in (False, True):
-        monkeypatch.setitem(tkivi.KIVI_TUNE, "k_loop", loop)
+    for elems, warps in ((1024, 2), (2048, 1), (4096, 4)):
+        monkeypatch.setitem(tkivi.KIVI_TUNE, "k_elems", elems)
+        monkeypatch.setitem(tkivi.KIVI_TUNE, "k_warps", warps)
         for what, x in xs.items():
             for mask in (None, left_padded(shape[1], lengths, device), scattered(shape[1], lengths, device, 1)):
                 got, want = run_both(x, name, "k", mask)
-                assert_same(got, want, f"{name} loop={loop} {what} mask={mask is not None}")
+                assert_same(got, want, f"{name} k_elems={elems} {what} mask={mask is not None}")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -365,3 +409,74 @@ def test_kivi_kernel_runs_by_default_on_cuda(monkeypatch):
     monkeypatch.setattr(tk, "OPT_IN", (type(Scheme.parse("kivi2").k),))
     assert_same(fake_quant(x, "kivi2"), fake_quant(x, "kivi2", backend="eager"), "auto, opt-in")
     assert len(calls) == 2
+
+
+if not INTERPRET:  # compiled for the GPU only: the kernel under test uses inline PTX
+    import triton
+    import triton.language as tl
+
+    from kvgeom.quant import triton_kivi as tkivi
+
+    @triton.jit
+    def _fast_div_probe(d_ptr, s_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = i < n
+        d = tl.load(d_ptr + i, mask=ok, other=0.0)
+        s = tl.load(s_ptr + i, mask=ok, other=1.0)
+        tl.store(out_ptr + i, tk._fast_div(d, s, tk._rcp(s)), mask=ok)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="needs a CUDA GPU and no TRITON_INTERPRET")
+@pytest.mark.parametrize("ties", [3, 15, 255])
+def test_fast_division_is_exact(ties):
+    """:func:`triton_kernels._fast_div` (the divisor's reciprocal computed once) against torch's CUDA division on
+    2^23 pairs, divisors over [2^-64, 2^64] with every mantissa: half with signed quotients log-uniform over
+    [2^-40, 2^40] (and zeros), half within a few ulps of a rounding tie ``(k + 1/2)``, k < ``ties``. The bits are
+    equal wherever ``|d / s| >= 2^-20``; below, the result keeps the sign and stays below 2^-19."""
+    g = torch.Generator(device="cuda").manual_seed(ties)
+    n = 1 << 22
+    s = torch.exp2(torch.empty(2 * n, device="cuda").uniform_(-64, 63, generator=g).floor())
+    s = s * torch.empty_like(s).uniform_(1, 2, generator=g)
+    sign = torch.randint(0, 2, (2 * n,), device="cuda", generator=g).float() * 2 - 1
+    t = torch.exp2(torch.empty(n, device="cuda").uniform_(-40, 40, generator=g))
+    k = torch.randint(0, ties, (n,), device="cuda", generator=g).float() + 0.5
+    d = torch.cat([t, k]) * s * sign
+    ulps = torch.randint(-3, 4, (n,), device="cuda", generator=g).to(torch.int32)
+    d[n:] = (d[n:].view(torch.int32) + ulps).view(torch.float32)  # a few ulps off the tie, either way
+    d[:512] = 0.0
+    d[512:1024] = -0.0
+    want = d / s
+    got = torch.empty_like(d)
+    _fast_div_probe[(triton.cdiv(2 * n, 1024),)](d, s, got, 2 * n, BLOCK=1024, enable_fp_fusion=False)
+    big = want.abs() >= 2.0**-20
+    assert int(big.sum()) > n
+    assert torch.equal(got[big].view(torch.int32), want[big].view(torch.int32))
+    assert bool((got[~big].abs() < 2.0**-19).all())
+    assert torch.equal(torch.signbit(got[~big]), torch.signbit(want[~big]))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="needs a CUDA GPU and no TRITON_INTERPRET")
+@pytest.mark.parametrize("name", ["kivi2", "kivi4-g16-r32", "int4-token-sym", "int4-group32-asym",
+                                  "int4-tensor-asym", "int8-channel-asym", "fp8_e4m3@amax", "fp8_e5m2@amax"])
+def test_both_divisions_agree(name, monkeypatch):
+    """``fast_div`` on and off give eager's bits, also where a program must fall back to ``div_rn``: subnormal
+    values (divisors below 2^-64) and huge constant blocks (quotients beyond 2^64, the asym floor 1e-8)."""
+    kivi = name.startswith("kivi")
+    shape, lengths = kivi_case(name) if kivi else ((3, 45, 3, 64), [45, 30, 0])
+    huge = random_kv(shape, seed=7)
+    huge[0, 1:5] = 3e30  # constant blocks: asym scale 1e-8, x/scale overflows fp32
+    huge[1, 2, 0] = -1e37
+    xs = {"random": random_kv(shape, seed=5).to(torch.bfloat16).cuda(), "subnormal": subnormal_kv(shape, seed=6).cuda(),
+          "huge": huge.cuda()}
+    if kivi:
+        xs["ties"] = kivi_tie_kv(shape, Scheme.parse(name).k.group_size, seed=3).cuda()
+    table = tkivi.KIVI_TUNE if kivi else tk.TUNE
+    for fast in (False, True):
+        monkeypatch.setitem(table, "fast_div", fast)
+        for what, x in xs.items():
+            for role in ("k", "v") if kivi or "@amax" in name else ("k",):
+                for mask in (None, left_padded(shape[1], lengths, "cuda")):
+                    got, want = run_both(x, name, role, mask)
+                    assert_same(got, want, f"{name} fast={fast} {what} {role} mask={mask is not None}")
