@@ -339,11 +339,11 @@ def _apply_kernel(x_ptr, out_ptr, mask_ptr, lo_ptr, hi_ptr, P, L, RANGED: tl.con
     x = tl.where(real[:, None], x, 0.0)
     if RANGED:  # the range as a vector: one entry per column, or a single one for the batch row
         if PER_COL:
-            idx = b * L + cols
+            lo = tl.load(lo_ptr + b * L + cols, mask=col_ok, other=0.0)
+            hi = tl.load(hi_ptr + b * L + cols, mask=col_ok, other=0.0)
         else:
-            idx = b + tl.zeros([1], tl.int64)
-        lo = tl.load(lo_ptr + idx, mask=idx < (b + 1) * L, other=0.0)
-        hi = tl.load(hi_ptr + idx, mask=idx < (b + 1) * L, other=0.0)
+            lo = tl.load(lo_ptr + b + tl.zeros([1], tl.int64))
+            hi = tl.load(hi_ptr + b + tl.zeros([1], tl.int64))
         empty = lo == float("inf")  # no real position: the range is parked at 0 (uniform._masked_range)
         lo = tl.where(empty, 0.0, lo)
         hi = tl.where(empty, 0.0, hi)

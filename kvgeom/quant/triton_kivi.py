@@ -63,33 +63,19 @@ def _perm_kernel(mask_ptr, perm_ptr, n_ptr, P, CH: tl.constexpr):
 
 
 @triton.jit
-def _kivi_params(mn, mx, QMAX: tl.constexpr, FAST: tl.constexpr):
-    """Per group: ``scale``, the divisor ``safe`` (1 for a constant group), its reciprocal, and whether the
-    program may use :func:`~kvgeom.quant.triton_kernels._fast_div` (a scalar; quotients are at most ~M)."""
+def _kivi_quant(x, lane, AXIS: tl.constexpr, QMAX: tl.constexpr, FAST: tl.constexpr):
+    """:func:`kvgeom.quant.kivi.quant_groups` along ``AXIS`` (``lane``: the group's members)."""
+    mn = tl.min(tl.where(lane, x, float("inf")), axis=AXIS, keep_dims=True)
+    mx = tl.max(tl.where(lane, x, float("-inf")), axis=AXIS, keep_dims=True)
     scale = tl.math.div_rn(mx - mn, QMAX)
     nz = scale > 0.0
     safe = tl.where(nz, scale, 1.0)
-    r, fast = _divisor(safe, safe, FAST)
-    return scale, nz, safe, r, fast
-
-
-@triton.jit
-def _kivi_apply(x, mn, scale, nz, safe, r, fast, QMAX: tl.constexpr, FAST: tl.constexpr):
-    """:func:`kvgeom.quant.kivi.quant_groups`' quantize-dequantize of ``x`` with its group's parameters."""
+    r, fast = _divisor(safe, safe, FAST)  # quotients are at most ~M: the bound is the divisor's own range
     t = _divide(x - mn, safe, r, fast, FAST)
     # round half to even of a value in [0, M] (or -0): no sign or range handling needed. A -0 quotient (x = -0,
     # mn = +0) becomes +0 here, which changes nothing: q * scale + mn is +0 for either sign
     q = (tl.minimum(tl.maximum(t, 0.0), QMAX) + 8388608.0) - 8388608.0
     return tl.where(nz, q * scale + mn, mn)
-
-
-@triton.jit
-def _kivi_quant(x, lane, AXIS: tl.constexpr, QMAX: tl.constexpr, FAST: tl.constexpr):
-    """:func:`kvgeom.quant.kivi.quant_groups` along ``AXIS`` (``lane``: the group's members)."""
-    mn = tl.min(tl.where(lane, x, float("inf")), axis=AXIS, keep_dims=True)
-    mx = tl.max(tl.where(lane, x, float("-inf")), axis=AXIS, keep_dims=True)
-    scale, nz, safe, r, fast = _kivi_params(mn, mx, QMAX, FAST)
-    return _kivi_apply(x, mn, scale, nz, safe, r, fast, QMAX, FAST)
 
 
 @triton.jit
