@@ -17,6 +17,7 @@ import torch
 
 from kvgeom.quant import Scheme, fake_quant
 from kvgeom.quant import triton_kernels as tk
+from kvgeom.quant import triton_kivi as tkv
 
 SCHEMES = ("int4-token-asym", "int4-token-sym", "int8-token-sym", "int4-head-asym", "int4-group64-asym",
            "int4-tensor-asym", "int8-channel-asym", "q8_0", "q4_0", "q4_1", "q5_0", "fp8_e4m3", "fp8_e4m3@amax",
@@ -51,8 +52,18 @@ def main() -> None:
     ap.add_argument("--inner", type=int, default=10, help="back-to-back calls per timed repeat")
     ap.add_argument("--schemes", nargs="*", default=list(SCHEMES))
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile (slow to compile)")
+    ap.add_argument("--tune", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="launch settings to override, e.g. one_pass=false (keys of triton_kernels.TUNE or "
+                         "triton_kivi.KIVI_TUNE; values as JSON)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    for item in args.tune:
+        key, _, value = item.partition("=")
+        table = next((t for t in (tk.TUNE, tkv.KIVI_TUNE) if key in t), None)
+        if table is None:
+            ap.error(f"--tune {item}: {key!r} is not a key of TUNE {sorted(tk.TUNE)} or KIVI_TUNE "
+                     f"{sorted(tkv.KIVI_TUNE)}")
+        table[key] = json.loads(value)
     x = torch.randn(*args.shape, device="cuda", dtype=getattr(torch, args.dtype))
     x[:, :, 0, :4] *= 30  # a few outlier channels, as real keys have
     nbytes = 2 * x.numel() * x.element_size()
@@ -116,7 +127,8 @@ def main() -> None:
 
         with open(args.json, "w") as f:
             json.dump({"shape": args.shape, "dtype": args.dtype, "bytes": nbytes, "hbm_tbps": args.hbm_tbps,
-                       "inner": args.inner, "rows": rows, "gpu": torch.cuda.get_device_name(),
+                       "inner": args.inner, "tune": {**tk.TUNE, **tkv.KIVI_TUNE}, "rows": rows,
+                       "gpu": torch.cuda.get_device_name(),
                        "torch": torch.__version__, "triton": triton.__version__}, f, indent=2)
 
 

@@ -40,7 +40,7 @@ def _triton_kernels():
     return triton_kernels
 
 
-def _fused(x: KV, mask: Tensor, spec: BaseSpec, role: Role, backend: Backend) -> KV | None:
+def _fused(x: KV, mask: Tensor | None, spec: BaseSpec, role: Role, backend: Backend) -> KV | None:
     if backend == "eager" or (backend == "auto" and not x.is_cuda):
         return None
     kernels = _triton_kernels()
@@ -149,10 +149,11 @@ def fake_quant(
     if backend not in ("auto", "eager", "triton"):
         raise ValueError(f"backend must be 'auto', 'eager' or 'triton', got {backend!r}")
     spec = resolve_spec(scheme, role)
+    given = mask
     mask = check_input(x, mask, role, site, check_finite)
     if isinstance(spec, CastSpec) and spec.dtype == "none":
         return x.clone()
-    if (out := _fused(x, mask, spec, role, backend)) is not None:
+    if (out := _fused(x, given, spec, role, backend)) is not None:  # no mask given: kernels without mask loads
         return out
     m4 = mask[:, :, None, None]
     xf = torch.where(m4, x.to(torch.float32), 0.0)

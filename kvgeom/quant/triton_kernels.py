@@ -53,7 +53,8 @@ GRID_YZ = 65535  # CUDA's limit on a launch grid's 2nd and 3rd dimensions (the b
 #: launch shapes (performance only; results do not depend on them)
 TUNE = {"block_elems": 1024, "block_warps": 2, "apply_elems": 2048, "apply_bc": 256, "apply_warps": 2,
         "range_chunk": 1024, "range_bp": 16, "range_bc": 256, "range_warps": 4,
-        "fast_div": True}  # tuned on an H200, [64, 2048, 8, 128] bf16; fast_div: see _fast_div
+        "one_pass": True, "one_pass_bc": 256, "one_pass_elems": 4096, "one_pass_rows": 128, "one_pass_warps": 4,
+        "one_pass_per_sm": 8, "fast_div": True}  # tuned on an H200, [64, 2048, 8, 128] bf16; fast_div: see _fast_div
 
 
 # ---- exact elementwise helpers (same arithmetic on the GPU and under the interpreter) ------------------
@@ -116,8 +117,15 @@ def _fast_div(d, s, r):
     may be off by ulps, has the sign of ``d`` (also when zero: ``s > 0``), and rounds to the same integer code
     (``|q| < 1/4``) and to the same fp8 value (below half the smallest fp8 subnormal, 2^-17) as the exact one.
     ``tests/quant/test_triton_kernels.py::test_fast_division_is_exact`` checks this against torch on the GPU."""
+    return _copysign(_fast_div_nonneg(d, s, r), d)
+
+
+@triton.jit
+def _fast_div_nonneg(d, s, r):
+    """:func:`_fast_div` for ``d >= 0`` (or -0) where the sign of a quotient below 2^-20 does not matter: one
+    instruction less per element."""
     q = tl.fma(d, r, 0.0)
-    return _copysign(tl.fma(r, tl.fma(-s, q, d), q), d)
+    return tl.fma(r, tl.fma(-s, q, d), q)
 
 
 @triton.jit
@@ -166,11 +174,15 @@ def _store(ptr, offs, ok, y, raw, real, IO: tl.constexpr):
 
 
 @triton.jit
-def _divide(d, s, r, fast, FAST: tl.constexpr):
-    """``d / s`` (IEEE): :func:`_fast_div` where the program's ``fast`` check passed, else ``div_rn``."""
+def _divide(d, s, r, fast, FAST: tl.constexpr, SIGNED: tl.constexpr):
+    """``d / s`` (IEEE): :func:`_fast_div` where the program's ``fast`` check passed, else ``div_rn``.
+    ``SIGNED=False`` (``d >= 0`` and a quotient below 2^-20 rounds to 0 whatever its sign): :func:`_fast_div_nonneg`."""
     if FAST:
         if fast:
-            t = _fast_div(d, s, r)
+            if SIGNED:
+                t = _fast_div(d, s, r)
+            else:
+                t = _fast_div_nonneg(d, s, r)
         else:
             t = tl.math.div_rn(d, s)
     else:
@@ -210,7 +222,7 @@ def _int_params(lo, hi, KIND: tl.constexpr, QMAX: tl.constexpr, FAST: tl.constex
 @triton.jit
 def _int_apply(x, scale, zp, safe, r, fast, KIND: tl.constexpr, QMAX: tl.constexpr, FAST: tl.constexpr):
     """:func:`kvgeom.quant.uniform.int_apply` (``safe``, ``r``, ``fast`` from :func:`_int_params`)."""
-    t = _divide(x, safe, r, fast, FAST)
+    t = _divide(x, safe, r, fast, FAST, True)
     if KIND == INT_SYM:
         q = tl.minimum(tl.maximum(_rint(t), -QMAX - 1.0), QMAX)
         return q * scale
@@ -317,6 +329,100 @@ def _range_kernel(x_ptr, mask_ptr, lo_ptr, hi_ptr, P, L, CHUNK: tl.constexpr, BP
 
 
 @triton.jit
+def _ranged_math(x, lo, hi, KIND: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, P3: tl.constexpr,
+                 P4: tl.constexpr, P5: tl.constexpr, FAST: tl.constexpr):
+    """Quantize-dequantize ``x`` [rows, cols] with a range ``lo``/``hi`` given per column (or one for all)."""
+    empty = lo == float("inf")  # no real position: the range is parked at 0 (uniform._masked_range)
+    lo = tl.where(empty, 0.0, lo)
+    hi = tl.where(empty, 0.0, hi)
+    if KIND == FP8:  # vLLM: fp8(clamp(x/s, -max, max)) * s; P1 max, P2..P4 see _fp8_round, P5 amax divisor
+        amax = tl.maximum(tl.abs(lo), tl.abs(hi))
+        s = tl.math.div_rn(amax, P5)
+        s = tl.where(s > 0.0, s, 1.0)
+        r, fast = _divisor(s, amax, FAST)
+        y = tl.minimum(tl.maximum(_divide(x, s[None, :], r[None, :], fast, FAST, True), -P1), P1)
+        y = _fp8_round(y, P2, P3, P4) * s[None, :]
+    else:
+        scale, zp, safe, r, fast = _int_params(lo, hi, KIND, P1, FAST)
+        y = _int_apply(x, scale[None, :], zp[None, :], safe[None, :], r[None, :], fast, KIND, P1, FAST)
+    return y
+
+
+@triton.jit
+def _one_pass_kernel(x_ptr, out_ptr, mask_ptr, lo_ptr, hi_ptr, cnt_ptr, B, P, L, NC, NK, CP: tl.constexpr,
+                     BR: tl.constexpr, BC: tl.constexpr, PER_COL: tl.constexpr, KIND: tl.constexpr,
+                     P1: tl.constexpr, P2: tl.constexpr, P3: tl.constexpr, P4: tl.constexpr, P5: tl.constexpr,
+                     IO: tl.constexpr, HAS_MASK: tl.constexpr, FAST: tl.constexpr):
+    """Range then elementwise pass in one launch, each batch row re-read while it is still in L2.
+
+    A row's ``NC * NK`` items (``CP`` positions x ``BC`` columns) are first reduced (R: atomic min/max into
+    ``lo``/``hi``, then ``cnt[b] += 1``), then quantized (A: once ``cnt[b]`` is complete). Persistent programs
+    take items by ticket (``cnt[B]``, an atomic counter) in the order R(0), R(1), A(0), R(2), A(1), ..., A(B-1):
+    an A item waits only on R items of lower tickets, which running programs hold and finish without waiting,
+    so the wait always ends, whatever the number of resident programs (one program alone does all items in
+    order, as under the interpreter)."""
+    NI = NC * NK
+    T = 2 * B * NI
+    t = tl.atomic_add(cnt_ptr + B, 1, sem="relaxed")
+    while t < T:
+        nxt = tl.atomic_add(cnt_ptr + B, 1, sem="relaxed")  # fetched early: its latency hides behind the item
+        s = t // NI
+        i = t % NI
+        is_apply = ((s % 2 == 0) & (s > 0)) | (s == 2 * B - 1)
+        b = ((s + 1) // 2 - is_apply.to(tl.int32)).to(tl.int64)
+        cols = (i % NK) * BC + tl.arange(0, BC)
+        col_ok = cols < L
+        p_first = (i // NK) * CP
+        if is_apply:
+            done = tl.atomic_add(cnt_ptr + b, 0, sem="acquire")
+            while done < NI:
+                done = tl.atomic_add(cnt_ptr + b, 0, sem="acquire")
+            if PER_COL:  # .cg: from L2, never a stale L1 line (a neighbour's range may share it)
+                lo = tl.load(lo_ptr + b * L + cols, mask=col_ok, other=0.0, cache_modifier=".cg")
+                hi = tl.load(hi_ptr + b * L + cols, mask=col_ok, other=0.0, cache_modifier=".cg")
+            else:
+                lo = tl.load(lo_ptr + b + tl.zeros([1], tl.int64), cache_modifier=".cg")
+                hi = tl.load(hi_ptr + b + tl.zeros([1], tl.int64), cache_modifier=".cg")
+            for p0 in range(0, CP, BR):
+                p = p_first + p0 + tl.arange(0, BR)
+                row_ok = p < P
+                rows = b * P + p
+                ok = row_ok[:, None] & col_ok[None, :]
+                offs = rows[:, None] * L + cols[None, :]
+                x, raw = _load(x_ptr, offs, ok, IO)
+                if HAS_MASK:
+                    real = row_ok & (tl.load(mask_ptr + rows, mask=row_ok, other=0) != 0)
+                else:
+                    real = row_ok
+                x = tl.where(real[:, None], x, 0.0)
+                y = _ranged_math(x, lo, hi, KIND, P1, P2, P3, P4, P5, FAST)
+                _store(out_ptr, offs, ok, y, raw, real[:, None], IO)
+        else:
+            lo_acc = tl.full([BR, BC], float("inf"), tl.float32)
+            hi_acc = tl.full([BR, BC], float("-inf"), tl.float32)
+            for p0 in range(0, CP, BR):
+                p = p_first + p0 + tl.arange(0, BR)
+                real = p < P
+                rows = b * P + p
+                if HAS_MASK:
+                    real = real & (tl.load(mask_ptr + rows, mask=real, other=0) != 0)
+                sel = real[:, None] & col_ok[None, :]
+                x, _ = _load(x_ptr, rows[:, None] * L + cols[None, :], sel, IO)
+                lo_acc = tl.minimum(lo_acc, tl.where(sel, x, float("inf")))
+                hi_acc = tl.maximum(hi_acc, tl.where(sel, x, float("-inf")))
+            lo_c, hi_c = tl.min(lo_acc, axis=0), tl.max(hi_acc, axis=0)
+            if PER_COL:
+                tl.atomic_min(lo_ptr + b * L + cols, lo_c, mask=col_ok)
+                tl.atomic_max(hi_ptr + b * L + cols, hi_c, mask=col_ok)
+            else:
+                tl.atomic_min(lo_ptr + b, tl.min(lo_c, axis=0))
+                tl.atomic_max(hi_ptr + b, tl.max(hi_c, axis=0))
+            tl.debug_barrier()  # every thread's min/max is done before the count says so
+            tl.atomic_add(cnt_ptr + b, 1, sem="release")
+        t = nxt
+
+
+@triton.jit
 def _apply_kernel(x_ptr, out_ptr, mask_ptr, lo_ptr, hi_ptr, P, L, RANGED: tl.constexpr,
                   PER_COL: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, KIND: tl.constexpr,
                   P1: tl.constexpr, P2: tl.constexpr, P3: tl.constexpr, P4: tl.constexpr, P5: tl.constexpr,
@@ -344,19 +450,7 @@ def _apply_kernel(x_ptr, out_ptr, mask_ptr, lo_ptr, hi_ptr, P, L, RANGED: tl.con
         else:
             lo = tl.load(lo_ptr + b + tl.zeros([1], tl.int64))
             hi = tl.load(hi_ptr + b + tl.zeros([1], tl.int64))
-        empty = lo == float("inf")  # no real position: the range is parked at 0 (uniform._masked_range)
-        lo = tl.where(empty, 0.0, lo)
-        hi = tl.where(empty, 0.0, hi)
-        if KIND == FP8:  # vLLM: fp8(clamp(x/s, -max, max)) * s; P1 max, P2..P4 see _fp8_round, P5 amax divisor
-            amax = tl.maximum(tl.abs(lo), tl.abs(hi))
-            s = tl.math.div_rn(amax, P5)
-            s = tl.where(s > 0.0, s, 1.0)
-            r, fast = _divisor(s, amax, FAST)
-            y = tl.minimum(tl.maximum(_divide(x, s[None, :], r[None, :], fast, FAST), -P1), P1)
-            y = _fp8_round(y, P2, P3, P4) * s[None, :]
-        else:
-            scale, zp, safe, r, fast = _int_params(lo, hi, KIND, P1, FAST)
-            y = _int_apply(x, scale[None, :], zp[None, :], safe[None, :], r[None, :], fast, KIND, P1, FAST)
+        y = _ranged_math(x, lo, hi, KIND, P1, P2, P3, P4, P5, FAST)
     else:  # static fp8, s = 1: x/1 and y*1 are exact
         y = _fp8_round(tl.minimum(tl.maximum(x, -P1), P1), P2, P3, P4)
     _store(out_ptr, offs, ok, y, raw, real[:, None], IO)
@@ -395,24 +489,45 @@ def _io(x: Tensor) -> Tensor:
     return x.view(torch.int16) if x.dtype == torch.bfloat16 else x
 
 
+def _programs(x: Tensor, items: int) -> int:
+    """Persistent programs for :func:`_one_pass_kernel`: ``one_pass_per_sm`` per SM (2 under the interpreter,
+    where they run one after the other), at most one per item."""
+    per_gpu = (torch.cuda.get_device_properties(x.device).multi_processor_count * TUNE["one_pass_per_sm"]
+               if x.is_cuda else 2)
+    return max(1, min(items, per_gpu))
+
+
 def _ranged(x: Tensor, out: Tensor, m: Tensor, has_mask: bool, kind: int, per_col: bool | None,
             p: tuple[float, int, float, float, float]) -> None:
-    """Range pass (unless ``per_col`` is None: no range) then the elementwise pass."""
+    """Range then elementwise pass (one launch, :func:`_one_pass_kernel`), or only the elementwise pass if
+    ``per_col`` is None (no range)."""
     B, P, L = x.shape[0], x.shape[1], x.shape[2] * x.shape[3]
     n = L if per_col else 1
     lo = torch.full((B, n), torch.inf, dtype=torch.float32, device=x.device)
     hi = torch.full((B, n), -torch.inf, dtype=torch.float32, device=x.device)
+    io, kw = _IO[x.dtype], {"P1": p[0], "P2": p[1], "P3": p[2], "P4": p[3], "P5": p[4]}
+    if per_col is not None and TUNE["one_pass"]:
+        bc = min(TUNE["one_pass_bc"], triton.next_power_of_2(L))
+        br = max(1, min(TUNE["one_pass_elems"] // bc, triton.next_power_of_2(P)))
+        cp = max(br, min(TUNE["one_pass_rows"], triton.next_power_of_2(P)))
+        nc, nk = triton.cdiv(P, cp), triton.cdiv(L, bc)
+        cnt = torch.zeros(B + 1, dtype=torch.int32, device=x.device)  # per-row counts, then the ticket
+        _one_pass_kernel[(_programs(x, 2 * B * nc * nk),)](
+            _io(x), _io(out), m, lo, hi, cnt, B, P, L, nc, nk, CP=cp, BR=br, BC=bc, PER_COL=per_col, KIND=kind,
+            IO=io, HAS_MASK=has_mask, FAST=_fast(x), num_warps=TUNE["one_pass_warps"], enable_fp_fusion=False,
+            **kw)
+        return
     if per_col is not None:
         chunk, bc = TUNE["range_chunk"], min(TUNE["range_bc"], triton.next_power_of_2(L))
         _range_kernel[(B, triton.cdiv(P, chunk), triton.cdiv(L, bc))](
-            _io(x), m, lo, hi, P, L, CHUNK=chunk, BP=TUNE["range_bp"], BC=bc, PER_COL=per_col, IO=_IO[x.dtype],
+            _io(x), m, lo, hi, P, L, CHUNK=chunk, BP=TUNE["range_bp"], BC=bc, PER_COL=per_col, IO=io,
             HAS_MASK=has_mask, num_warps=TUNE["range_warps"])
     bc = min(TUNE["apply_bc"], triton.next_power_of_2(L))
     br = max(1, TUNE["apply_elems"] // bc)
     _apply_kernel[(triton.cdiv(P, br), triton.cdiv(L, bc), B)](
         _io(x), _io(out), m, lo, hi, P, L, RANGED=per_col is not None, PER_COL=bool(per_col), BR=br,
-        BC=bc, KIND=kind, P1=p[0], P2=p[1], P3=p[2], P4=p[3], P5=p[4], IO=_IO[x.dtype], HAS_MASK=has_mask,
-        FAST=_fast(x), num_warps=TUNE["apply_warps"], enable_fp_fusion=False)
+        BC=bc, KIND=kind, IO=io, HAS_MASK=has_mask, FAST=_fast(x), num_warps=TUNE["apply_warps"],
+        enable_fp_fusion=False, **kw)
 
 
 def fused_fake_quant(x: Tensor, spec: BaseSpec, role: Role, mask: Tensor | None = None) -> Tensor | None:

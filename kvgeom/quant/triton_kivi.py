@@ -71,7 +71,7 @@ def _kivi_quant(x, lane, AXIS: tl.constexpr, QMAX: tl.constexpr, FAST: tl.conste
     nz = scale > 0.0
     safe = tl.where(nz, scale, 1.0)
     r, fast = _divisor(safe, safe, FAST)  # quotients are at most ~M: the bound is the divisor's own range
-    t = _divide(x - mn, safe, r, fast, FAST)
+    t = _divide(x - mn, safe, r, fast, FAST, False)  # x - mn >= 0: no sign to keep
     # round half to even of a value in [0, M] (or -0): no sign or range handling needed. A -0 quotient (x = -0,
     # mn = +0) becomes +0 here, which changes nothing: q * scale + mn is +0 for either sign
     q = (tl.minimum(tl.maximum(t, 0.0), QMAX) + 8388608.0) - 8388608.0
