@@ -53,8 +53,9 @@ GRID_YZ = 65535  # CUDA's limit on a launch grid's 2nd and 3rd dimensions (the b
 #: launch shapes (performance only; results do not depend on them)
 TUNE = {"block_elems": 1024, "block_warps": 2, "apply_elems": 2048, "apply_bc": 256, "apply_warps": 2,
         "range_chunk": 1024, "range_bp": 16, "range_bc": 256, "range_warps": 4,
-        "one_pass": True, "one_pass_bc": 256, "one_pass_elems": 4096, "one_pass_rows": 128, "one_pass_warps": 4,
-        "one_pass_per_sm": 8, "fast_div": True}  # tuned on an H200, [64, 2048, 8, 128] bf16; fast_div: see _fast_div
+        "one_pass": True, "one_pass_bc": 256, "one_pass_elems": 8192, "one_pass_tiles": 1, "one_pass_warps": 4,
+        "one_pass_per_sm": 4, "one_pass_lag": 0,
+        "fast_div": True}  # tuned on an H200, [64, 2048, 8, 128] bf16; fast_div: see _fast_div
 
 
 # ---- exact elementwise helpers (same arithmetic on the GPU and under the interpreter) ------------------
@@ -349,7 +350,7 @@ def _ranged_math(x, lo, hi, KIND: tl.constexpr, P1: tl.constexpr, P2: tl.constex
 
 
 @triton.jit
-def _one_pass_kernel(x_ptr, out_ptr, mask_ptr, lo_ptr, hi_ptr, cnt_ptr, B, P, L, NC, NK, CP: tl.constexpr,
+def _one_pass_kernel(x_ptr, out_ptr, mask_ptr, lo_ptr, hi_ptr, cnt_ptr, B, P, L, NC, NK, D, CP: tl.constexpr,
                      BR: tl.constexpr, BC: tl.constexpr, PER_COL: tl.constexpr, KIND: tl.constexpr,
                      P1: tl.constexpr, P2: tl.constexpr, P3: tl.constexpr, P4: tl.constexpr, P5: tl.constexpr,
                      IO: tl.constexpr, HAS_MASK: tl.constexpr, FAST: tl.constexpr):
@@ -357,10 +358,12 @@ def _one_pass_kernel(x_ptr, out_ptr, mask_ptr, lo_ptr, hi_ptr, cnt_ptr, B, P, L,
 
     A row's ``NC * NK`` items (``CP`` positions x ``BC`` columns) are first reduced (R: atomic min/max into
     ``lo``/``hi``, then ``cnt[b] += 1``), then quantized (A: once ``cnt[b]`` is complete). Persistent programs
-    take items by ticket (``cnt[B]``, an atomic counter) in the order R(0), R(1), A(0), R(2), A(1), ..., A(B-1):
-    an A item waits only on R items of lower tickets, which running programs hold and finish without waiting,
-    so the wait always ends, whatever the number of resident programs (one program alone does all items in
-    order, as under the interpreter)."""
+    take items by ticket (``cnt[B]``, an atomic counter), the A stream ``D`` rows behind the R stream (``D``
+    large enough that a row's R items are done when its A items are handed out, small enough that the row is
+    still in L2): R(0) .. R(D-1), then R(D), A(0), R(D+1), A(1), ..., then A(B-D) .. A(B-1). An A item waits
+    only on R items of lower tickets, which running programs hold and finish without waiting, so the wait
+    always ends, whatever the number of resident programs (one program alone does all items in order, as
+    under the interpreter)."""
     NI = NC * NK
     T = 2 * B * NI
     t = tl.atomic_add(cnt_ptr + B, 1, sem="relaxed")
@@ -368,8 +371,10 @@ def _one_pass_kernel(x_ptr, out_ptr, mask_ptr, lo_ptr, hi_ptr, cnt_ptr, B, P, L,
         nxt = tl.atomic_add(cnt_ptr + B, 1, sem="relaxed")  # fetched early: its latency hides behind the item
         s = t // NI
         i = t % NI
-        is_apply = ((s % 2 == 0) & (s > 0)) | (s == 2 * B - 1)
-        b = ((s + 1) // 2 - is_apply.to(tl.int32)).to(tl.int64)
+        u = tl.maximum(s - D, 0)  # slot past the first D R rows
+        paired = u < 2 * (B - D)  # R and A alternate
+        is_apply = (s >= D) & ((paired & (u % 2 == 1)) | ~paired)
+        b = tl.where(s < D, s, tl.where(paired, tl.where(u % 2 == 0, D + u // 2, u // 2), u - B + D)).to(tl.int64)
         cols = (i % NK) * BC + tl.arange(0, BC)
         col_ok = cols < L
         p_first = (i // NK) * CP
@@ -509,11 +514,14 @@ def _ranged(x: Tensor, out: Tensor, m: Tensor, has_mask: bool, kind: int, per_co
     if per_col is not None and TUNE["one_pass"]:
         bc = min(TUNE["one_pass_bc"], triton.next_power_of_2(L))
         br = max(1, min(TUNE["one_pass_elems"] // bc, triton.next_power_of_2(P)))
-        cp = max(br, min(TUNE["one_pass_rows"], triton.next_power_of_2(P)))
+        cp = br * TUNE["one_pass_tiles"]
         nc, nk = triton.cdiv(P, cp), triton.cdiv(L, bc)
+        programs = _programs(x, 2 * B * nc * nk)
+        # lag: rows that the programs' items cover at once, plus one (TUNE["one_pass_lag"] if set)
+        lag = min(B, TUNE["one_pass_lag"] or triton.cdiv(programs, nc * nk) + 1)
         cnt = torch.zeros(B + 1, dtype=torch.int32, device=x.device)  # per-row counts, then the ticket
-        _one_pass_kernel[(_programs(x, 2 * B * nc * nk),)](
-            _io(x), _io(out), m, lo, hi, cnt, B, P, L, nc, nk, CP=cp, BR=br, BC=bc, PER_COL=per_col, KIND=kind,
+        _one_pass_kernel[(programs,)](
+            _io(x), _io(out), m, lo, hi, cnt, B, P, L, nc, nk, lag, CP=cp, BR=br, BC=bc, PER_COL=per_col, KIND=kind,
             IO=io, HAS_MASK=has_mask, FAST=_fast(x), num_warps=TUNE["one_pass_warps"], enable_fp_fusion=False,
             **kw)
         return

@@ -233,9 +233,11 @@ def test_first_largest_magnitude_wins(name, dtype, device):
     assert_same(got, want, f"{name} {dtype} magnitude ties")
 
 
-#: one-pass launch shapes (columns, elements per tile, positions per item, programs per SM): tiny items (many
-#: per row: the counts, tickets and waits do work), the default, one item per row, and 32 programs per SM
-ONE_PASS_SHAPES = ((16, 128, 16, 8), (256, 4096, 128, 8), (1024, 8192, 4096, 4), (32, 256, 16, 32))
+#: one-pass launch shapes (columns, elements per tile, tiles per item, programs per SM, lag in rows; 0: auto):
+#: tiny items (many per row: the counts, tickets and waits do work), lag 1 and 3, the default, one item per
+#: row, 32 programs per SM
+ONE_PASS_SHAPES = ((16, 128, 2, 8, 1), (32, 256, 1, 4, 3), (256, 8192, 1, 4, 0), (1024, 8192, 64, 4, 0),
+                   (32, 256, 1, 32, 0))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -249,15 +251,14 @@ def test_one_pass_item_shapes_agree(name, device, monkeypatch):
     mask[4, 10:] = False
     mask[5] = False
     x = random_kv(shape, seed=9).to(torch.bfloat16).to(device)
-    for bc, elems, rows, per_sm in ONE_PASS_SHAPES:
-        for key, v in (("one_pass_bc", bc), ("one_pass_elems", elems), ("one_pass_rows", rows),
-                       ("one_pass_per_sm", per_sm)):
-            monkeypatch.setitem(tk.TUNE, key, v)
+    for shape_ in ONE_PASS_SHAPES:
+        for key, v in zip(("bc", "elems", "tiles", "per_sm", "lag"), shape_, strict=True):
+            monkeypatch.setitem(tk.TUNE, f"one_pass_{key}", v)
         for role in ("k", "v") if "@amax" in name else ("k",):
             for m in (None, mask):
                 for _ in range(3 if device == "cuda" else 1):  # a race would show as a run that differs
                     got, want = run_both(x, name, role, m)
-                    assert_same(got, want, f"{name} {(bc, elems, rows, per_sm)} role={role} mask={m is not None}")
+                    assert_same(got, want, f"{name} {shape_} role={role} mask={m is not None}")
     monkeypatch.setitem(tk.TUNE, "one_pass", False)
     got, want = run_both(x, name, "k", mask)
     assert_same(got, want, f"{name} two launches")
