@@ -8,10 +8,8 @@ path by ``torch.equal`` and a configuration that differs is reported (and must n
 ``benchmarks/quant_triton.py``. Families (a kernel's knobs, swept with the others at their current values):
 
 * ``kivi``: KIVI keys (``k_elems``, ``k_warps``); ``kivi_v``: values (``v_elems``, ``v_warps``);
-* ``one_pass``: per-tensor / per-channel / ``@amax`` schemes, range and elementwise pass in one launch
-  (``one_pass_*``);
-* ``range``, ``apply``: the same schemes as two launches (``one_pass=False``), range pass (``range_*``) and
-  elementwise pass (``apply_*``, also static fp8);
+* ``range``: the range pass of per-tensor / per-channel / ``@amax`` schemes (``range_*``);
+* ``apply``: their elementwise pass (``apply_*``);
 * ``block``: per-group schemes (int token/head/group, GGML) (``block_*``).
 
 ``fast_div`` (division by a per-divisor reciprocal, ``triton_kernels._fast_div``) is swept on and off where it
@@ -41,15 +39,12 @@ FAMILIES = {
              {"k_elems": (1024, 2048, 4096), "k_warps": (1, 2, 4), "fast_div": (False, True)}),
     "kivi_v": (tkv.KIVI_TUNE, [("kivi2", "v")],
                {"v_elems": (512, 1024, 2048), "v_warps": (1, 2, 4), "fast_div": (False, True)}),
-    "one_pass": (tk.TUNE, [("int4-tensor-asym", "k"), ("int8-channel-asym", "k"), ("fp8_e4m3@amax", "k")],
-                 {"one_pass_bc": (256, 1024), "one_pass_elems": (4096, 8192, 16384), "one_pass_tiles": (1, 4),
-                  "one_pass_warps": (4, 8), "one_pass_per_sm": (2, 4), "one_pass_lag": (0, 2), "one_pass": (True,)}),
     "range": (tk.TUNE, [("int4-tensor-asym", "k"), ("int8-channel-asym", "k")],
               {"range_chunk": (128, 256, 512, 1024), "range_bp": (8, 16, 32), "range_bc": (256, 512),
-               "range_warps": (4, 8), "one_pass": (False,)}),
+               "range_warps": (4, 8)}),
     "apply": (tk.TUNE, [("int4-tensor-asym", "k"), ("int8-channel-asym", "k"), ("fp8_e4m3@amax", "k")],
               {"apply_bc": (256, 512, 1024), "apply_elems": (1024, 2048, 4096), "apply_warps": (2, 4),
-               "fast_div": (True,), "one_pass": (False,)}),
+               "fast_div": (True,)}),
     "block": (tk.TUNE, [("int4-token-asym", "k"), ("q4_0", "k"), ("q5_0", "k")],
               {"block_elems": (1024, 2048, 4096), "block_warps": (2, 4), "fast_div": (False, True)}),
 }
@@ -57,7 +52,7 @@ FAMILIES = {
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--family", nargs="+", default=["kivi", "kivi_v", "one_pass", "range", "apply", "block"],
+    ap.add_argument("--family", nargs="+", default=["kivi", "kivi_v", "range", "apply", "block"],
                     choices=sorted(FAMILIES))
     ap.add_argument("--shape", type=int, nargs=4, default=[64, 2048, 8, 128])
     ap.add_argument("--dtype", default="bfloat16")

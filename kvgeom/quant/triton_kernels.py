@@ -53,8 +53,6 @@ GRID_YZ = 65535  # CUDA's limit on a launch grid's 2nd and 3rd dimensions (the b
 #: launch shapes (performance only; results do not depend on them)
 TUNE = {"block_elems": 1024, "block_warps": 2, "apply_elems": 2048, "apply_bc": 256, "apply_warps": 2,
         "range_chunk": 1024, "range_bp": 16, "range_bc": 256, "range_warps": 4,
-        "one_pass": True, "one_pass_bc": 256, "one_pass_elems": 8192, "one_pass_tiles": 1, "one_pass_warps": 4,
-        "one_pass_per_sm": 4, "one_pass_lag": 0,
         "fast_div": True}  # tuned on an H200, [64, 2048, 8, 128] bf16; fast_div: see _fast_div
 
 
@@ -330,104 +328,6 @@ def _range_kernel(x_ptr, mask_ptr, lo_ptr, hi_ptr, P, L, CHUNK: tl.constexpr, BP
 
 
 @triton.jit
-def _ranged_math(x, lo, hi, KIND: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, P3: tl.constexpr,
-                 P4: tl.constexpr, P5: tl.constexpr, FAST: tl.constexpr):
-    """Quantize-dequantize ``x`` [rows, cols] with a range ``lo``/``hi`` given per column (or one for all)."""
-    empty = lo == float("inf")  # no real position: the range is parked at 0 (uniform._masked_range)
-    lo = tl.where(empty, 0.0, lo)
-    hi = tl.where(empty, 0.0, hi)
-    if KIND == FP8:  # vLLM: fp8(clamp(x/s, -max, max)) * s; P1 max, P2..P4 see _fp8_round, P5 amax divisor
-        amax = tl.maximum(tl.abs(lo), tl.abs(hi))
-        s = tl.math.div_rn(amax, P5)
-        s = tl.where(s > 0.0, s, 1.0)
-        r, fast = _divisor(s, amax, FAST)
-        y = tl.minimum(tl.maximum(_divide(x, s[None, :], r[None, :], fast, FAST, True), -P1), P1)
-        y = _fp8_round(y, P2, P3, P4) * s[None, :]
-    else:
-        scale, zp, safe, r, fast = _int_params(lo, hi, KIND, P1, FAST)
-        y = _int_apply(x, scale[None, :], zp[None, :], safe[None, :], r[None, :], fast, KIND, P1, FAST)
-    return y
-
-
-@triton.jit
-def _one_pass_kernel(x_ptr, out_ptr, mask_ptr, lo_ptr, hi_ptr, cnt_ptr, B, P, L, NC, NK, D, CP: tl.constexpr,
-                     BR: tl.constexpr, BC: tl.constexpr, PER_COL: tl.constexpr, KIND: tl.constexpr,
-                     P1: tl.constexpr, P2: tl.constexpr, P3: tl.constexpr, P4: tl.constexpr, P5: tl.constexpr,
-                     IO: tl.constexpr, HAS_MASK: tl.constexpr, FAST: tl.constexpr):
-    """Range then elementwise pass in one launch, each batch row re-read while it is still in L2.
-
-    A row's ``NC * NK`` items (``CP`` positions x ``BC`` columns) are first reduced (R: atomic min/max into
-    ``lo``/``hi``, then ``cnt[b] += 1``), then quantized (A: once ``cnt[b]`` is complete). Persistent programs
-    take items by ticket (``cnt[B]``, an atomic counter), the A stream ``D`` rows behind the R stream (``D``
-    large enough that a row's R items are done when its A items are handed out, small enough that the row is
-    still in L2): R(0) .. R(D-1), then R(D), A(0), R(D+1), A(1), ..., then A(B-D) .. A(B-1). An A item waits
-    only on R items of lower tickets, which running programs hold and finish without waiting, so the wait
-    always ends, whatever the number of resident programs (one program alone does all items in order, as
-    under the interpreter)."""
-    NI = NC * NK
-    T = 2 * B * NI
-    t = tl.atomic_add(cnt_ptr + B, 1, sem="relaxed")
-    while t < T:
-        nxt = tl.atomic_add(cnt_ptr + B, 1, sem="relaxed")  # fetched early: its latency hides behind the item
-        s = t // NI
-        i = t % NI
-        u = tl.maximum(s - D, 0)  # slot past the first D R rows
-        paired = u < 2 * (B - D)  # R and A alternate
-        is_apply = (s >= D) & ((paired & (u % 2 == 1)) | ~paired)
-        b = tl.where(s < D, s, tl.where(paired, tl.where(u % 2 == 0, D + u // 2, u // 2), u - B + D)).to(tl.int64)
-        cols = (i % NK) * BC + tl.arange(0, BC)
-        col_ok = cols < L
-        p_first = (i // NK) * CP
-        if is_apply:
-            done = tl.atomic_add(cnt_ptr + b, 0, sem="acquire")
-            while done < NI:
-                done = tl.atomic_add(cnt_ptr + b, 0, sem="acquire")
-            if PER_COL:  # .cg: from L2, never a stale L1 line (a neighbour's range may share it)
-                lo = tl.load(lo_ptr + b * L + cols, mask=col_ok, other=0.0, cache_modifier=".cg")
-                hi = tl.load(hi_ptr + b * L + cols, mask=col_ok, other=0.0, cache_modifier=".cg")
-            else:
-                lo = tl.load(lo_ptr + b + tl.zeros([1], tl.int64), cache_modifier=".cg")
-                hi = tl.load(hi_ptr + b + tl.zeros([1], tl.int64), cache_modifier=".cg")
-            for p0 in range(0, CP, BR):
-                p = p_first + p0 + tl.arange(0, BR)
-                row_ok = p < P
-                rows = b * P + p
-                ok = row_ok[:, None] & col_ok[None, :]
-                offs = rows[:, None] * L + cols[None, :]
-                x, raw = _load(x_ptr, offs, ok, IO)
-                if HAS_MASK:
-                    real = row_ok & (tl.load(mask_ptr + rows, mask=row_ok, other=0) != 0)
-                else:
-                    real = row_ok
-                x = tl.where(real[:, None], x, 0.0)
-                y = _ranged_math(x, lo, hi, KIND, P1, P2, P3, P4, P5, FAST)
-                _store(out_ptr, offs, ok, y, raw, real[:, None], IO)
-        else:
-            lo_acc = tl.full([BR, BC], float("inf"), tl.float32)
-            hi_acc = tl.full([BR, BC], float("-inf"), tl.float32)
-            for p0 in range(0, CP, BR):
-                p = p_first + p0 + tl.arange(0, BR)
-                real = p < P
-                rows = b * P + p
-                if HAS_MASK:
-                    real = real & (tl.load(mask_ptr + rows, mask=real, other=0) != 0)
-                sel = real[:, None] & col_ok[None, :]
-                x, _ = _load(x_ptr, rows[:, None] * L + cols[None, :], sel, IO)
-                lo_acc = tl.minimum(lo_acc, tl.where(sel, x, float("inf")))
-                hi_acc = tl.maximum(hi_acc, tl.where(sel, x, float("-inf")))
-            lo_c, hi_c = tl.min(lo_acc, axis=0), tl.max(hi_acc, axis=0)
-            if PER_COL:
-                tl.atomic_min(lo_ptr + b * L + cols, lo_c, mask=col_ok)
-                tl.atomic_max(hi_ptr + b * L + cols, hi_c, mask=col_ok)
-            else:
-                tl.atomic_min(lo_ptr + b, tl.min(lo_c, axis=0))
-                tl.atomic_max(hi_ptr + b, tl.max(hi_c, axis=0))
-            tl.debug_barrier()  # every thread's min/max is done before the count says so
-            tl.atomic_add(cnt_ptr + b, 1, sem="release")
-        t = nxt
-
-
-@triton.jit
 def _apply_kernel(x_ptr, out_ptr, mask_ptr, lo_ptr, hi_ptr, P, L, RANGED: tl.constexpr,
                   PER_COL: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, KIND: tl.constexpr,
                   P1: tl.constexpr, P2: tl.constexpr, P3: tl.constexpr, P4: tl.constexpr, P5: tl.constexpr,
@@ -455,7 +355,19 @@ def _apply_kernel(x_ptr, out_ptr, mask_ptr, lo_ptr, hi_ptr, P, L, RANGED: tl.con
         else:
             lo = tl.load(lo_ptr + b + tl.zeros([1], tl.int64))
             hi = tl.load(hi_ptr + b + tl.zeros([1], tl.int64))
-        y = _ranged_math(x, lo, hi, KIND, P1, P2, P3, P4, P5, FAST)
+        empty = lo == float("inf")  # no real position: the range is parked at 0 (uniform._masked_range)
+        lo = tl.where(empty, 0.0, lo)
+        hi = tl.where(empty, 0.0, hi)
+        if KIND == FP8:  # vLLM: fp8(clamp(x/s, -max, max)) * s; P1 max, P2..P4 see _fp8_round, P5 amax divisor
+            amax = tl.maximum(tl.abs(lo), tl.abs(hi))
+            s = tl.math.div_rn(amax, P5)
+            s = tl.where(s > 0.0, s, 1.0)
+            r, fast = _divisor(s, amax, FAST)
+            y = tl.minimum(tl.maximum(_divide(x, s[None, :], r[None, :], fast, FAST, True), -P1), P1)
+            y = _fp8_round(y, P2, P3, P4) * s[None, :]
+        else:
+            scale, zp, safe, r, fast = _int_params(lo, hi, KIND, P1, FAST)
+            y = _int_apply(x, scale[None, :], zp[None, :], safe[None, :], r[None, :], fast, KIND, P1, FAST)
     else:  # static fp8, s = 1: x/1 and y*1 are exact
         y = _fp8_round(tl.minimum(tl.maximum(x, -P1), P1), P2, P3, P4)
     _store(out_ptr, offs, ok, y, raw, real[:, None], IO)
@@ -494,48 +406,24 @@ def _io(x: Tensor) -> Tensor:
     return x.view(torch.int16) if x.dtype == torch.bfloat16 else x
 
 
-def _programs(x: Tensor, items: int) -> int:
-    """Persistent programs for :func:`_one_pass_kernel`: ``one_pass_per_sm`` per SM (2 under the interpreter,
-    where they run one after the other), at most one per item."""
-    per_gpu = (torch.cuda.get_device_properties(x.device).multi_processor_count * TUNE["one_pass_per_sm"]
-               if x.is_cuda else 2)
-    return max(1, min(items, per_gpu))
-
-
 def _ranged(x: Tensor, out: Tensor, m: Tensor, has_mask: bool, kind: int, per_col: bool | None,
             p: tuple[float, int, float, float, float]) -> None:
-    """Range then elementwise pass (one launch, :func:`_one_pass_kernel`), or only the elementwise pass if
-    ``per_col`` is None (no range)."""
+    """Range pass (unless ``per_col`` is None: no range) then the elementwise pass."""
     B, P, L = x.shape[0], x.shape[1], x.shape[2] * x.shape[3]
     n = L if per_col else 1
     lo = torch.full((B, n), torch.inf, dtype=torch.float32, device=x.device)
     hi = torch.full((B, n), -torch.inf, dtype=torch.float32, device=x.device)
-    io, kw = _IO[x.dtype], {"P1": p[0], "P2": p[1], "P3": p[2], "P4": p[3], "P5": p[4]}
-    if per_col is not None and TUNE["one_pass"]:
-        bc = min(TUNE["one_pass_bc"], triton.next_power_of_2(L))
-        br = max(1, min(TUNE["one_pass_elems"] // bc, triton.next_power_of_2(P)))
-        cp = br * TUNE["one_pass_tiles"]
-        nc, nk = triton.cdiv(P, cp), triton.cdiv(L, bc)
-        programs = _programs(x, 2 * B * nc * nk)
-        # lag: rows that the programs' items cover at once, plus one (TUNE["one_pass_lag"] if set)
-        lag = min(B, TUNE["one_pass_lag"] or triton.cdiv(programs, nc * nk) + 1)
-        cnt = torch.zeros(B + 1, dtype=torch.int32, device=x.device)  # per-row counts, then the ticket
-        _one_pass_kernel[(programs,)](
-            _io(x), _io(out), m, lo, hi, cnt, B, P, L, nc, nk, lag, CP=cp, BR=br, BC=bc, PER_COL=per_col, KIND=kind,
-            IO=io, HAS_MASK=has_mask, FAST=_fast(x), num_warps=TUNE["one_pass_warps"], enable_fp_fusion=False,
-            **kw)
-        return
     if per_col is not None:
         chunk, bc = TUNE["range_chunk"], min(TUNE["range_bc"], triton.next_power_of_2(L))
         _range_kernel[(B, triton.cdiv(P, chunk), triton.cdiv(L, bc))](
-            _io(x), m, lo, hi, P, L, CHUNK=chunk, BP=TUNE["range_bp"], BC=bc, PER_COL=per_col, IO=io,
+            _io(x), m, lo, hi, P, L, CHUNK=chunk, BP=TUNE["range_bp"], BC=bc, PER_COL=per_col, IO=_IO[x.dtype],
             HAS_MASK=has_mask, num_warps=TUNE["range_warps"])
     bc = min(TUNE["apply_bc"], triton.next_power_of_2(L))
     br = max(1, TUNE["apply_elems"] // bc)
     _apply_kernel[(triton.cdiv(P, br), triton.cdiv(L, bc), B)](
         _io(x), _io(out), m, lo, hi, P, L, RANGED=per_col is not None, PER_COL=bool(per_col), BR=br,
-        BC=bc, KIND=kind, IO=io, HAS_MASK=has_mask, FAST=_fast(x), num_warps=TUNE["apply_warps"],
-        enable_fp_fusion=False, **kw)
+        BC=bc, KIND=kind, P1=p[0], P2=p[1], P3=p[2], P4=p[3], P5=p[4], IO=_IO[x.dtype], HAS_MASK=has_mask,
+        FAST=_fast(x), num_warps=TUNE["apply_warps"], enable_fp_fusion=False)
 
 
 def fused_fake_quant(x: Tensor, spec: BaseSpec, role: Role, mask: Tensor | None = None) -> Tensor | None:

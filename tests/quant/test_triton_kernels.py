@@ -233,37 +233,6 @@ def test_first_largest_magnitude_wins(name, dtype, device):
     assert_same(got, want, f"{name} {dtype} magnitude ties")
 
 
-#: one-pass launch shapes (columns, elements per tile, tiles per item, programs per SM, lag in rows; 0: auto):
-#: tiny items (many per row: the counts, tickets and waits do work), lag 1 and 3, the default, one item per
-#: row, 32 programs per SM
-ONE_PASS_SHAPES = ((16, 128, 2, 8, 1), (32, 256, 1, 4, 3), (256, 8192, 1, 4, 0), (1024, 8192, 64, 4, 0),
-                   (32, 256, 1, 32, 0))
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("name", ["int4-tensor-asym", "int3-tensor-sym", "int8-channel-asym", "int4-channel-sym",
-                                  "fp8_e4m3@amax"])
-def test_one_pass_item_shapes_agree(name, device, monkeypatch):
-    """The one-launch range + elementwise kernel gives eager's bits at every item shape and program count, with
-    many rows (each waiting on its own range), empty rows and padding; ``one_pass=False`` (two launches) too."""
-    shape = (6, 40, 2, 64)
-    mask = padded_mask(shape, device)
-    mask[4, 10:] = False
-    mask[5] = False
-    x = random_kv(shape, seed=9).to(torch.bfloat16).to(device)
-    for shape_ in ONE_PASS_SHAPES:
-        for key, v in zip(("bc", "elems", "tiles", "per_sm", "lag"), shape_, strict=True):
-            monkeypatch.setitem(tk.TUNE, f"one_pass_{key}", v)
-        for role in ("k", "v") if "@amax" in name else ("k",):
-            for m in (None, mask):
-                for _ in range(3 if device == "cuda" else 1):  # a race would show as a run that differs
-                    got, want = run_both(x, name, role, m)
-                    assert_same(got, want, f"{name} {shape_} role={role} mask={m is not None}")
-    monkeypatch.setitem(tk.TUNE, "one_pass", False)
-    got, want = run_both(x, name, "k", mask)
-    assert_same(got, want, f"{name} two launches")
-
-
 @pytest.mark.parametrize("device", DEVICES)
 def test_non_contiguous_input(device):
     x = random_kv((2, 40, 3, 64), seed=5).transpose(1, 2).contiguous().transpose(1, 2).to(device)  # HF layout
