@@ -44,7 +44,8 @@ from kvgeom.forward import encode
 from kvgeom.geometry.directions import ZERO_REL, as_matrix
 from kvgeom.geometry.subspace import safety_subspace
 from kvgeom.hooks import KV_SITES
-from kvgeom.noise import _error, capture_padded, noise_sweep, orthonormal
+from kvgeom.noise import capture_padded, noise_sweep, orthonormal
+from kvgeom.noise.rows import _error
 from kvgeom.stats import bootstrap_ci
 
 if TYPE_CHECKING:

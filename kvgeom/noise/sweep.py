@@ -1,251 +1,27 @@
-"""Noise injection into K/V (and the residual stream) with per-row interventions, in batched passes.
-
-The engine (:func:`run_rows`) evaluates many *rows* at once: a row is (prompt, intervention), and a
-hook applies each row's intervention to that row only, so a sweep over layers × noise kinds × random
-draws is a handful of batched forward passes, never a Python loop of single-prompt forwards.
-
-Two placements (``where``):
-
-* ``"all"`` — the intervention acts on every real position of the prompt (full forward per row);
-* ``"post"`` — it acts on the post-instruction template tokens only (the ``n_post`` tokens where the
-  refusal decision is read). The clean prefix (system prompt + user text) is run **once** per prompt
-  and its KV cache is shared by every row of that prompt; each row then runs only its ``n_post`` tokens
-  (about 9x cheaper on the default model). Exact, because an intervention at the post positions
-  cannot change the prefix.
-
-Noise kinds at one (layer, K/V site), for a K/V activation ``x`` (one vector per position, heads
-concatenated: ``x ∈ R^D``, ``D = n_kv_heads * d_head``) and the real quantization error
-``e = fake_quant(x) - x`` of a scheme (ranges measured on the clean prompt, as in forward-mode plans):
-
-==============  =====================================================================================
-kind            injected ``x -> x + n``
-==============  =====================================================================================
-``quant``       ``n = e``                                                     (a: the scheme itself)
-``isotropic``   ``n = ||e|| g / ||g||``, ``g ~ N(0, I_D)``                    (b)
-``subspace``    ``n = ||e|| P_S g / ||P_S g||``                               (c: confined to S)
-``random``      ``n = ||e|| P_R g / ||P_R g||``, ``R`` a random rank-k space  (d: one per draw)
-``quant_in``    ``n = P_S e``                                                 (e: error inside S)
-``quant_out``   ``n = e - P_S e``                                             (e: error outside S)
-``none``        ``n = 0``
-==============  =====================================================================================
-
-Norms match **per position vector** (``||n|| = ||e||`` for every prompt position). ``P_S = B Bᵀ`` for an
-orthonormal basis ``B ∈ R^{D×k}``; random subspaces are ``R = qr(G)``, ``G ~ N(0, I)^{D×k}``.
-
-Readouts: the refusal score (:class:`kvgeom.evaluate.RefusalScore`) at the last prompt position, and on
-text (:func:`text_effects`) the mean next-token NLL and ``KL(p_clean || p_noisy)`` per token.
-"""
+"""Noise conditions, :func:`noise_sweep` over layers x kinds x draws, :func:`inject_noise` and text effects."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import torch
-from einops import rearrange
-from jaxtyping import Float, Int
+from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from kvgeom.forward import Batch, encode, forward, position_ids_from_mask
+from kvgeom.forward import Batch, encode
 from kvgeom.hooks import KV_SITES, HookFn, hook_name, kv_hooks
 from kvgeom.stats import bootstrap_ci
 
+from .rows import Where, _call, _common_n_post, _error, _flat, _unflat, capture_padded, run_rows
+from .vectors import NOISE_KINDS, make_noise, random_subspace
+
 if TYPE_CHECKING:
     from kvgeom.models import KVModel
-
-__all__ = [
-    "NOISE_KINDS",
-    "NoiseCondition",
-    "NoiseResult",
-    "capture_padded",
-    "inject_noise",
-    "last_logits",
-    "make_noise",
-    "noise_sweep",
-    "orthonormal",
-    "project",
-    "random_subspace",
-    "run_rows",
-    "text_effects",
-]
-
-NOISE_KINDS = ("none", "quant", "isotropic", "subspace", "random", "quant_in", "quant_out")
-Where = Literal["post", "all"]
-
-
-# ---- linear algebra ---------------------------------------------------------------------------------
-def orthonormal(basis: Float[Tensor, "d k"]) -> Float[Tensor, "d k"]:
-    """Orthonormal columns spanning ``basis`` (reduced QR)."""
-    q, _ = torch.linalg.qr(basis.to(torch.float64))
-    return q
-
-
-def project(x: Float[Tensor, "... d"], basis: Float[Tensor, "d k"]) -> Float[Tensor, "... d"]:
-    """``P_S x = B (Bᵀ x)`` along the last axis (``B`` orthonormal)."""
-    b = basis.to(x.dtype)
-    return (x @ b) @ b.T
-
-
-def random_subspace(d: int, k: int, generator: torch.Generator) -> Float[Tensor, "d k"]:
-    """A uniformly random rank-``k`` subspace of ``R^d``: ``qr(G)``, ``G ~ N(0, 1)^{d×k}`` (float64)."""
-    g = torch.randn(d, k, generator=generator, dtype=torch.float64)
-    return orthonormal(g)
-
-
-def _match_norm(n: Tensor, ref_norm: Tensor) -> Tensor:
-    nn_ = n.norm(dim=-1, keepdim=True)
-    return torch.where(nn_ > 0, n * (ref_norm / nn_.clamp_min(1e-30)), torch.zeros_like(n))
-
-
-def make_noise(
-    kind: str,
-    e: Float[Tensor, "... d"],
-    *,
-    basis: Float[Tensor, "d k"] | None = None,
-    generator: torch.Generator | None = None,
-) -> Float[Tensor, "... d"]:
-    """The noise ``n`` of ``kind`` (see the module table) for error vectors ``e`` (last axis = feature).
-
-    ``isotropic``/``subspace``/``random`` draw Gaussian noise from ``generator`` and rescale each vector
-    to ``||e||``; ``random`` needs ``basis`` = a random subspace (see :func:`random_subspace`).
-    """
-    if kind not in NOISE_KINDS:
-        raise ValueError(f"unknown noise kind {kind!r}; valid: {', '.join(NOISE_KINDS)}")
-    e64 = e.to(torch.float64)
-    if kind == "none":
-        return torch.zeros_like(e)
-    if kind == "quant":
-        return e.clone()
-    if kind in ("subspace", "random", "quant_in", "quant_out") and basis is None:
-        raise ValueError(f"noise kind {kind!r} needs a subspace basis [d, k]")
-    if kind == "quant_in":
-        return project(e64, basis).to(e.dtype)
-    if kind == "quant_out":
-        return (e64 - project(e64, basis)).to(e.dtype)
-    g = torch.randn(e.shape, generator=generator, dtype=torch.float64)
-    if kind in ("subspace", "random"):
-        g = project(g, basis)
-    return _match_norm(g, e64.norm(dim=-1, keepdim=True)).to(e.dtype)
-
-
-# ---- batched row engine ---------------------------------------------------------------------------------
-def _call(model: KVModel, ids: Tensor, mask: Tensor, *, cache: Any = None, pos: Tensor | None = None,
-          step: int = 0, keep_last: bool = True) -> Tensor:
-    """:func:`kvgeom.forward.forward`, returning the last position's logits only when ``keep_last`` (saves the
-    ``[batch, pos, vocab]`` unembedding), as fp32."""
-    out = forward(model, ids, mask, past_key_values=cache, position_ids=pos, step=step,
-                  logits_to_keep=1 if keep_last else None)
-    return out[:, -1].float() if keep_last else out.float()
-
-
-def _new_cache(model: KVModel) -> Any:
-    from transformers import DynamicCache
-
-    return DynamicCache(config=model.hf_model.config)
-
-
-def _select_cache(model: KVModel, cache: Any, index: Tensor) -> Any:
-    out = _new_cache(model)
-    for li, layer in enumerate(cache.layers):
-        out.update(layer.keys[index], layer.values[index], li)
-    return out
-
-
-@torch.inference_mode()
-def run_rows(
-    model: KVModel,
-    batch: Batch,
-    row_prompt: Sequence[int] | Int[Tensor, " rows"],
-    hooks_for: Callable[[Tensor], Mapping[str, HookFn]],
-    *,
-    where: Where = "all",
-    chunk: int = 64,
-    progress: bool = False,
-) -> Float[Tensor, "rows vocab"]:
-    """Last-position logits of every row; row ``r`` is prompt ``row_prompt[r]`` of ``batch``.
-
-    ``hooks_for(rows)`` gets the global row ids of a chunk and returns ``{hook_name: fn}`` acting on that
-    chunk (``x[i]`` is row ``rows[i]``). With ``where="post"`` the prompts' prefixes (all but the
-    ``n_post`` post-instruction tokens, which must be equal in number for all prompts) are run once
-    without hooks and their KV cache is shared; hooks then see only the post-instruction positions.
-    """
-    rp = torch.as_tensor(list(row_prompt) if not isinstance(row_prompt, Tensor) else row_prompt, dtype=torch.long)
-    n_rows = rp.numel()
-    prefix_cache = None
-    n_post = 0
-    if where == "post":
-        n_post = _common_n_post(batch)
-        if batch.input_ids.shape[1] - n_post < 1:
-            raise ValueError("where='post' needs at least one token before the post-instruction tokens")
-        prefix_cache = _new_cache(model)
-        _call(model, batch.input_ids[:, :-n_post], batch.mask[:, :-n_post], cache=prefix_cache)
-    elif where != "all":
-        raise ValueError(f"where must be 'post' or 'all', got {where!r}")
-    outs = []
-    for start in tqdm(range(0, n_rows, chunk), desc="rows", disable=not progress):
-        rows = torch.arange(start, min(start + chunk, n_rows))
-        idx = rp[rows]
-        ids, mask = batch.input_ids[idx], batch.mask[idx]
-        with kv_hooks(model, dict(hooks_for(rows))):
-            if prefix_cache is None:
-                outs.append(_call(model, ids, mask).cpu())
-            else:
-                cache = _select_cache(model, prefix_cache, idx.to(model.device))
-                pos = position_ids_from_mask(mask)[:, -n_post:]
-                outs.append(_call(model, ids[:, -n_post:], mask, cache=cache, pos=pos, step=1).cpu())
-    return torch.cat(outs) if outs else torch.empty(0)
-
-
-def _common_n_post(batch: Batch) -> int:
-    n = set(batch.n_post)
-    if len(n) != 1 or next(iter(n)) < 1:
-        raise ValueError(f"where='post' needs chat prompts with the same number of post-instruction tokens; got {n}")
-    return next(iter(n))
-
-
-def last_logits(model: KVModel, prompts: Sequence[str] | Batch, *, batch_size: int = 32) -> Float[Tensor, "n vocab"]:
-    """Clean last-position logits of ``prompts`` (no hooks), batched."""
-    batch = prompts if isinstance(prompts, Batch) else encode(model, list(prompts))
-    return run_rows(model, batch, range(len(batch)), lambda rows: {}, chunk=batch_size)
-
-
-# ---- clean capture in the batch layout ------------------------------------------------------------------
-@torch.inference_mode()
-def capture_padded(
-    model: KVModel, batch: Batch, sites: Sequence[str], layers: Sequence[int], *, chunk: int = 32,
-) -> dict[tuple[str, int], Tensor]:
-    """Clean activations in ``batch``'s left-padded layout: ``{(site, layer): [n, width, ...]}`` (fp32, CPU)."""
-    store: dict[tuple[str, int], list[Tensor]] = {(s, la): [] for s in sites for la in layers}
-
-    def grab(x: Tensor, ctx: Any) -> None:
-        store[(ctx.site, ctx.layer)].append(x.detach().to("cpu", torch.float32).clone())
-
-    with kv_hooks(model, {hook_name(s, la): grab for s in sites for la in layers}):
-        for start in range(0, len(batch), chunk):
-            sl = slice(start, start + chunk)
-            _call(model, batch.input_ids[sl], batch.mask[sl])
-    return {k: torch.cat(v) for k, v in store.items()}
-
-
-def _flat(x: Tensor) -> Tensor:
-    return rearrange(x, "... h d -> ... (h d)") if x.ndim >= 4 else x
-
-
-def _unflat(x: Tensor, like: Tensor) -> Tensor:
-    return rearrange(x, "... (h d) -> ... h d", h=like.shape[-2]) if like.ndim >= 4 else x
-
-
-def _error(x: Tensor, mask: Tensor, scheme: Any, site: str) -> Tensor:
-    from kvgeom.quant import fake_quant
-
-    if site not in KV_SITES:
-        raise ValueError(f"quantization error needs a K/V site ({', '.join(KV_SITES)}), got {site!r}")
-    role = "v" if site == "v" else "k"
-    return (fake_quant(x, scheme, role=role, mask=mask) - x) * mask[:, :, None, None]
 
 
 # ---- conditions and sweeps ----------------------------------------------------------------------------------
