@@ -63,6 +63,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .card import label_card_html
 from .figures import (
     ablation_figure,
     bit_sweep_figure,
@@ -71,7 +72,8 @@ from .figures import (
     outlier_heatmap_figure,
     sensitivity_figure,
 )
-from .html import label_card_html, render_html, report_html, stage_ran
+from .html import render_html, report_html
+from .markup import stage_ran
 
 SCHEMA_VERSION = 1
 
