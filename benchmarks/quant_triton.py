@@ -53,7 +53,7 @@ def main() -> None:
     ap.add_argument("--schemes", nargs="*", default=list(SCHEMES))
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile (slow to compile)")
     ap.add_argument("--tune", nargs="*", default=[], metavar="KEY=VALUE",
-                    help="launch settings to override, e.g. one_pass=false (keys of triton_kernels.TUNE or "
+                    help="launch settings to override, e.g. fast_div=false (keys of triton_kernels.TUNE or "
                          "triton_kivi.KIVI_TUNE; values as JSON)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
