@@ -4,16 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from kvgeom.prompts import PromptSet, load_prompts
 from kvgeom.quant import Scheme
 from kvgeom.quant.plan import QuantPlan
 from kvgeom.registry import DEFAULT_MODEL
-
-if TYPE_CHECKING:
-    pass
-
 
 STAGE_ORDER = ("baseline", "layer_sweep", "sensitivity", "outliers", "channel_ablation", "pcr", "label", "mitigation",
                "export", "bit_sweep")

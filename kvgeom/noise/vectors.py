@@ -2,15 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from jaxtyping import Float
 from torch import Tensor
-
-if TYPE_CHECKING:
-    pass
-
 
 NOISE_KINDS = ("none", "quant", "isotropic", "subspace", "random", "quant_in", "quant_out")
 
