@@ -59,11 +59,16 @@ def main() -> None:
     args = ap.parse_args()
     for item in args.tune:
         key, _, value = item.partition("=")
-        table = next((t for t in (tk.TUNE, tkv.KIVI_TUNE) if key in t), None)
-        if table is None:
+        tables = [t for t in (tk.TUNE, tkv.KIVI_TUNE) if key in t]  # fast_div is in both: set it in both
+        if not tables:
             ap.error(f"--tune {item}: {key!r} is not a key of TUNE {sorted(tk.TUNE)} or KIVI_TUNE "
                      f"{sorted(tkv.KIVI_TUNE)}")
-        table[key] = json.loads(value)
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            ap.error(f"--tune {item}: give KEY=VALUE with a JSON value (true, false, a number), e.g. fast_div=false")
+        for table in tables:
+            table[key] = parsed
     x = torch.randn(*args.shape, device="cuda", dtype=getattr(torch, args.dtype))
     x[:, :, 0, :4] *= 30  # a few outlier channels, as real keys have
     nbytes = 2 * x.numel() * x.element_size()
