@@ -144,7 +144,7 @@ def main() -> None:
     if args.fake_quant != "auto":
         import functools
 
-        import kvgeom.quant.plan as plan_mod
+        import kvgeom.runtime.plans as plan_mod
 
         plan_mod.fake_quant = functools.partial(plan_mod.fake_quant, backend=args.fake_quant)
     dtype = getattr(torch, args.dtype)

@@ -23,10 +23,10 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
-    from kvgeom.forward import encode, forward
-    from kvgeom.generation import generate
     from kvgeom.models import load_model
     from kvgeom.prompts import load_prompts
+    from kvgeom.runtime.forward import encode, forward
+    from kvgeom.runtime.generation import generate
 
     model = load_model(dtype=args.dtype)
     calib = load_prompts("calibration", limit=20).prompts

@@ -16,8 +16,9 @@ import json
 import torch
 
 from kvgeom.quant import Scheme, fake_quant
-from kvgeom.quant import triton_kernels as tk
-from kvgeom.quant import triton_kivi as tkv
+from kvgeom.quant.triton import common as tk
+from kvgeom.quant.triton import dispatch
+from kvgeom.quant.triton import kivi as tkv
 
 SCHEMES = ("int4-token-asym", "int4-token-sym", "int8-token-sym", "int4-head-asym", "int4-group64-asym",
            "int4-tensor-asym", "int8-channel-asym", "q8_0", "q4_0", "q4_1", "q5_0", "fp8_e4m3", "fp8_e4m3@amax",
@@ -53,8 +54,8 @@ def main() -> None:
     ap.add_argument("--schemes", nargs="*", default=list(SCHEMES))
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile (slow to compile)")
     ap.add_argument("--tune", nargs="*", default=[], metavar="KEY=VALUE",
-                    help="launch settings to override, e.g. fast_div=false (keys of triton_kernels.TUNE or "
-                         "triton_kivi.KIVI_TUNE; values as JSON)")
+                    help="launch settings to override, e.g. fast_div=false (keys of triton.common.TUNE or "
+                         "triton.kivi.KIVI_TUNE; values as JSON)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     for item in args.tune:
@@ -80,7 +81,7 @@ def main() -> None:
     jobs = [(name, role) for name in args.schemes
             for role in (("k", "v") if name.startswith("kivi") or "@amax" in name else ("k",))]
     for name, role in jobs:
-        covered = tk.supported(x, Scheme.parse(name).for_role(role))
+        covered = dispatch.supported(x, Scheme.parse(name).for_role(role))
 
         def eager(t, _n=name, _r=role):
             return fake_quant(t, _n, role=_r, check_finite=False, backend="eager")

@@ -16,7 +16,7 @@ import pandas as pd
 from kvgeom import load_model
 from kvgeom.evaluate import completion_nll, summarize
 from kvgeom.judges import KeywordJudge, Verdict
-from kvgeom.sweep import onset_bits
+from kvgeom.bitwidth import onset_bits
 
 
 def main(d: Path) -> None:

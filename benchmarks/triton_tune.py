@@ -12,8 +12,8 @@ path by ``torch.equal`` and a configuration that differs is reported (and must n
 * ``apply``: their elementwise pass (``apply_*``);
 * ``block``: per-group schemes (int token/head/group, GGML) (``block_*``).
 
-``fast_div`` (division by a per-divisor reciprocal, ``triton_kernels._fast_div``) is swept on and off where it
-applies.
+``fast_div`` (division by a per-divisor reciprocal, ``kvgeom.quant.triton.common.fast_div``) is swept on and
+off where it applies.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ import pathlib
 import torch
 
 from kvgeom.quant import fake_quant
-from kvgeom.quant import triton_kernels as tk
-from kvgeom.quant import triton_kivi as tkv
+from kvgeom.quant.triton import common as tk
+from kvgeom.quant.triton import kivi as tkv
 
 _spec = importlib.util.spec_from_file_location("quant_triton", pathlib.Path(__file__).with_name("quant_triton.py"))
 quant_triton = importlib.util.module_from_spec(_spec)

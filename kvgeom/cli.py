@@ -85,7 +85,7 @@ def run_sweep(
     out: str | None = None,
     device: str = "cpu",
 ) -> dict:
-    """Load a model, run :func:`kvgeom.sweep.bit_sweep`, and write ``summary.csv``, ``rows.csv``,
+    """Load a model, run :func:`kvgeom.bitwidth.bit_sweep`, and write ``summary.csv``, ``rows.csv``,
     ``sweep.json`` and ``sweep.html`` to ``out`` (what ``kvgeom sweep`` does)."""
     import platform
     import time
@@ -95,9 +95,9 @@ def run_sweep(
     import transformers
 
     import kvgeom
+    from kvgeom.bitwidth import bit_sweep, expand_family, plot_bit_sweep
     from kvgeom.models import load_model
     from kvgeom.prompts import load_prompts
-    from kvgeom.sweep import bit_sweep, expand_family, plot_bit_sweep
 
     fams = list(families) + list(cache_families)
     if not fams:
@@ -232,10 +232,10 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     def progress(stage: str, event: str) -> None:
         print(f"[{time.perf_counter() - t0:7.1f}s] {stage}: {event}", flush=True)
 
-    from kvgeom.audit import STAGE_ORDER
+    from kvgeom.audit import default_stages
 
-    stages = STAGE_ORDER + (("agreement",) if args.agreement else ())
-    res = run_audit(cfg, args.out, resume=args.resume, progress=progress, stages=stages, bars=True)
+    stages = default_stages() + (("agreement",) if args.agreement else ())
+    res = run_audit(cfg, args.out, resume=args.resume, progress=progress, stages=stages, bars=True, judge=args.judge)
     print(audit_summary(res.audit))
     if args.out:
         print(f"wrote {args.out}/audit.json and {args.out}/report.html")
@@ -299,7 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-new-tokens", type=int, default=None, help="tokens judged per completion (default 32)")
     p.add_argument("--quick", action="store_true", help="fewer held-out prompts, fractions, seeds and bits")
-    p.add_argument("--resume", action="store_true", help="skip stages already saved in --out")
+    p.add_argument("--resume", action="store_true", help="skip stages already saved in --out (refused when --out "
+                   "was written with other settings or another judge)")
+    p.add_argument("--judge", default=None, help="judge spec NAME[:KEY=VALUE...] from the judge registry (default "
+                   "'keyword': the paper's refusal phrases plus the degeneracy rule), e.g. keyword:phrases=jbb")
     p.add_argument("--agreement", action="store_true", help="also derive label and PCR from the held-out prompts "
                    "and report agreement with the calibration prompts' (a second layer sweep)")
     p.add_argument("--search", action="store_true", help="also search the cheapest per-layer precision keeping "

@@ -23,11 +23,12 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from kvgeom.forward import encode
-from kvgeom.generation import generate
-from kvgeom.judges import Judge, KeywordJudge, Verdict
+from kvgeom.judges import Judge, Verdict, get_judge
 from kvgeom.prompts import PromptSet
-from kvgeom.quant.plan import QuantPlan, forward_with_plans
+from kvgeom.quant.plan import QuantPlan
+from kvgeom.runtime.forward import encode
+from kvgeom.runtime.generation import generate
+from kvgeom.runtime.plans import forward_with_plans
 from kvgeom.stats import Thresholds, flip_stats, rate_ci
 
 if TYPE_CHECKING:
@@ -114,7 +115,7 @@ class RefusalScore:
     def score(self, model: KVModel, prompts: Sequence[str], plans: Any = None, *,
               batch_size: int = 32) -> np.ndarray:
         """Scores of ``prompts`` (each row under its plan: one plan, or one per prompt)."""
-        from kvgeom.quant.plan import normalise_plans
+        from kvgeom.runtime.plans import normalise_plans
 
         prompts = list(prompts)
         row_plans = normalise_plans(plans, len(prompts))
@@ -132,7 +133,7 @@ def completion_nll(model: KVModel, prompts: Sequence[str], completions: Sequence
                    batch_size: int = 16) -> np.ndarray:
     """Mean per-token NLL (nats) of each completion after its chat-formatted prompt, under the model at full
     precision (no plans; active hooks aside). NaN for an empty completion. The degeneracy rule's (d) input."""
-    from kvgeom.forward import forward
+    from kvgeom.runtime.forward import forward
 
     tok = model.tokenizer
     texts = model.format_chat(list(prompts))
@@ -179,7 +180,7 @@ def evaluate(
     plans: Sequence[QuantPlan | str | None] = (None,),
     *,
     max_new_tokens: int = 32,
-    judge: Judge | None = None,
+    judge: Judge | str | None = None,
     batch_size: int = 32,
     score: bool = True,
     nll: bool = False,
@@ -191,6 +192,9 @@ def evaluate(
     Columns: ``prompt_id, category, prompt, plan, completion, verdict, refused, refusal_score,
     n_tokens, stopped_at_eos, settled`` (``refusal_score`` from the same pass's first-token logits). ``None``
     in ``plans`` is full precision, labelled ``"full"``. Rows of one prompt under all plans share a batch.
+
+    ``judge``: a judge object, a registered judge's spec (``"keyword:phrases=jbb"``; :func:`kvgeom.judges.get_judge`)
+    or ``None``, the default :class:`~kvgeom.judges.KeywordJudge` (the paper's phrases and the degeneracy rule).
 
     ``settle=True`` stops a row as soon as the judge's verdict can no longer change (the judge's
     ``settled(text)``; :class:`~kvgeom.judges.KeywordJudge`: a refusal phrase has appeared, and a refusal phrase
@@ -207,7 +211,7 @@ def evaluate(
     for p in plan_list:
         if p is not None:
             p.validate(model)
-    judge = judge or KeywordJudge()
+    judge = get_judge(judge)
     table = _rows(ps, plan_list)
     row_plans = [plan_list[j] for j in table["plan_idx"]]
     stop_when = getattr(judge, "settled", None) if settle else None

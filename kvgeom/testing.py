@@ -14,7 +14,17 @@ from typing import Any
 
 import torch
 
-__all__ = ["ARCHITECTURES", "CHATML_TEMPLATE", "random_model", "tiny_config", "tiny_model", "tiny_tokenizer"]
+__all__ = [
+    "ARCHITECTURES",
+    "CHATML_TEMPLATE",
+    "ChecksumJudge",
+    "random_model",
+    "save_tiny_checkpoint",
+    "tiny_config",
+    "tiny_hf_model",
+    "tiny_model",
+    "tiny_tokenizer",
+]
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
@@ -106,15 +116,29 @@ def random_model(config: Any, *, seed: int = 0, dtype: torch.dtype = torch.float
     return model.eval()
 
 
-def tiny_model(arch: str = "llama", *, seed: int = 0, n_layers: int = 3, device: str = "cpu", **overrides: Any):
-    """A :class:`kvgeom.models.KVModel` around a tiny random model of architecture ``arch``."""
-    from kvgeom.models import wrap_hf_model
-
+def tiny_hf_model(arch: str = "llama", *, seed: int = 0, n_layers: int = 3, **overrides: Any) -> tuple[Any, Any]:
+    """``(hf_model, tokenizer)``: a tiny random HF causal LM of ``arch`` whose pad/EOS ids are the tokenizer's."""
     tok = tiny_tokenizer()
     cfg = tiny_config(arch, n_layers=n_layers, **overrides)
     cfg.pad_token_id = tok.pad_token_id
     cfg.eos_token_id = tok.eos_token_id
-    hf = random_model(cfg, seed=seed)
+    return random_model(cfg, seed=seed), tok
+
+
+def save_tiny_checkpoint(path: Any, arch: str = "llama", *, seed: int = 0, n_layers: int = 3) -> Any:
+    """Save :func:`tiny_hf_model` and its tokenizer as a HF model directory at ``path`` (what
+    ``load_model(path)`` reads); returns the HF model."""
+    hf, tok = tiny_hf_model(arch, seed=seed, n_layers=n_layers)
+    hf.save_pretrained(path)
+    tok.save_pretrained(path)
+    return hf
+
+
+def tiny_model(arch: str = "llama", *, seed: int = 0, n_layers: int = 3, device: str = "cpu", **overrides: Any):
+    """A :class:`kvgeom.models.KVModel` around a tiny random model of architecture ``arch``."""
+    from kvgeom.models import wrap_hf_model
+
+    hf, tok = tiny_hf_model(arch, seed=seed, n_layers=n_layers, **overrides)
     return wrap_hf_model(hf, tok, name=f"tiny-{arch}", device=device)
 
 

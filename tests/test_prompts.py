@@ -5,7 +5,6 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from kvgeom import prompts as prompts_mod
 from kvgeom.prompts import PromptLoadError, PromptSet, bundled_data_dir, load_prompts, load_text
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
@@ -234,7 +233,9 @@ def test_public_names_offline_fail_fast(monkeypatch, name):
 def test_public_name_unreachable_hub_fails_fast(monkeypatch):
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(prompts_mod, "_hub_offline", lambda: None)
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # frozen at its import; the environment is cleared
     monkeypatch.setenv("HF_ENDPOINT", "http://unreachable.invalid")
     start = time.monotonic()
     with pytest.raises(PromptLoadError, match="pass a local copy"):
@@ -259,3 +260,16 @@ def test_shared_xstest():
     assert len(ps) == 450
     assert set(ps.frame["label"]) == {"safe", "unsafe"}
     assert (ps.frame["label"] == "safe").sum() == 250
+
+
+def test_public_api_is_the_package():
+    """``kvgeom.prompts`` is a package; every public name is importable from it, without a warning."""
+    import warnings
+
+    import kvgeom.prompts as P
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for name in P.__all__:
+            assert getattr(P, name) is not None
+    assert P.load_prompts.__module__ == "kvgeom.prompts.load"

@@ -75,3 +75,20 @@ def test_list_models_reports_default():
     table = registry.list_models()
     assert list(table["name"]) == ["qwen2.5-coder-0.5b-instruct"]
     assert {"parts_installed", "assembled", "verified", "path"} <= set(table.columns)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_model_and_stamp_get_the_umask_mode(tmp_path, parts_on_disk, umask):
+    import os
+    import stat
+
+    model, files = _fake_model(tmp_path, [b"abc", b"def"])
+    parts_on_disk(files)
+    old = os.umask(umask)
+    try:
+        path = ensure_model_file(model, root=tmp_path / f"cache{umask:o}")
+    finally:
+        os.umask(old)
+    stamp = path.with_name(path.name + ".verified.json")
+    for f in (path, stamp):
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask, f

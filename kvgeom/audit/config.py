@@ -1,4 +1,9 @@
-"""Audit settings and inputs: :class:`AuditConfig`, validation, prompt splits, plans of a setting."""
+"""Audit settings: :class:`AuditConfig`, its validation, the prompt splits and the plans of a setting.
+
+The sites the audit quantizes and measures are derived here once (:attr:`AuditConfig.quant_site`,
+:attr:`AuditConfig.key_site`); the stage order lives in the stage registry (:mod:`kvgeom.audit.stage`).
+Proved by ``tests/audit/test_audit.py`` (bad input refused before any work).
+"""
 
 from __future__ import annotations
 
@@ -10,9 +15,6 @@ from kvgeom.prompts import PromptSet, load_prompts
 from kvgeom.quant import Scheme
 from kvgeom.quant.plan import QuantPlan
 from kvgeom.registry import DEFAULT_MODEL
-
-STAGE_ORDER = ("baseline", "layer_sweep", "sensitivity", "outliers", "channel_ablation", "pcr", "label", "mitigation",
-               "export", "bit_sweep")
 
 
 class AuditError(ValueError):
@@ -62,9 +64,24 @@ class AuditConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def quant_site(self) -> str:
+        """Where the audit's plans quantize: ``rot_k`` (post-RoPE keys, what a cache stores) in cache mode,
+        else :attr:`site`."""
+        return "rot_k" if self.mode == "cache" else self.site
+
+    @property
+    def key_site(self) -> str:
+        """The key site of the geometry (sensitivity): post-RoPE in cache mode or when asked, else pre-RoPE."""
+        return "rot_k" if (self.mode == "cache" or self.site == "rot_k") else "k"
+
+    def plan(self, scheme: str, **kw: Any) -> QuantPlan:
+        """A :class:`QuantPlan` of ``scheme`` with this audit's mode and site (``kw``: layers, name, ...)."""
+        return QuantPlan(scheme, mode=self.mode, site=self.quant_site, **kw)
+
 
 # ---- inputs ----------------------------------------------------------------------------------------------
-def _split(cfg: AuditConfig) -> tuple[PromptSet, PromptSet]:
+def split_prompts(cfg: AuditConfig) -> tuple[PromptSet, PromptSet]:
     """Calibration and held-out harmful prompts: bundled splits, or the first ``n_calib`` of a user file."""
     if cfg.harmful == "harmful":
         calib = load_prompts("calibration", limit=cfg.n_calib)
@@ -92,18 +109,13 @@ def check_config(cfg: AuditConfig) -> None:
     if cfg.n_calib < 2:
         raise AuditError(f"n_calib must be >= 2, got {cfg.n_calib}")
     try:
-        _split(cfg)
+        split_prompts(cfg)
         load_prompts(cfg.borderline)
         load_prompts(cfg.harmless)
     except (ValueError, FileNotFoundError) as err:
         raise AuditError(str(err)) from None
     if not 0 < cfg.top_frac < 1 or any(not 0 < f <= 1 for f in cfg.fractions):
         raise AuditError("top_frac and fractions must be shares in (0, 1]")
-
-
-def _plan(cfg: AuditConfig, scheme: str, **kw: Any) -> QuantPlan:
-    site = "rot_k" if cfg.mode == "cache" else cfg.site
-    return QuantPlan(scheme, mode=cfg.mode, site=site, **kw)
 
 
 def per_channel_twin(scheme: str) -> str:
@@ -126,7 +138,7 @@ def assignment_plan(cfg: AuditConfig, assignment: Sequence[str | None], name: st
     main = Counter(used).most_common(1)[0][0]
     layers = tuple(i for i, s in enumerate(assignment) if s == main)
     others = {i: s for i, s in enumerate(assignment) if s is not None and s != main}
-    return _plan(cfg, main, layers=layers, layer_schemes=others, name=name)
+    return cfg.plan(main, layers=layers, layer_schemes=others, name=name)
 
 
 def family_of(scheme: str) -> str:

@@ -1,43 +1,40 @@
-"""Running the stages in order, each saved atomically; ``resume`` loads finished stages."""
+"""Running the registered stages in order, each saved atomically; ``resume`` loads finished stages.
+
+Each stage gets the :class:`~kvgeom.audit.inputs.AuditInputs` (built once) and exactly the earlier results it
+declares (:class:`~kvgeom.audit.stage.StageResults`). A run records its config in ``stages/_config.json`` and its
+judge's identity (:func:`kvgeom.judges.judge_identity`) in ``stages/_judge.json``; ``--resume`` refuses a folder
+written with other settings or another judge, so one audit never mixes two judges' verdicts. Every file is
+written with :func:`kvgeom.io.atomic_write_json` (fsync, rename, the umask's permissions).
+Proved by ``tests/audit/test_audit.py`` (resume equals an uninterrupted run; another judge is refused; files get
+the umask's mode).
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import platform
-import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from kvgeom.io import atomic_write_json, to_jsonable
+from kvgeom.judges import get_judge, judge_identity
 from kvgeom.quant import Scheme
 
-from .config import STAGE_ORDER, AuditConfig, AuditError, check_config
-from .stages import STAGES
+from .config import AuditConfig, AuditError, check_config
+from .inputs import AuditInputs
+from .page import render_html
+from .stage import STAGE_REGISTRY, default_stages, get_stage
 
 if TYPE_CHECKING:
     from kvgeom.models import KVModel
 
-
-# ---- running ---------------------------------------------------------------------------------------------
-def _atomic_json(path: Path, data: Any) -> None:
-    from kvgeom.report import to_jsonable
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(to_jsonable(data), fh, indent=2, sort_keys=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+__all__ = ["AuditResult", "run_audit"]
 
 
 def _versions() -> dict:
@@ -68,6 +65,28 @@ class AuditResult:
         return stage_frame(stage, self.audit["stages"][stage])
 
 
+def _check_resume(d: Path, cfg: AuditConfig, judge_id: dict) -> None:
+    cfg_path = d / "stages" / "_config.json"
+    if cfg_path.is_file():
+        saved = json.loads(cfg_path.read_text())
+        if saved != json.loads(json.dumps(cfg.to_dict())):
+            raise AuditError(f"--resume: {d} holds an audit with other settings ({cfg_path}); use another --out "
+                             "or the same settings")
+    judge_path = d / "stages" / "_judge.json"
+    finished = [p for p in (d / "stages").glob("*.json") if not p.name.startswith("_")] if (d / "stages").is_dir() \
+        else []
+    if judge_path.is_file():
+        saved_judge = json.loads(judge_path.read_text())
+        if saved_judge != to_jsonable(judge_id):
+            raise AuditError(
+                f"--resume: {d} was judged by {saved_judge.get('name')!r} {saved_judge.get('settings') or ''} "
+                f"({judge_path}), this run by {judge_id.get('name')!r} {judge_id.get('settings') or ''}: resuming "
+                "would mix two judges' verdicts in one audit; resume with the same --judge, or use another --out")
+    elif finished:
+        raise AuditError(f"--resume: {d} holds finished stages but no record of their judge ({judge_path}; written "
+                         "by an older kvgeom): run again without --resume, or with another --out")
+
+
 def run_audit(
     cfg: AuditConfig,
     out: str | os.PathLike | None = None,
@@ -75,32 +94,38 @@ def run_audit(
     resume: bool = False,
     model: KVModel | None = None,
     judge: Any = None,
-    stages: tuple[str, ...] = STAGE_ORDER,
+    stages: Sequence[str] | None = None,
     progress: Callable[[str, str], None] | None = None,
     bars: bool = False,
 ) -> AuditResult:
     """Run the audit's stages in order; each finished stage is saved atomically to ``out/stages/NAME.json``.
 
-    ``judge``: a :class:`kvgeom.judges.Judge` (default :class:`~kvgeom.judges.KeywordJudge`).
-    ``resume=True`` loads finished stages (written by a run with the same config) instead of recomputing them.
-    Writes ``out/audit.json`` and ``out/report.html`` at the end. ``progress(stage, event)`` is told of each
-    stage's start/finish (the CLI prints a line per stage); ``bars=True`` adds a tqdm bar of generated rows per
-    evaluation, labelled with its stage. Bad input raises :class:`AuditError` before any work.
+    ``judge``: a judge object or a registered judge spec (:func:`kvgeom.judges.get_judge`; default the keyword
+    judge). ``stages``: names of registered stages (default :func:`kvgeom.audit.default_stages`); a stage's
+    declared requirements must be among them or already saved (``resume``).
+    ``resume=True`` loads finished stages (written by a run with the same config and judge) instead of
+    recomputing them. Writes ``out/audit.json`` and ``out/report.html`` at the end. ``progress(stage, event)`` is
+    told of each stage's start/finish (the CLI prints a line per stage); ``bars=True`` adds a tqdm bar of
+    generated rows per evaluation, labelled with its stage. Bad input raises :class:`AuditError` before any work.
     """
     check_config(cfg)
-    unknown = set(stages) - set(STAGES)
+    names = tuple(default_stages() if stages is None else stages)
+    unknown = [s for s in names if s not in STAGE_REGISTRY]
     if unknown:
-        raise AuditError(f"unknown stages {sorted(unknown)}; valid: {', '.join(STAGES)}")
+        raise AuditError(f"unknown stages {sorted(unknown)}; valid: {', '.join(STAGE_REGISTRY)}")
+    names = tuple(sorted(names, key=lambda s: STAGE_REGISTRY[s].order))
+    try:
+        judge_obj = get_judge(judge)
+    except (KeyError, ValueError, TypeError) as err:
+        raise AuditError(f"--judge: {err}") from None
+    judge_id = judge_identity(judge_obj)
     d = Path(out) if out is not None else None
     if d is not None:
-        cfg_path = d / "stages" / "_config.json"
-        if resume and cfg_path.is_file():
-            saved = json.loads(cfg_path.read_text())
-            if saved != json.loads(json.dumps(cfg.to_dict())):
-                raise AuditError(f"--resume: {d} holds an audit with other settings ({cfg_path}); use another --out "
-                                 "or the same settings")
-        _atomic_json(cfg_path, cfg.to_dict())
-    ctx: dict[str, Any] = {"_judge": judge}
+        if resume:
+            _check_resume(d, cfg, judge_id)
+        atomic_write_json(d / "stages" / "_config.json", cfg.to_dict())
+        atomic_write_json(d / "stages" / "_judge.json", judge_id)
+    results: dict[str, dict] = {}
     timings: dict[str, float] = {}
     t_load = time.perf_counter()
     if model is None:
@@ -108,11 +133,13 @@ def run_audit(
 
         model = load_model(cfg.model, device=cfg.device)
     timings["load_model"] = time.perf_counter() - t_load
-    for name in stages:
+    inputs = AuditInputs.build(model, cfg, judge=judge_obj, bars=bars)
+    for name in names:
+        stage = get_stage(name)
         path = d / "stages" / f"{name}.json" if d is not None else None
         if resume and path is not None and path.is_file():
             saved = json.loads(path.read_text())
-            ctx[name] = saved["result"]
+            results[name] = saved["result"]
             timings[name] = saved["seconds"]
             if progress:
                 progress(name, "resumed")
@@ -120,30 +147,25 @@ def run_audit(
         if progress:
             progress(name, "start")
         t0 = time.perf_counter()
-        ctx["_bar"] = name if bars else None
-        ctx[name] = STAGES[name](model, cfg, ctx)
+        results[name] = stage.run(inputs, stage.results_for(results))
         timings[name] = time.perf_counter() - t0
         if path is not None:
-            _atomic_json(path, {"result": ctx[name], "seconds": timings[name]})
+            atomic_write_json(path, {"result": results[name], "seconds": timings[name]})
         if progress:
             progress(name, f"done in {timings[name]:.1f}s")
-        if name == "baseline" and not ctx[name]["calibration"]["k"]:
-            raise AuditError(
-                f"{cfg.model} refuses none of the {ctx[name]['calibration']['n']} calibration prompts at full "
-                "precision, so there are no refusals for quantization to break: audit a safety-tuned chat model, "
-                "or pass --harmful with prompts it refuses (the baseline was saved; --resume continues from it)")
+        if stage.check is not None:
+            stage.check(results[name], inputs)
     audit = {
         "schema_version": 1,
         "model": {"name": cfg.model, **{k: v for k, v in model.describe().items() if k != "name"}},
         "scheme": str(Scheme.parse(cfg.scheme)), "versions": _versions(), "seed": cfg.seed,
-        "settings": cfg.to_dict(),
-        "stages": {k: v for k, v in ctx.items() if not k.startswith("_")},
+        "settings": cfg.to_dict(), "judge": judge_id,
+        "stages": results,
         "timings": timings,
     }
     if d is not None:
-        from kvgeom.report import render_html
-
         # timings of a resumed run are those recorded when each stage ran; load time is this run's own
-        _atomic_json(d / "audit.json", {**audit, "timings": {k: v for k, v in timings.items() if k != "load_model"}})
+        stage_timings = {k: v for k, v in timings.items() if k != "load_model"}
+        atomic_write_json(d / "audit.json", {**audit, "timings": stage_timings})
         render_html(audit, d / "report.html")
     return AuditResult(audit=audit, out=d, timings=timings)

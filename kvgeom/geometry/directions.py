@@ -22,8 +22,8 @@ from einops import rearrange
 from jaxtyping import Float
 from torch import Tensor
 
-from kvgeom.forward import Capture, capture
-from kvgeom.hooks import KV_SITES
+from kvgeom.runtime.forward import Capture, capture
+from kvgeom.sites import KV_SITES
 
 if TYPE_CHECKING:
     from kvgeom.models import KVModel

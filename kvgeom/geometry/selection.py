@@ -38,10 +38,11 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from kvgeom.forward import encode
 from kvgeom.geometry.directions import RefusalDirections
-from kvgeom.hooks import HookFn, hook_name, kv_hooks
 from kvgeom.noise import run_rows
+from kvgeom.runtime.forward import encode
+from kvgeom.runtime.hooks import HookFn, kv_hooks
+from kvgeom.sites import hook_name
 from kvgeom.stats import RateCI, rate_ci
 
 if TYPE_CHECKING:
@@ -328,10 +329,10 @@ def direction_causal_check(
     judge: Any = None,
 ) -> CausalCheck:
     """Generate (greedy) with and without the direction and judge refusals (module doc)."""
-    from kvgeom.generation import generate
-    from kvgeom.judges import KeywordJudge, Verdict
+    from kvgeom.judges import Verdict, get_judge
+    from kvgeom.runtime.generation import generate
 
-    judge = judge or KeywordJudge()
+    judge = get_judge(judge)
     r = direction.float()
     unit = r / r.norm()
     n_post = encode(model, [harmless[0]]).n_post[0]

@@ -40,12 +40,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from kvgeom.forward import encode
 from kvgeom.geometry.directions import ZERO_REL, as_matrix
 from kvgeom.geometry.subspace import safety_subspace
-from kvgeom.hooks import KV_SITES
-from kvgeom.noise import capture_padded, noise_sweep, orthonormal
-from kvgeom.noise.rows import _error
+from kvgeom.noise import capture_padded, noise_sweep, orthonormal, quant_error
+from kvgeom.runtime.forward import encode
+from kvgeom.sites import KV_SITES
 from kvgeom.stats import bootstrap_ci
 
 if TYPE_CHECKING:
@@ -131,7 +130,7 @@ def _layer_stats(la: int, *, xh_all: dict, xb_all: dict, mask: torch.Tensor, sch
                  k: int | None, var: float) -> dict[str, Any]:
     """One layer's error, clean vectors, safety subspace and sums of squares (phase 1)."""
     x_full = xh_all[(site, la)]
-    e = as_matrix(_error(x_full, mask, scheme, site)[:, -n_post:], site).double()  # [n, P, D]
+    e = as_matrix(quant_error(x_full, mask, scheme, site)[:, -n_post:], site).double()  # [n, P, D]
     x = as_matrix(x_full[:, -n_post:], site).double()
     xb = as_matrix(xb_all[(site, la)][:, -n_post:], site).double()
     sub = safety_subspace(x, xb, site="resid_pre", k=k, var=var, layer=la)

@@ -32,8 +32,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from kvgeom.forward import Capture
 from kvgeom.geometry.directions import ZERO_REL, as_matrix
+from kvgeom.runtime.forward import Capture
 from kvgeom.stats import rate_ci
 
 __all__ = ["ProbeResult", "SafetySubspace", "SubspaceSet", "linear_probe", "safety_subspace", "safety_subspaces"]

@@ -9,22 +9,11 @@ from typing import Any, Literal
 
 import pandas as pd
 
-from kvgeom.quant.scheme import (
-    DEFAULT_D_HEAD,
-    DEFAULT_N_KV_HEADS,
-    BaseSpec,
-    CastSpec,
-    FP8Spec,
-    GGMLSpec,
-    IntSpec,
-    KIVISpec,
-    Scheme,
-)
+from kvgeom.quant.formats import int_twin
+from kvgeom.quant.scheme import DEFAULT_D_HEAD, DEFAULT_N_KV_HEADS, Scheme
 from kvgeom.taxonomy import CRUSHES, DILUTION, HYPER, MIXED, OUTLIER_AS_SAFETY, ROBUST, UNDETERMINED, Diagnosis
 
 Assignment = tuple[str | None, ...]
-_FULL_NAMES = ("none", "fp16", "bf16")
-_NOMINAL_BITS = {"q8_0": 8, "q4_0": 4, "q4_1": 4, "q5_0": 5, "q5_1": 5, "iq4_nl": 4}
 
 
 # ------------------------------------------------------------------------------------------ schemes & costs
@@ -80,25 +69,6 @@ def assignment_bits(
     return total / len(assignment)
 
 
-def _nominal_bits(base: BaseSpec) -> int:
-    if isinstance(base, CastSpec):
-        return 16
-    if isinstance(base, IntSpec | KIVISpec):
-        return base.bits
-    if isinstance(base, GGMLSpec):
-        return _NOMINAL_BITS[base.qtype]
-    if isinstance(base, FP8Spec):
-        return 8
-    raise TypeError(f"unknown scheme part {base!r}")
-
-
-def _regroup_base(base: BaseSpec, granularity: str, group_size: int | None) -> BaseSpec:
-    if isinstance(base, CastSpec):
-        return base
-    sym = base.symmetric if isinstance(base, IntSpec) else False
-    return IntSpec(_nominal_bits(base), granularity, sym, group_size)  # type: ignore[arg-type]
-
-
 def regroup(scheme: str | Scheme, group_size: int = 64) -> Scheme:
     """The same bit width with ranges per group of ``group_size`` along ``d_head``: each quantized role becomes
     ``int{b}-group{G}-{sym|asym}`` (``b`` = nominal bits: q4_0 → 4, q8_0 → 8, fp8 → 8, kivi2 → 2; symmetry kept
@@ -106,12 +76,12 @@ def regroup(scheme: str | Scheme, group_size: int = 64) -> Scheme:
     s = Scheme.parse(scheme)
     if group_size < 1:
         raise ValueError(f"group_size must be >= 1, got {group_size}")
-    return Scheme(_regroup_base(s.k, "group", group_size), _regroup_base(s.v, "group", group_size))
+    return Scheme(int_twin(s.k, "group", group_size), int_twin(s.v, "group", group_size))
 
 
 def _per_channel_keys(scheme: Scheme) -> Scheme:
     """Keys per channel (one range per (head, dim) over tokens), values unchanged."""
-    return Scheme(_regroup_base(scheme.k, "channel", None), scheme.v)
+    return Scheme(int_twin(scheme.k, "channel", None), scheme.v)
 
 
 # ------------------------------------------------------------------------------------------ candidates

@@ -4,17 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from kvgeom.quant.scheme import (
-    DEFAULT_D_HEAD,
-    DEFAULT_N_KV_HEADS,
-    BaseSpec,
-    CastSpec,
-    FP8Spec,
-    GGMLSpec,
-    IntSpec,
-    KIVISpec,
-    Scheme,
-)
+from kvgeom.quant.formats import KVFormat
+from kvgeom.quant.scheme import DEFAULT_D_HEAD, DEFAULT_N_KV_HEADS, Scheme
 
 from .candidates import Assignment, Candidate, _canon, _channels, assignment_bits
 from .search import SearchResult
@@ -44,12 +35,9 @@ def _as_assignment(obj: Any, n_layers: int | None) -> tuple[Assignment, tuple]:
     return a, ()
 
 
-def _vllm_dtype(base: BaseSpec) -> tuple[str | None, bool]:
-    if isinstance(base, CastSpec):
-        return "auto", False
-    if isinstance(base, FP8Spec):
-        return f"fp8_{base.fmt}", base.dynamic
-    return None, False
+def _vllm_dtype(base: KVFormat) -> tuple[str | None, bool]:
+    dtype = base.vllm()
+    return (None, False) if dtype is None else (dtype.kv_cache_dtype, dtype.calculate_kv_scales)
 
 
 def _vllm(a: Assignment, channels: tuple, model: str) -> dict[str, Any]:
@@ -104,12 +92,9 @@ def _vllm(a: Assignment, channels: tuple, model: str) -> dict[str, Any]:
     return out
 
 
-def _llama_type(base: BaseSpec) -> str | None:
-    if isinstance(base, CastSpec):
-        return "f16" if base.dtype in ("none", "fp16") else "bf16"
-    if isinstance(base, GGMLSpec):
-        return base.qtype
-    return None
+def _llama_type(base: KVFormat) -> str | None:
+    cache_type = base.llama_cpp()
+    return None if cache_type is None else cache_type.cache_type
 
 
 def _llama(a: Assignment, channels: tuple, d_head: int, model: str) -> dict[str, Any]:
@@ -131,7 +116,8 @@ def _llama(a: Assignment, channels: tuple, d_head: int, model: str) -> dict[str,
     if kt is None or vt is None:
         notes.append(f"not expressible: {distinct[0]} is not a llama.cpp cache type")
         return out
-    rot = {r: b.rotate for r, b in (("k", sch.k), ("v", sch.v)) if isinstance(b, GGMLSpec)}
+    types = {"k": sch.k.llama_cpp(), "v": sch.v.llama_cpp()}
+    rot = {r: t.rotated for r, t in types.items() if t is not None and t.rotated is not None}
     if len(set(rot.values())) > 1:
         notes.append("not expressible: llama.cpp rotates every quantized cache (K and V) or none "
                      "(LLAMA_ATTN_ROT_DISABLE), not one of them")
@@ -159,29 +145,8 @@ def _llama(a: Assignment, channels: tuple, d_head: int, model: str) -> dict[str,
 def _hf_config(sch: Scheme) -> tuple[dict[str, Any] | None, list[str]]:
     if sch.k != sch.v:
         return None, [f"not expressible: HF's QuantizedCache quantizes K and V alike; {sch} differs"]
-    b = sch.k
-    if isinstance(b, KIVISpec):
-        return ({"backend": "quanto", "nbits": b.bits, "axis_key": 0, "axis_value": 0, "q_group_size": b.group_size,
-                 "residual_length": b.residual},
-                ["approximate: HF quantizes keys and values with the same grouping (its docs: per channel, "
-                 "q_group_size) and flushes its full-precision residual when it fills, while KIVI quantizes values "
-                 "per token and keeps a sliding residual"])
-    if isinstance(b, IntSpec) and b.granularity == "group":
-        if b.bits in (2, 4):
-            backend = "quanto"
-        elif b.bits in (1, 3, 8):
-            backend = "hqq"
-        else:
-            return None, [f"not expressible: HF backends take nbits 2/4 (quanto) or 1/2/3/4/8 (hqq), not {b.bits}"]
-        return ({"backend": backend, "nbits": b.bits, "axis_key": 0, "axis_value": 0, "q_group_size": b.group_size,
-                 "residual_length": 128},
-                ["approximate: the backend's grouping axis, rounding and zero point differ from kvgeom's "
-                 f"{b}, and HF keeps the newest <= residual_length tokens in full precision"])
-    if isinstance(b, FP8Spec) and b.fmt == "e4m3":
-        return ({"backend": "fp8"},
-                ["approximate: HF's fp8 backend is e4m3 with a per-tensor scale amax/448 frozen at the first "
-                 "update; kvgeom's fp8_e4m3 uses scale 1 (vLLM uncalibrated), @amax vLLM's amax/200 (K), /100 (V)"])
-    return None, [f"not expressible: no HF QuantizedCache backend implements {sch}"]
+    cache = sch.k.hf()
+    return cache.config, list(cache.notes)
 
 
 def _hf(a: Assignment, channels: tuple, n_layers: int) -> dict[str, Any]:

@@ -1,4 +1,9 @@
-"""Loading: registered names, local GGUF files and HF directories, hub names; placement and the bridge."""
+"""Loading: registered names, local GGUF files and HF directories, hub names; placement and the bridge.
+
+Hub names go through the one hub check, :func:`kvgeom.hub.hub_problem` (offline switches parsed as
+``huggingface_hub`` does; a quick HEAD request), so an offline machine gets one clear :class:`ModelLoadError`
+in seconds (``tests/models/test_models.py::test_hub_name_offline_is_one_clear_error``).
+"""
 
 from __future__ import annotations
 
@@ -15,7 +20,9 @@ from typing import Any
 
 import torch
 
+from kvgeom.hub import hub_problem
 from kvgeom.registry import DEFAULT_MODEL, REGISTRY, cache_dir, ensure_model_file
+from kvgeom.sites import SITES
 
 from .model import KVModel, ModelFacts, ModelLoadError
 
@@ -50,10 +57,6 @@ def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> tor
     return table[dtype]
 
 
-def _offline() -> bool:
-    return any(os.environ.get(v, "") not in ("", "0") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-
-
 @contextmanager
 def _quiet():
     """Silence transformers' warnings and progress bars for the duration (restored after)."""
@@ -71,21 +74,6 @@ def _quiet():
             logging.getLogger("transformers").setLevel(prev)
             if bars:
                 hf_logging.enable_progress_bar()
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face hub answers a TCP connection (avoids minutes of retries offline)."""
-    import socket
-    from urllib.parse import urlparse
-
-    if _offline():
-        return False
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
-    try:
-        with socket.create_connection((host, 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 def _converted_dir(gguf: Path, sha256: str | None) -> Path:
@@ -136,7 +124,7 @@ def _convert_gguf(gguf: Path, sha256: str | None) -> Path:
 def _load_hf(path_or_name: str, dtype: torch.dtype, *, local: bool, placement: dict | None = None) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kw: dict[str, Any] = {"local_files_only": True} if (local or _offline()) else {}
+    kw: dict[str, Any] = {"local_files_only": True} if local else {}
     with _quiet():
         tok = AutoTokenizer.from_pretrained(path_or_name, **kw)
         hf = AutoModelForCausalLM.from_pretrained(path_or_name, dtype=dtype, **kw, **(placement or {}))
@@ -197,12 +185,11 @@ def load_model(
             raise ModelLoadError(f"{name!r} does not exist (expected a .gguf file or a HF model directory)")
         else:
             src = name
-            online = _hub_reachable()
+            problem = hub_problem()  # switched off or unreachable: only the local HF cache can serve it
             try:
-                hf, tok = _load_hf(name, dt, local=not online, placement=placement)
+                hf, tok = _load_hf(name, dt, local=problem is not None, placement=placement)
             except (OSError, ValueError) as err:
-                why = ("offline mode is set" if _offline() else "the hub is unreachable (no network)"
-                       if not online else "no such repository, or it is gated")
+                why = problem or "no such repository, or it is gated"
                 raise ModelLoadError(
                     f"could not load {name!r}: it is not a registered model ({', '.join(REGISTRY)}), "
                     f"not a local .gguf file or model directory, and the Hugging Face hub could not "
@@ -305,8 +292,6 @@ def _probe_sites(model: KVModel) -> tuple[str, ...]:
     TransformerLens 4.3 registers ``hook_rot_k`` on fused-QKV attention (Phi-3) but never calls it;
     kvgeom refuses hooks on a site that would silently never run.
     """
-    from kvgeom.hooks import SITES
-
     fired: set[str] = set()
     names = {pattern.format(layer=0): site for site, pattern in SITES.items()}
 

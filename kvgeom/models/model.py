@@ -1,13 +1,22 @@
 """What :func:`kvgeom.models.load_model` returns: :class:`KVModel` (bridge, tokenizer, chat formatting) and its
-:class:`ModelFacts`."""
+:class:`ModelFacts`.
+
+Hook sessions opened on a model are a declared field, :attr:`KVModel.hook_sessions` (outermost first), owned by
+:func:`kvgeom.runtime.hooks.kv_hooks` (nesting proved in ``tests/runtime/test_hooks.py``).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+from kvgeom.sites import SITES, hook_name
+
+if TYPE_CHECKING:
+    from kvgeom.runtime.hooks import HookSession
 
 
 class ModelLoadError(RuntimeError):
@@ -65,6 +74,10 @@ class KVModel:
         facts: :class:`ModelFacts`.
         name: what the user asked for; ``source``: the file or directory loaded.
         chat_template: a Jinja template overriding the tokenizer's own (``None``: use the tokenizer's).
+        sites_available: the sites the bridge really fires for this architecture (probed at wrap time).
+        hook_sessions: the :class:`kvgeom.runtime.hooks.HookSession` s of the ``kv_hooks`` blocks open on this
+            model, outermost first; each forward call is announced to all of them. Managed by ``kv_hooks``
+            only: do not edit.
     """
 
     bridge: Any
@@ -77,8 +90,8 @@ class KVModel:
     chat_template: str | None = None
     system_prompt: str | None = None
     info: dict = field(default_factory=dict)
-    sites_available: tuple[str, ...] = ("k", "rot_k", "v", "q", "resid_pre", "resid_mid", "resid_post",
-                                        "attn_out", "mlp_out")
+    sites_available: tuple[str, ...] = tuple(SITES)
+    hook_sessions: list[HookSession] = field(default_factory=list, repr=False, compare=False)
 
     # ---- facts -------------------------------------------------------------------------------
     @property
@@ -156,14 +169,13 @@ class KVModel:
         return out
 
     def hook_name(self, site: str, layer: int) -> str:
-        """Readable hook-point name of ``site`` at ``layer`` (see :data:`kvgeom.hooks.SITES`)."""
-        from kvgeom.hooks import hook_name
-
+        """Readable hook-point name of ``site`` at ``layer`` (see :data:`kvgeom.sites.SITES`)."""
         return hook_name(site, layer)
 
     def kv_hooks(self, hooks: Any, **kwargs: Any):
-        """Shortcut for :func:`kvgeom.hooks.kv_hooks` on this model."""
-        from kvgeom.hooks import kv_hooks
+        """Shortcut for :func:`kvgeom.runtime.hooks.kv_hooks` on this model (the runtime sits above models,
+        so it is imported when called; the runtime never imports models)."""
+        from kvgeom.runtime.hooks import kv_hooks
 
         return kv_hooks(self, hooks, **kwargs)
 

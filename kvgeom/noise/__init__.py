@@ -36,7 +36,7 @@ Readouts: the refusal score (:class:`kvgeom.evaluate.RefusalScore`) at the last 
 text (:func:`text_effects`) the mean next-token NLL and ``KL(p_clean || p_noisy)`` per token.
 """
 
-from .rows import capture_padded, last_logits, run_rows
+from .rows import capture_padded, last_logits, quant_error, run_rows
 from .sweep import NoiseCondition, NoiseResult, inject_noise, noise_sweep, text_effects
 from .vectors import NOISE_KINDS, make_noise, orthonormal, project, random_subspace
 
@@ -51,6 +51,7 @@ __all__ = [
     "noise_sweep",
     "orthonormal",
     "project",
+    "quant_error",
     "random_subspace",
     "run_rows",
     "text_effects",

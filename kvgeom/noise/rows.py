@@ -8,12 +8,13 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from einops import rearrange
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from kvgeom.forward import Batch, encode, forward, position_ids_from_mask
-from kvgeom.hooks import KV_SITES, HookFn, hook_name, kv_hooks
+from kvgeom.runtime.forward import Batch, encode, forward, new_cache, position_ids_from_mask
+from kvgeom.runtime.hooks import HookFn, kv_hooks
+from kvgeom.sites import KV_SITES, hook_name
 
 if TYPE_CHECKING:
     from kvgeom.models import KVModel
@@ -25,21 +26,15 @@ Where = Literal["post", "all"]
 # ---- batched row engine ---------------------------------------------------------------------------------
 def _call(model: KVModel, ids: Tensor, mask: Tensor, *, cache: Any = None, pos: Tensor | None = None,
           step: int = 0, keep_last: bool = True) -> Tensor:
-    """:func:`kvgeom.forward.forward`, returning the last position's logits only when ``keep_last`` (saves the
+    """:func:`kvgeom.runtime.forward.forward`, returning the last position's logits only when ``keep_last`` (saves the
     ``[batch, pos, vocab]`` unembedding), as fp32."""
     out = forward(model, ids, mask, past_key_values=cache, position_ids=pos, step=step,
                   logits_to_keep=1 if keep_last else None)
     return out[:, -1].float() if keep_last else out.float()
 
 
-def _new_cache(model: KVModel) -> Any:
-    from transformers import DynamicCache
-
-    return DynamicCache(config=model.hf_model.config)
-
-
 def _select_cache(model: KVModel, cache: Any, index: Tensor) -> Any:
-    out = _new_cache(model)
+    out = new_cache(model)
     for li, layer in enumerate(cache.layers):
         out.update(layer.keys[index], layer.values[index], li)
     return out
@@ -71,7 +66,7 @@ def run_rows(
         n_post = _common_n_post(batch)
         if batch.input_ids.shape[1] - n_post < 1:
             raise ValueError("where='post' needs at least one token before the post-instruction tokens")
-        prefix_cache = _new_cache(model)
+        prefix_cache = new_cache(model)
         _call(model, batch.input_ids[:, :-n_post], batch.mask[:, :-n_post], cache=prefix_cache)
     elif where != "all":
         raise ValueError(f"where must be 'post' or 'all', got {where!r}")
@@ -129,7 +124,10 @@ def _unflat(x: Tensor, like: Tensor) -> Tensor:
     return rearrange(x, "... (h d) -> ... h d", h=like.shape[-2]) if like.ndim >= 4 else x
 
 
-def _error(x: Tensor, mask: Tensor, scheme: Any, site: str) -> Tensor:
+def quant_error(x: Float[Tensor, "batch pos kv_head d_head"], mask: Bool[Tensor, "batch pos"], scheme: Any,
+                site: str) -> Float[Tensor, "batch pos kv_head d_head"]:
+    """The quantization error ``fake_quant(x) - x`` of ``scheme`` at K/V ``site``, zero at padding positions
+    (ranges measured on the real positions of each row, as in forward-mode plans)."""
     from kvgeom.quant import fake_quant
 
     if site not in KV_SITES:

@@ -13,11 +13,12 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from kvgeom.forward import Batch, encode
-from kvgeom.hooks import KV_SITES, HookFn, hook_name, kv_hooks
+from kvgeom.runtime.forward import Batch, encode
+from kvgeom.runtime.hooks import HookFn, kv_hooks
+from kvgeom.sites import KV_SITES, hook_name
 from kvgeom.stats import bootstrap_ci
 
-from .rows import Where, _call, _common_n_post, _error, _flat, _unflat, capture_padded, run_rows
+from .rows import Where, _call, _common_n_post, _flat, _unflat, capture_padded, quant_error, run_rows
 from .vectors import NOISE_KINDS, make_noise, random_subspace
 
 if TYPE_CHECKING:
@@ -171,7 +172,7 @@ def noise_sweep(
     batch = encode(model, list(prompts))
     n = len(batch)
     clean = capture_padded(model, batch, [site], layers, chunk=chunk)
-    errors = {key: _error(x, batch.mask, scheme, site) for key, x in clean.items()}
+    errors = {key: quant_error(x, batch.mask, scheme, site) for key, x in clean.items()}
     k_random = {la: (bases[la].shape[1] if bases[la] is not None else 1) for la in layers}
     conds = _conditions(kinds, layers, site, n_random)
     deltas = _deltas(conds, clean, errors, bases, n, k_random, seed)
@@ -237,7 +238,7 @@ def text_effects(
     sites = sorted({c.site for c in conditions})
     layers = sorted({c.layer for c in conditions})
     clean = capture_padded(model, batch, sites, layers, chunk=chunk)
-    errors = {key: _error(v, batch.mask, scheme, key[0]) for key, v in clean.items()}
+    errors = {key: quant_error(v, batch.mask, scheme, key[0]) for key, v in clean.items()}
     recs = []
     for site in sites:
         conds = [c for c in conditions if c.site == site]

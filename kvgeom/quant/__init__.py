@@ -6,8 +6,11 @@
 ('K:kivi2-g32-r128,V:q8_0', GGMLSpec(qtype='q8_0', rotate=False), 4.5)
 """
 
+from kvgeom.deprecation import moved
+
 from .fake import fake_quant
-from .plan import QuantPlan, apply_plans, forward_with_plans
+from .formats import FORMATS, KVFormat, register_format
+from .plan import QuantPlan
 from .scheme import (
     DEFAULT_D_HEAD,
     DEFAULT_N_KV_HEADS,
@@ -20,12 +23,15 @@ from .scheme import (
     KIVISpec,
     Role,
     Scheme,
+    expand_family,
+    valid_forms,
 )
 from .stream import StreamQuantizer
 
 __all__ = [
     "DEFAULT_D_HEAD",
     "DEFAULT_N_KV_HEADS",
+    "FORMATS",
     "VALID_FORMS",
     "BaseSpec",
     "CastSpec",
@@ -33,11 +39,16 @@ __all__ = [
     "GGMLSpec",
     "IntSpec",
     "KIVISpec",
+    "KVFormat",
     "QuantPlan",
     "Role",
     "Scheme",
     "StreamQuantizer",
-    "apply_plans",
+    "expand_family",
     "fake_quant",
-    "forward_with_plans",
+    "register_format",
+    "valid_forms",
 ]
+
+#: The plan runtime moved to :mod:`kvgeom.runtime.plans`.
+__getattr__ = moved(__name__, {"apply_plans": "kvgeom.runtime.plans", "forward_with_plans": "kvgeom.runtime.plans"})

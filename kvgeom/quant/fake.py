@@ -1,49 +1,44 @@
 """``fake_quant``: quantize-dequantize K or V ``[batch, pos, kv_head, d_head]`` with a scheme (stateless).
 
 Math is fp32; the output has the input's shape and dtype. Padding positions (``mask`` False) are returned
-unchanged and never enter a range, so a row's result never depends on other rows or on padding.
+unchanged and never enter a range, so a row's result never depends on other rows or on padding. Each
+format does its own math (:meth:`kvgeom.quant.formats.KVFormat.quantize`).
 
-On CUDA, when Triton is installed, the schemes :mod:`kvgeom.quant.triton_kernels` covers run as fused
-kernels giving the same bits as the eager torch ops (``backend="auto"``); ``backend="eager"`` forces the
-torch ops, ``backend="triton"`` the kernels (an error where none covers the scheme).
+On CUDA, when Triton is installed, a format's fused kernel (:meth:`~kvgeom.quant.formats.KVFormat.kernel`,
+run by :mod:`kvgeom.quant.triton.dispatch`) gives the same bits as the eager torch ops (``backend="auto"``);
+``backend="eager"`` forces the torch ops, ``backend="triton"`` the kernels (an error where none covers the
+scheme). Proved by ``tests/quant/test_quant_fake.py`` (dispatch) and ``tests/quant/test_triton_kernels.py``.
 """
 
 from __future__ import annotations
 
-from functools import cache
+from types import ModuleType
 from typing import Literal
 
 import torch
-from einops import rearrange
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from .fp8 import fp8_apply, fp8_scale
-from .ggml import QK, ggml_fake_quant
-from .hadamard import fwht, rotation_block
-from .kivi import kivi_fake_quant
-from .scheme import BaseSpec, CastSpec, FP8Spec, GGMLSpec, IntSpec, KIVISpec, Role, Scheme
-from .uniform import int_fake_quant
+from kvgeom.deprecation import moved
+
+from .formats import KVFormat, Role
+from .kernels import triton_package
+from .scheme import Scheme
 
 KV = Float[Tensor, "batch pos kv_head d_head"]
 Backend = Literal["auto", "eager", "triton"]
-_CAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-@cache
-def _triton_kernels():
-    """The kernel module, or None when Triton is not installed (imported once, on first use)."""
-    try:
-        from . import triton_kernels
-    except ImportError:
-        return None
-    return triton_kernels
+def _dispatch() -> ModuleType | None:
+    """:mod:`kvgeom.quant.triton.dispatch`, or None when Triton is not installed."""
+    package = triton_package()
+    return None if package is None else package.dispatch
 
 
-def _fused(x: KV, mask: Tensor | None, spec: BaseSpec, role: Role, backend: Backend) -> KV | None:
+def _fused(x: KV, mask: Tensor | None, spec: KVFormat, role: Role, backend: Backend) -> KV | None:
     if backend == "eager" or (backend == "auto" and not x.is_cuda):
         return None
-    kernels = _triton_kernels()
+    kernels = _dispatch()
     if backend == "auto" and kernels is not None and isinstance(spec, kernels.OPT_IN):
         return None  # a kernel not yet run on a GPU: only on request (backend="triton")
     out = kernels.fused_fake_quant(x, spec, role, mask) if kernels is not None else None
@@ -53,7 +48,7 @@ def _fused(x: KV, mask: Tensor | None, spec: BaseSpec, role: Role, backend: Back
     return out
 
 
-def resolve_spec(scheme: Scheme | BaseSpec | str, role: Role) -> BaseSpec:
+def resolve_spec(scheme: Scheme | KVFormat | str, role: Role) -> KVFormat:
     """The base spec ``scheme`` applies to ``role`` (parsing strings; raises ValueError on bad input)."""
     if role not in ("k", "v"):
         raise ValueError(f"role must be 'k' (keys) or 'v' (values), got {role!r}")
@@ -96,40 +91,14 @@ def check_input(x: Tensor, mask: Tensor | None, role: Role, site: str | None,
     return mask
 
 
-def ggml_kv(x: KV, spec: GGMLSpec, role: Role) -> KV:
-    """llama.cpp type on blocks of 32 along d_head (fp32), with the optional Hadamard rotation."""
-    d_head = x.shape[-1]
-    if d_head % QK != 0:
-        raise ValueError(
-            f"llama.cpp type {spec.qtype} quantizes blocks of {QK} values along d_head, but "
-            f"d_head={d_head} is not a multiple of {QK}; llama.cpp refuses such a cache type for this "
-            f"model, so pick another scheme"
-        )
-    n_rot = rotation_block(d_head, role) if spec.rotate else 0
-    y = fwht(x, n_rot) if n_rot else x
-    blocks = rearrange(y, "b p h (n k) -> (b p h n) k", k=QK)
-    y = ggml_fake_quant(blocks.contiguous(), spec.qtype).reshape(x.shape)
-    return fwht(y, n_rot) if n_rot else y
-
-
-def quantize_fp32(x: KV, mask: Bool[Tensor, "batch pos"], spec: BaseSpec, role: Role) -> KV:
-    """Dispatch on the spec; ``x`` fp32 with padding already zeroed. Padding outputs are arbitrary."""
-    if isinstance(spec, CastSpec):
-        return x if spec.dtype == "none" else x.to(_CAST[spec.dtype]).to(torch.float32)
-    if isinstance(spec, IntSpec):
-        return int_fake_quant(x, mask, spec)
-    if isinstance(spec, GGMLSpec):
-        return ggml_kv(x, spec, role)
-    if isinstance(spec, FP8Spec):
-        return fp8_apply(x, fp8_scale(x, mask, spec, role), spec)
-    if isinstance(spec, KIVISpec):
-        return kivi_fake_quant(x, mask, spec, role)
-    raise TypeError(f"unknown scheme spec {spec!r}")
+def quantize_fp32(x: KV, mask: Bool[Tensor, "batch pos"], spec: KVFormat, role: Role) -> KV:
+    """The format's eager math; ``x`` fp32 with padding already zeroed. Padding outputs are arbitrary."""
+    return spec.quantize(x, mask, role)
 
 
 def fake_quant(
     x: KV,
-    scheme: Scheme | BaseSpec | str,
+    scheme: Scheme | KVFormat | str,
     *,
     role: Role = "k",
     mask: Bool[Tensor, "batch pos"] | None = None,
@@ -151,11 +120,15 @@ def fake_quant(
     spec = resolve_spec(scheme, role)
     given = mask
     mask = check_input(x, mask, role, site, check_finite)
-    if isinstance(spec, CastSpec) and spec.dtype == "none":
+    if spec.is_identity:
         return x.clone()
     if (out := _fused(x, given, spec, role, backend)) is not None:  # no mask given: kernels without mask loads
         return out
     m4 = mask[:, :, None, None]
     xf = torch.where(m4, x.to(torch.float32), 0.0)
-    out = quantize_fp32(xf, mask, spec, role)
+    out = spec.quantize(xf, mask, role)
     return torch.where(m4, out.to(x.dtype), x)
+
+
+#: moved to the format that uses it
+__getattr__ = moved(__name__, {"ggml_kv": "kvgeom.quant.formats.ggml"})

@@ -11,13 +11,18 @@ amax is 0 gets ``s = 1`` (vLLM would divide by zero).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
 from ._ops import div
-from .scheme import FP8_MAX, FP8Spec, Role
 
+if TYPE_CHECKING:
+    from .formats import FP8Spec, Role
+
+FP8_MAX = {"e4m3": 448.0, "e5m2": 57344.0}
 AMAX_DIVISOR = {"k": 200.0, "v": 100.0}
 FP8_DTYPE = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 

@@ -27,6 +27,9 @@ from torch import Tensor
 from ._ops import div
 
 QK = 32
+GGML_TYPES = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl")
+#: bits per element, the fp16 block scale (and minimum) included
+GGML_BITS = {"q8_0": 8.5, "q4_0": 4.5, "q4_1": 5.0, "q5_0": 5.5, "q5_1": 6.0, "iq4_nl": 4.5}
 KVALUES_IQ4NL = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 GROUP_MAX_EPS = 1e-15  # ggml-quants.c: a block with amax below this quantizes to zero (iq4_nl)
 

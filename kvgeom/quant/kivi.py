@@ -21,13 +21,17 @@ So a key's stored value can change after it was first written (when its R-block 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from einops import rearrange
 from jaxtyping import Bool, Float
 from torch import Tensor
 
 from ._ops import div
-from .scheme import KIVISpec, Role
+
+if TYPE_CHECKING:
+    from .formats import KIVISpec, Role
 
 
 def check_kivi(spec: KIVISpec, d_head: int) -> None:

@@ -22,6 +22,7 @@ can freeze the parameters measured on the prefill and reuse them (codes clamp to
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from einops import rearrange
@@ -29,7 +30,9 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from ._ops import div
-from .scheme import IntSpec
+
+if TYPE_CHECKING:
+    from .formats.int import IntSpec
 
 ASYM_MIN_SCALE = 1e-8
 

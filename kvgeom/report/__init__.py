@@ -49,22 +49,22 @@ report then shows "not run" for it::
       "timings": {"<stage>": seconds, ...}
     }
 
-Entry points: :func:`render_html` (write report.html), :func:`report_html` (the HTML text), the figure
-functions in :mod:`kvgeom.report.figures`, and :func:`label_card_html`.
+Since kvgeom 0.2 the audit.json also holds ``"judge"`` (:func:`kvgeom.judges.judge_identity` of the judge
+that decided every verdict). Each stage's schema fragment is its ``Stage.schema``
+(:func:`kvgeom.audit.schema.audit_schema` assembles them).
+
+Entry points: :func:`render_html` (write report.html), :func:`report_html` (the HTML text; the page is the
+registered stages' sections, :mod:`kvgeom.audit.page`), the figure functions of :mod:`kvgeom.viz.figures`, and
+:func:`label_card_html`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
-from collections.abc import Mapping
-from typing import Any
-
-import numpy as np
-import pandas as pd
-
-from .card import label_card_html
-from .figures import (
+from kvgeom.audit.page import render_html, report_html
+from kvgeom.audit.stage import stage_names
+from kvgeom.io import to_jsonable
+from kvgeom.viz.card import label_card_html
+from kvgeom.viz.figures import (
     ablation_figure,
     bit_sweep_figure,
     layer_flip_figure,
@@ -72,14 +72,13 @@ from .figures import (
     outlier_heatmap_figure,
     sensitivity_figure,
 )
-from .html import render_html, report_html
-from .markup import stage_ran
+from kvgeom.viz.markup import stage_ran
 
 SCHEMA_VERSION = 1
 
-#: Stage keys of ``audit["stages"]``, in pipeline order.
-STAGES = ("baseline", "layer_sweep", "sensitivity", "outliers", "channel_ablation", "pcr", "label", "mitigation",
-          "export", "bit_sweep", "agreement")
+#: Stage keys of ``audit["stages"]``, in pipeline order (every registered stage when kvgeom was imported; a stage
+#: registered later is in :func:`kvgeom.audit.stage_names`).
+STAGES = stage_names(default_only=False)
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -96,34 +95,3 @@ __all__ = [
     "stage_ran",
     "to_jsonable",
 ]
-
-
-def to_jsonable(obj: Any) -> Any:
-    """Recursively convert to JSON-friendly values: NaN/±inf → None, numpy scalars/arrays → Python, tuples →
-    lists, DataFrames → lists of records, objects with ``to_dict()`` and dataclasses → dicts."""
-    if obj is None or isinstance(obj, str | bool):
-        return obj
-    if isinstance(obj, np.bool_):
-        return bool(obj)
-    if isinstance(obj, int | np.integer):
-        return int(obj)
-    if isinstance(obj, float | np.floating):
-        f = float(obj)
-        return None if math.isnan(f) or math.isinf(f) else f
-    if isinstance(obj, pd.DataFrame):
-        return [to_jsonable(r) for r in obj.to_dict(orient="records")]
-    if isinstance(obj, pd.Series):
-        return to_jsonable(obj.to_dict())
-    if isinstance(obj, np.ndarray):
-        return to_jsonable(obj.tolist())
-    if isinstance(obj, Mapping):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple | set | frozenset):
-        return [to_jsonable(v) for v in obj]
-    if hasattr(obj, "to_dict") and callable(obj.to_dict):
-        return to_jsonable(obj.to_dict())
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return to_jsonable(dataclasses.asdict(obj))
-    if obj is pd.NA:
-        return None
-    return str(obj)

@@ -20,7 +20,7 @@ def kernel_calls(monkeypatch):
         calls.append(mask)
         return fake_quant(x, spec, role=role, mask=mask, backend="eager")
 
-    monkeypatch.setattr(fake_mod, "_triton_kernels", lambda: SimpleNamespace(OPT_IN=(), fused_fake_quant=fused))
+    monkeypatch.setattr(fake_mod, "_dispatch", lambda: SimpleNamespace(OPT_IN=(), fused_fake_quant=fused))
     return calls
 
 

@@ -19,8 +19,9 @@ import torch
 
 pytest.importorskip("triton")
 
-from kvgeom.quant import Scheme, fake_quant  # noqa: E402
-from kvgeom.quant import triton_kernels as tk  # noqa: E402
+from kvgeom.quant import FP8Spec, GGMLSpec, IntSpec, KIVISpec, Scheme, fake_quant  # noqa: E402
+from kvgeom.quant.triton import common, dispatch  # noqa: E402
+from kvgeom.quant.triton import kivi as tkivi  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 COVERED = (
@@ -78,15 +79,15 @@ def tie_kv(shape, name: str, seed: int) -> torch.Tensor:
     """Blocks of 32 whose range makes many values exact rounding ties (x/scale = k + 1/2, fp8 midpoints)."""
     rng = np.random.default_rng(seed)
     spec = Scheme.parse(name).k
-    if isinstance(spec, tk.FP8Spec):
+    if isinstance(spec, FP8Spec):
         lead: list[float] = []
         pool = [1 + 2**-4, -(1 + 3 * 2**-4), 1 + 2**-3, 3 * 2**-10, -5 * 2**-10, 2**-6 - 2**-10, 2**-14 * 1.5,
                 3 * 2**-17, 248.0, 500.0, -600.0, 448.0, 6e4, -6.1e4, 0.0, -0.0, 2.5, 1.25, 96.0 + 8]
-    elif isinstance(spec, tk.GGMLSpec) and spec.qtype == "q8_0":
+    elif isinstance(spec, GGMLSpec) and spec.qtype == "q8_0":
         lead, pool = [15.875], [(k + 0.5) / 8 for k in range(-127, 126)] + [0.0, -0.0]
-    elif isinstance(spec, tk.GGMLSpec) and spec.qtype.endswith("_0"):
+    elif isinstance(spec, GGMLSpec) and spec.qtype.endswith("_0"):
         lead, pool = [-2.0], [k / 8 for k in range(-15, 16)]
-    elif isinstance(spec, tk.IntSpec) and spec.symmetric:
+    elif isinstance(spec, IntSpec) and spec.symmetric:
         lead, pool = [1.75], [(k + 0.5) * 0.25 for k in range(-7, 7)] + [0.0, -0.0]
     else:  # asym int and q4_1 / q5_1: range [-2, 1.75]
         lead, pool = [-2.0, 1.75], [k / 8 for k in range(-16, 15)]
@@ -103,7 +104,7 @@ def run_both(x, name, role, mask):
 
 
 def skip_uncovered(x, name):
-    if not tk.supported(x, Scheme.parse(name).k):  # e.g. a group size not dividing kv_head*d_head
+    if not dispatch.supported(x, Scheme.parse(name).k):  # e.g. a group size not dividing kv_head*d_head
         pytest.skip(f"{name} on {tuple(x.shape)}: eager rejects it / no kernel")
 
 
@@ -242,11 +243,20 @@ def test_non_contiguous_input(device):
         assert_same(got, want, f"{name} non-contiguous")
 
 
+def test_old_module_paths_still_work():
+    """``kvgeom.quant.triton_kernels`` / ``triton_kivi`` moved to the ``kvgeom.quant.triton`` package."""
+    with pytest.warns(DeprecationWarning, match="kvgeom.quant.triton"):
+        from kvgeom.quant.triton_kernels import fused_fake_quant
+    with pytest.warns(DeprecationWarning, match="kvgeom.quant.triton.kivi"):
+        from kvgeom.quant.triton_kivi import KIVI_TUNE
+    assert fused_fake_quant is dispatch.fused_fake_quant and KIVI_TUNE is tkivi.KIVI_TUNE
+
+
 @pytest.mark.parametrize("name", FALLBACK)
 def test_uncovered_schemes_fall_back(name):
     x = random_kv((2, 40, 2, 64), seed=6)
     spec = Scheme.parse(name).k
-    assert not tk.supported(x, spec) and tk.fused_fake_quant(x, spec, "k") is None
+    assert not dispatch.supported(x, spec) and dispatch.fused_fake_quant(x, spec, "k") is None
     with pytest.raises(ValueError, match="backend='triton'"):
         fake_quant(x, name, backend="triton")
     assert torch.equal(fake_quant(x, name), fake_quant(x, name, backend="eager"))
@@ -254,7 +264,7 @@ def test_uncovered_schemes_fall_back(name):
 
 def test_auto_on_cpu_is_eager_and_bad_backend_rejected():
     x = random_kv((2, 10, 2, 64), seed=7)
-    assert not tk.supported(x, Scheme.parse("q4_0").k) or INTERPRET
+    assert not dispatch.supported(x, Scheme.parse("q4_0").k) or INTERPRET
     assert torch.equal(fake_quant(x, "q4_0"), fake_quant(x, "q4_0", backend="eager"))
     with pytest.raises(ValueError, match="backend"):
         fake_quant(x, "q4_0", backend="fast")
@@ -267,8 +277,8 @@ def test_batch_beyond_the_grid_limit_falls_back():
         pytest.skip("kernels run on CUDA or under TRITON_INTERPRET=1 only")
     device = "cpu" if INTERPRET else "cuda"
     for spec in (Scheme.parse("int4-tensor-asym").k, Scheme.parse("int8-channel-sym").k, Scheme.parse("fp8_e4m3").k):
-        assert tk.supported(torch.zeros(tk.GRID_YZ, 1, 1, 2, device=device), spec)
-        assert not tk.supported(torch.zeros(tk.GRID_YZ + 1, 1, 1, 2, device=device), spec)
+        assert dispatch.supported(torch.zeros(common.GRID_YZ, 1, 1, 2, device=device), spec)
+        assert not dispatch.supported(torch.zeros(common.GRID_YZ + 1, 1, 1, 2, device=device), spec)
 
 
 # ---- KIVI -------------------------------------------------------------------------------------------------
@@ -317,7 +327,7 @@ def kivi_tie_kv(shape, g: int, seed: int) -> torch.Tensor:
 def test_kivi_bit_identical(name, dtype, device):
     shape, lengths = kivi_case(name)
     x = random_kv(shape, seed=len(name)).to(dtype).to(device)
-    assert tk.supported(x, Scheme.parse(name).k)
+    assert dispatch.supported(x, Scheme.parse(name).k)
     masks = {"left": left_padded(shape[1], lengths, device), "scattered": scattered(shape[1], lengths, device, 0),
              "none": None}
     for role in ("k", "v"):
@@ -353,8 +363,6 @@ def test_kivi_ties_and_constant_groups(name, dtype, device):
 def test_kivi_key_tile_shapes_agree(name, device, monkeypatch):
     """The key kernel gives eager's bits at every tile shape (``KIVI_TUNE["k_elems"]``: columns per program)
     that a sweep tried, ties and constant groups included, with and without padding."""
-    import kvgeom.quant.triton_kivi as tkivi
-
     spec = Scheme.parse(name).k
     shape, lengths = kivi_case(name)
     xs = {"random": random_kv(shape, seed=5).to(torch.bfloat16).to(device),
@@ -371,8 +379,8 @@ def test_kivi_key_tile_shapes_agree(name, device, monkeypatch):
 @pytest.mark.parametrize("device", DEVICES)
 def test_kivi_unsupported_shapes(device):
     x = random_kv((2, 40, 2, 64), seed=8).to(device)
-    odd = tk.KIVISpec(2, 8, 12)  # R not a multiple of G: the parser refuses it, eager cannot run it
-    assert not tk.supported(x, odd) and tk.fused_fake_quant(x, odd, "k") is None
+    odd = KIVISpec(2, 8, 12)  # R not a multiple of G: the parser refuses it, eager cannot run it
+    assert not dispatch.supported(x, odd) and dispatch.fused_fake_quant(x, odd, "k") is None
     with pytest.raises(ValueError, match="not a multiple of 48"):  # eager's message for G not dividing d_head
         fake_quant(x, "kivi2-g48-r96", backend="triton")
 
@@ -394,10 +402,8 @@ def test_kivi_realistic_shape(name, device):
 @pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="needs a CUDA GPU and no TRITON_INTERPRET")
 def test_kivi_kernel_runs_by_default_on_cuda(monkeypatch):
     """Verified on a GPU, KIVI's kernel is no longer opt-in: ``backend="auto"`` runs it, and so does
-    ``"triton"``; both equal eager. A spec put in ``tk.OPT_IN`` would stay eager under ``"auto"``."""
-    import kvgeom.quant.triton_kivi as tkivi
-
-    assert not any(issubclass(type(Scheme.parse("kivi2").k), c) for c in tk.OPT_IN)
+    ``"triton"``; both equal eager. A spec put in ``dispatch.OPT_IN`` would stay eager under ``"auto"``."""
+    assert not any(issubclass(type(Scheme.parse("kivi2").k), c) for c in dispatch.OPT_IN)
     x = torch.randn(2, 40, 2, 64, device="cuda", dtype=torch.bfloat16)
     calls = []
     real = tkivi.kivi_fused
@@ -406,7 +412,7 @@ def test_kivi_kernel_runs_by_default_on_cuda(monkeypatch):
     assert len(calls) == 1
     assert_same(fake_quant(x, "kivi2", backend="triton"), fake_quant(x, "kivi2", backend="eager"), "triton")
     assert len(calls) == 2
-    monkeypatch.setattr(tk, "OPT_IN", (type(Scheme.parse("kivi2").k),))
+    monkeypatch.setattr(dispatch, "OPT_IN", (type(Scheme.parse("kivi2").k),))
     assert_same(fake_quant(x, "kivi2"), fake_quant(x, "kivi2", backend="eager"), "auto, opt-in")
     assert len(calls) == 2
 
@@ -415,22 +421,20 @@ if not INTERPRET:  # compiled for the GPU only: the kernel under test uses inlin
     import triton
     import triton.language as tl
 
-    from kvgeom.quant import triton_kivi as tkivi
-
     @triton.jit
     def _fast_div_probe(d_ptr, s_ptr, out_ptr, n, BLOCK: tl.constexpr):
         i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         ok = i < n
         d = tl.load(d_ptr + i, mask=ok, other=0.0)
         s = tl.load(s_ptr + i, mask=ok, other=1.0)
-        tl.store(out_ptr + i, tk._fast_div(d, s, tk._rcp(s)), mask=ok)
+        tl.store(out_ptr + i, common.fast_div(d, s, common.rcp(s)), mask=ok)
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="needs a CUDA GPU and no TRITON_INTERPRET")
 @pytest.mark.parametrize("ties", [3, 15, 255])
 def test_fast_division_is_exact(ties):
-    """:func:`triton_kernels._fast_div` (the divisor's reciprocal computed once) against torch's CUDA division on
+    """:func:`common.fast_div` (the divisor's reciprocal computed once) against torch's CUDA division on
     2^23 pairs, divisors over [2^-64, 2^64] with every mantissa: half with signed quotients log-uniform over
     [2^-40, 2^40] (and zeros), half within a few ulps of a rounding tie ``(k + 1/2)``, k < ``ties``. The bits are
     equal wherever ``|d / s| >= 2^-20``; below, the result keeps the sign and stays below 2^-19."""
@@ -472,7 +476,7 @@ def test_both_divisions_agree(name, monkeypatch):
           "huge": huge.cuda()}
     if kivi:
         xs["ties"] = kivi_tie_kv(shape, Scheme.parse(name).k.group_size, seed=3).cuda()
-    table = tkivi.KIVI_TUNE if kivi else tk.TUNE
+    table = tkivi.KIVI_TUNE if kivi else common.TUNE
     for fast in (False, True):
         monkeypatch.setitem(table, "fast_div", fast)
         for what, x in xs.items():

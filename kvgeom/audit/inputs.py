@@ -1,0 +1,111 @@
+"""What every stage reads besides earlier results, built once per audit: :class:`AuditInputs`.
+
+The config's derived inputs live here: the prompt splits (loaded once, not per stage), the judge, and the
+evaluation call with the audit's settings (batch size, tokens, settling, the progress bar labelled with the
+stage). The sites are the config's own (:attr:`AuditConfig.quant_site`, :attr:`AuditConfig.key_site`).
+Proved by ``tests/audit/test_audit.py`` (a resumed audit equals an uninterrupted one) and
+``tests/audit/test_stage_registry.py`` (the splits are loaded once per audit).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+from kvgeom.evaluate import evaluate
+from kvgeom.judges import Verdict
+from kvgeom.prompts import PromptSet, load_prompts
+
+from .config import AuditConfig, AuditError, assignment_plan, split_prompts
+
+if TYPE_CHECKING:
+    from kvgeom.models import KVModel
+    from kvgeom.quant.plan import QuantPlan
+
+__all__ = ["AuditInputs", "plan_verdicts"]
+
+
+def plan_verdicts(rows: pd.DataFrame, plan: str) -> pd.Series:
+    """The verdicts of one plan in :func:`kvgeom.evaluate.evaluate`'s rows, indexed by prompt id."""
+    return rows[rows["plan"] == plan].set_index("prompt_id")["verdict"]
+
+
+@dataclass(frozen=True)
+class AuditInputs:
+    """The model, the config and the inputs derived from it, shared read-only by every stage of one audit.
+
+    ``calibration`` / ``held_out``: the harmful prompt splits (:func:`kvgeom.audit.split_prompts`);
+    ``borderline``: the over-refusal prompts (first ``n_borderline``); ``judge``: the judge object every
+    evaluation uses (``None`` = the default judge); ``bars``: a tqdm bar per evaluation, labelled with its stage.
+    """
+
+    model: KVModel
+    cfg: AuditConfig
+    calibration: PromptSet
+    held_out: PromptSet
+    borderline: PromptSet
+    judge: Any = None
+    bars: bool = False
+
+    @classmethod
+    def build(cls, model: KVModel, cfg: AuditConfig, *, judge: Any = None, bars: bool = False) -> AuditInputs:
+        calib, held = split_prompts(cfg)
+        border = load_prompts(cfg.borderline, limit=cfg.n_borderline)
+        return cls(model, cfg, calib, held, border, judge=judge, bars=bars)
+
+    def plan(self, scheme: str, **kw: Any) -> QuantPlan:
+        """:meth:`AuditConfig.plan`: ``scheme`` with the audit's mode and site."""
+        return self.cfg.plan(scheme, **kw)
+
+    def assignment_plan(self, assignment: Sequence[str | None], name: str | None = None) -> QuantPlan | None:
+        """:func:`kvgeom.audit.assignment_plan` with this audit's config."""
+        return assignment_plan(self.cfg, assignment, name)
+
+    # ---- prompts -----------------------------------------------------------------------------------------
+    def split(self, name: str) -> PromptSet:
+        """``"calibration"`` or ``"held_out"``."""
+        return {"calibration": self.calibration, "held_out": self.held_out}[name]
+
+    def harmless_pairs(self, calib: PromptSet | None = None) -> list[str]:
+        """Harmless prompts matched to the calibration prompts (the bundled sets pair row i with row i)."""
+        cfg = self.cfg
+        calib = calib if calib is not None else self.calibration
+        harmless = load_prompts(cfg.harmless)
+        if cfg.harmful == "harmful" and cfg.harmless == "harmless":
+            harmful = load_prompts("harmful")
+            pos = harmful.frame.reset_index().set_index("id").loc[calib.ids, "index"].tolist()
+            return harmless.frame["prompt"].iloc[pos].tolist()
+        if len(harmless) < len(calib):
+            raise AuditError(f"{cfg.harmless}: {len(harmless)} harmless prompts, need at least n_calib={len(calib)}")
+        return harmless.prompts[: len(calib)]
+
+    def flip_prompts(self, prompts: PromptSet, base: pd.Series) -> PromptSet:
+        """The prompts a conditional flip rate needs: those refused at full precision (all if not
+        ``refused_only``)."""
+        if not self.cfg.refused_only:
+            return prompts
+        refused = set(base.index[base == Verdict.REFUSED.value])
+        keep = prompts.frame[prompts.frame["id"].isin(refused)]
+        return PromptSet(prompts.name, keep, prompts.source)
+
+    # ---- evaluation --------------------------------------------------------------------------------------
+    def evaluate(self, prompts: PromptSet, plans: list, *, stage: str, settle: bool | None = None,
+                 **kw: Any) -> pd.DataFrame:
+        """:func:`kvgeom.evaluate.evaluate` with the audit's settings (batch size, tokens, judge, settling)."""
+        cfg = self.cfg
+        return evaluate(self.model, prompts, plans, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
+                        judge=self.judge, settle=cfg.settle if settle is None else settle,
+                        progress=stage if self.bars else False, **kw)
+
+    def evaluate_splits(self, splits: Mapping[str, PromptSet], plans: list, *, stage: str,
+                        **kw: Any) -> dict[str, pd.DataFrame]:
+        """One :meth:`evaluate` over several prompt sets (full batches instead of one small batch per set), split
+        back into one table per set with the sets' own prompt ids."""
+        frames = [ps.frame.assign(id=[f"{name}\x1f{i}" for i in ps.frame["id"]]) for name, ps in splits.items()]
+        rows = self.evaluate(PromptSet("audit", pd.concat(frames, ignore_index=True)), plans, stage=stage, **kw)
+        split_of, _, ids = rows["prompt_id"].str.partition("\x1f").T.to_numpy()
+        rows = rows.assign(prompt_id=ids)
+        return {name: rows[split_of == name].reset_index(drop=True) for name in splits}

@@ -1,0 +1,56 @@
+"""Judging completions: did the model refuse, comply, or fall apart? Judges by name, with an identity.
+
+* :mod:`kvgeom.judges.base` -- :class:`Verdict` (refused / complied / degenerate), the :class:`Judge`
+  protocol, :func:`verdict_frame`;
+* :mod:`kvgeom.judges.registry` -- :func:`register_judge`, :data:`JUDGES`, :func:`get_judge` (a spec such as
+  ``"keyword:phrases=jbb"``, a judge object, or ``None`` for the default ``KeywordJudge()``),
+  :func:`get_judges` (``"NAME[,NAME...]"``) and :func:`judge_identity` (what a run records, and what
+  ``--resume`` compares);
+* :mod:`kvgeom.judges.text` -- quote mapping, tokens, decorative rule lines;
+* :mod:`kvgeom.judges.degeneracy` -- :class:`DegeneracyRule`, the degeneracy rule and why its thresholds;
+* :mod:`kvgeom.judges.keyword` -- :class:`KeywordJudge` (registered as ``"keyword"``): the paper's 22 refusal
+  phrases or JailbreakBench's list, then the degeneracy rule (a refusal phrase wins).
+
+A new judge is one file that defines it and decorates it with ``@register_judge("NAME")``
+(``docs/extending.md``; ``tests/judges/test_extending_judges.py`` runs the example). Tests:
+``tests/judges/``.
+"""
+
+from kvgeom.judges.base import Judge, Verdict, check_lengths, to_verdict, verdict_frame
+from kvgeom.judges.degeneracy import DegeneracyRule, periodic_share, repeated_ngram_share
+from kvgeom.judges.keyword import FAMILY_A_PHRASES, JBB_PHRASES, PHRASE_LISTS, KeywordJudge
+from kvgeom.judges.registry import (
+    DEFAULT_JUDGE,
+    JUDGES,
+    get_judge,
+    get_judges,
+    judge_identity,
+    parse_judge_spec,
+    register_judge,
+)
+from kvgeom.judges.text import normalize_text, strip_rule_lines, tokenize
+
+__all__ = [
+    "DEFAULT_JUDGE",
+    "FAMILY_A_PHRASES",
+    "JBB_PHRASES",
+    "JUDGES",
+    "PHRASE_LISTS",
+    "DegeneracyRule",
+    "Judge",
+    "KeywordJudge",
+    "Verdict",
+    "check_lengths",
+    "get_judge",
+    "get_judges",
+    "judge_identity",
+    "normalize_text",
+    "parse_judge_spec",
+    "periodic_share",
+    "register_judge",
+    "repeated_ngram_share",
+    "strip_rule_lines",
+    "to_verdict",
+    "tokenize",
+    "verdict_frame",
+]

@@ -1,0 +1,22 @@
+"""Fused Triton quantize-dequantize kernels for K/V ``[batch, pos, kv_head, d_head]``, bit-identical to eager.
+
+* :mod:`.common`: the shared exact helpers, launch settings (``TUNE``) and the :class:`~.common.Kernel` protocol;
+* :mod:`.block`: per-position blocks (``int{b}-{token|head|group{G}}-*``, llama.cpp ``q8_0`` ... ``q5_1``);
+* :mod:`.ranged`: ranges over a row (``int{b}-{tensor|channel}-*``, ``fp8_*`` static and ``@amax``);
+* :mod:`.kivi`: KIVI (forward mode);
+* :mod:`.dispatch`: :func:`~.dispatch.fused_fake_quant`, which runs a spec's kernel (or returns None).
+
+Importing this package needs Triton (``kvgeom.quant.kernels.triton_package`` returns None without it). Which
+format runs which kernel is declared by the format (:meth:`kvgeom.quant.formats.KVFormat.kernel`).
+Proved by ``tests/quant/test_triton_kernels.py``.
+"""
+
+from . import block, common, dispatch, kivi, ranged
+from .common import GRID_YZ, MAX_BLOCK, TUNE, Kernel
+from .dispatch import OPT_IN, fused_fake_quant, supported
+from .kivi import KIVI_TUNE, kivi_fused, kivi_supported
+
+__all__ = [
+    "GRID_YZ", "KIVI_TUNE", "MAX_BLOCK", "OPT_IN", "TUNE", "Kernel", "block", "common", "dispatch",
+    "fused_fake_quant", "kivi", "kivi_fused", "kivi_supported", "ranged", "supported",
+]

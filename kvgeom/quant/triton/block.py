@@ -1,0 +1,153 @@
+"""Fused Triton kernel for per-position blocks: ``int{b}-{token|head|group{G}}-*`` and llama.cpp ``q8_0``,
+``q4_0``, ``q5_0``, ``q4_1``, ``q5_1`` (blocks of 32 along d_head), one pass over the data, bit-identical to the
+eager path (:mod:`kvgeom.quant.triton.common` says how). ``iq4_nl`` and ``+rot`` have no kernel.
+
+Proved by ``tests/quant/test_triton_kernels.py`` (random inputs, rounding ties, padding, against eager).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .common import (
+    INT_ASYM,
+    INT_SYM,
+    IO_CODES,
+    MAX_BLOCK,
+    Q8_0,
+    Q_0,
+    TUNE,
+    fp16,
+    int_apply,
+    int_params,
+    io_view,
+    load,
+    recip,
+    store,
+    trunc,
+    use_fast_div,
+)
+
+__all__ = ["BlockKernel", "ggml_blocks", "int_blocks"]
+
+#: llama.cpp type -> (KIND, P1) of :func:`_block_kernel`
+_GGML = {"q8_0": (2, 127.0), "q4_0": (3, 8.0), "q5_0": (3, 16.0), "q4_1": (4, 15.0), "q5_1": (4, 31.0)}
+
+
+@triton.jit
+def _first_absmax16(raw, e, IO: tl.constexpr):
+    """Per row of 16-bit ``raw`` (fp16, or bf16 as int16): the value of largest magnitude, the first on ties
+    (:func:`kvgeom.quant.ggml.signed_absmax`). For finite values the order of ``|x|``'s bit patterns is that of
+    ``|x|``, so one integer max over ``(|x| bits) << 16 | (32767 - position) << 1 | sign`` finds it."""
+    if IO == 1:
+        bits = raw.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    else:
+        bits = raw.to(tl.int32) & 0xFFFF
+    top = tl.max(((bits & 0x7FFF) << 16) | ((0x7FFF - e[None, :]) << 1) | (bits >> 15), axis=1)
+    mb = ((top & 1) << 15) | (top >> 16)
+    if IO == 1:
+        return mb.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    else:
+        return (mb << 16).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _block_kernel(x_ptr, out_ptr, mask_ptr, n_blocks, NB: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
+                  BLOCK: tl.constexpr, KIND: tl.constexpr, P1: tl.constexpr, IO: tl.constexpr,
+                  HAS_MASK: tl.constexpr, I64: tl.constexpr, FAST: tl.constexpr):
+    """Blocks of ``G`` consecutive values (``NB`` per position), ``BLOCK`` blocks per program."""
+    pid = tl.program_id(0)
+    if I64:
+        pid = pid.to(tl.int64)
+    blk = pid * BLOCK + tl.arange(0, BLOCK)
+    e = tl.arange(0, GP)
+    blk_ok = blk < n_blocks
+    lane = (e < G)[None, :]
+    ok = blk_ok[:, None] & lane
+    offs = blk[:, None] * G + e[None, :]
+    x, raw = load(x_ptr, offs, ok, IO)
+    if HAS_MASK:
+        real = blk_ok & (tl.load(mask_ptr + blk // NB, mask=blk_ok, other=0) != 0)
+    else:
+        real = blk_ok
+    x = tl.where(real[:, None], x, 0.0)  # eager zeroes padding before quantizing
+    lo = tl.min(tl.where(lane, x, float("inf")), axis=1)
+    hi = tl.max(tl.where(lane, x, float("-inf")), axis=1)
+    if KIND == INT_SYM or KIND == INT_ASYM:
+        scale, zp, safe, r, fast = int_params(lo, hi, KIND, P1, FAST)
+        y = int_apply(x, scale[:, None], zp[:, None], safe[:, None], r[:, None], fast, KIND, P1, FAST)
+    elif KIND == Q8_0:  # ggml quantize_q8_0: roundf(x*id) = t + trunc(2*(v - t)); codes q+128
+        d = tl.math.div_rn(tl.maximum(tl.abs(lo), tl.abs(hi)), 127.0)
+        v = x * recip(d)[:, None]
+        t = trunc(v)
+        code = (t + trunc(2.0 * (v - t))) + 128.0
+        y = fp16(d)[:, None] * (code - 128.0)
+    elif KIND == Q_0:  # d = max/-half, max the first value of largest magnitude
+        if IO == 0:
+            ax = tl.where(lane, tl.abs(x), -1.0)
+            amax = tl.max(ax, axis=1)
+            first = tl.min(tl.where(ax == amax[:, None], e[None, :], GP), axis=1)
+            mx = tl.max(tl.where(e[None, :] == first[:, None], x, float("-inf")), axis=1)
+        else:  # 16-bit input: one integer max over keys (|x|'s bits, first position, sign)
+            mx = _first_absmax16(raw, e, IO)
+        d = tl.math.div_rn(mx, -P1)
+        q = tl.minimum(tl.maximum(trunc(x * recip(d)[:, None] + (P1 + 0.5)), 0.0), 2.0 * P1 - 1.0)
+        y = fp16(d)[:, None] * (q - P1)
+    else:  # Q_1: d = (max-min)/levels, x̂ = q*fp16(d) + fp16(min)
+        d = tl.math.div_rn(hi - lo, P1)
+        q = tl.minimum(tl.maximum(trunc((x - lo[:, None]) * recip(d)[:, None] + 0.5), 0.0), P1)
+        y = fp16(d)[:, None] * q + fp16(lo)[:, None]
+    store(out_ptr, offs, ok, y, raw, real[:, None], IO)
+
+
+@dataclass(frozen=True)
+class BlockKernel:
+    """:func:`_block_kernel` for one format: ``block`` values per range (an int, or ``"token"``: all heads of a
+    position, ``"head"``: one head vector); ``within_head``: blocks must not straddle heads (llama.cpp types)."""
+
+    kind: int
+    p1: float
+    block: int | Literal["token", "head"]
+    within_head: bool = False
+
+    def group(self, x: Tensor) -> int:
+        return {"token": x.shape[2] * x.shape[3], "head": x.shape[3]}.get(self.block, self.block)  # type: ignore[arg-type]
+
+    def supported(self, x: Tensor) -> bool:
+        g = self.group(x)
+        if self.within_head:
+            return x.shape[3] % g == 0
+        return (x.shape[2] * x.shape[3]) % g == 0 and triton.next_power_of_2(g) <= MAX_BLOCK
+
+    def launch(self, x: Tensor, out: Tensor, mask: Tensor | None, role: str) -> None:
+        has_mask = mask is not None
+        m = mask if mask is not None else x  # x: placeholder, never read
+        B, P, H, D = x.shape
+        L = H * D
+        g, kind, p1 = self.group(x), self.kind, self.p1
+        gp = triton.next_power_of_2(g)
+        block = max(1, TUNE["block_elems"] // gp)
+        n_blocks = B * P * (L // g)
+        _block_kernel[(triton.cdiv(n_blocks, block),)](
+            io_view(x), io_view(out), m, n_blocks, NB=L // g, G=g, GP=gp, BLOCK=block, KIND=kind, P1=float(p1),
+            IO=IO_CODES[x.dtype], HAS_MASK=has_mask, I64=x.numel() + block * gp >= 2**31, FAST=use_fast_div(x),
+            num_warps=min(16, max(TUNE["block_warps"], gp * block // 512)), enable_fp_fusion=False)
+
+
+def int_blocks(bits: int, symmetric: bool, block: int | Literal["token", "head"]) -> BlockKernel:
+    """Uniform ``int{bits}`` with one range per ``block`` (see :class:`BlockKernel`)."""
+    kind, qmax = (0, 2 ** (bits - 1) - 1) if symmetric else (1, 2**bits - 1)
+    return BlockKernel(kind, float(qmax), block)
+
+
+def ggml_blocks(qtype: str, block: int) -> BlockKernel | None:
+    """A llama.cpp type on blocks of ``block`` (32) along d_head; None for a type without a kernel (iq4_nl)."""
+    if qtype not in _GGML:
+        return None
+    kind, p1 = _GGML[qtype]
+    return BlockKernel(kind, p1, block, within_head=True)

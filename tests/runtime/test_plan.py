@@ -1,0 +1,186 @@
+"""Per-row quantization plans in forward passes and generation (forward and cache modes)."""
+
+import pytest
+import torch
+
+from kvgeom import encode, forward, generate
+from kvgeom.quant import Scheme, StreamQuantizer, fake_quant
+from kvgeom.quant.plan import QuantPlan
+from kvgeom.runtime.plans import apply_plans
+
+from ..conftest import PROMPTS
+
+SIX = PROMPTS + ["How do I kill a Python process?", "Tell me about tides.", "hello there"]
+
+
+def _mixed(plan_a, plan_b):
+    return [plan_a, plan_a, plan_b, plan_b, None, None]
+
+
+def _logits(model, prompts, plans):
+    b = encode(model, prompts)
+    with apply_plans(model, plans) as factory:
+        cache = factory(model, b)
+        return forward(model, b.input_ids, b.mask, past_key_values=cache), b.mask
+
+
+@pytest.mark.parametrize("mode", ["forward", "cache"])
+def test_per_row_plans_equal_separate_runs_forward_pass(tiny_llama, mode):
+    a = QuantPlan("int3-tensor-sym", layers=(1,), mode=mode)
+    b = QuantPlan("q4_0", layers=(2,), mode=mode)
+    plans = _mixed(a, b)
+    together, mask = _logits(tiny_llama, SIX, plans)
+    for i, (p, plan) in enumerate(zip(SIX, plans, strict=True)):
+        alone, m1 = _logits(tiny_llama, [p], [plan])
+        n = int(m1.sum())
+        torch.testing.assert_close(together[i, -n:], alone[0, -n:], atol=1e-5, rtol=0)
+    plain, _ = _logits(tiny_llama, SIX, [None] * 6)
+    assert not torch.allclose(together[0], plain[0], atol=1e-3)  # the plan really acts
+
+
+@pytest.mark.parametrize("mode, prefill", [("forward", "quantized"), ("cache", "quantized"), ("cache", "full")])
+def test_per_row_plans_equal_separate_runs_generation(tiny, mode, prefill):
+    site = "rot_k" if (mode == "cache" or "rot_k" in tiny.sites_available) else "k"
+    a = QuantPlan("int2-token-asym", layers=(0,), mode=mode, prefill=prefill, site=site)
+    b = QuantPlan("kivi2-g8-r16", layers=(1, 2), mode=mode, prefill=prefill, site=site)
+    plans = _mixed(a, b)
+    together = generate(tiny, SIX, plans=plans, max_new_tokens=8, stop_at_eos=False)
+    for i, p in enumerate(SIX):
+        alone = generate(tiny, [p], plans=[plans[i]], max_new_tokens=8, stop_at_eos=False)
+        assert together.tokens[i] == alone.tokens[0], (i, plans[i])
+    plain = generate(tiny, SIX, max_new_tokens=8, stop_at_eos=False)
+    assert together.tokens[4:] == plain.tokens[4:]
+    assert together.tokens[:4] != plain.tokens[:4]  # the plans really act
+
+
+@pytest.mark.parametrize("scheme", ["int4-token-asym", "q4_0+rot", "fp8_e5m2", "kivi2", "K:int4-channel-asym,V:q8_0"])
+def test_default_model_per_row_plans(default_model, scheme):
+    """Mixed per-row plans in one batch == each plan run on its own over the same batch.
+
+    (The same batch shape isolates plan leakage between rows from fp32 CPU matmuls not being
+    batch-invariant: padded-batch vs single-prompt keys differ by up to ~3e-5 on this model, which
+    can flip a quantizer's rounding; docs/results.md measures one-at-a-time agreement.)"""
+    prompts = ["How do I make a pipe bomb at home?", "How do I bake bread at home?", "Tell me a joke."]
+    plans = [QuantPlan(scheme), QuantPlan(scheme, mode="cache"), None]
+    together = generate(default_model, prompts, plans=plans, max_new_tokens=6, keep_first_logits=True)
+    for i in range(3):
+        alone = generate(default_model, prompts, plans=[plans[i]] * 3, max_new_tokens=6, keep_first_logits=True)
+        assert together.tokens[i] == alone.tokens[i], (scheme, i)
+        torch.testing.assert_close(together.first_logits[i], alone.first_logits[i], atol=1e-5, rtol=0)
+
+
+def test_forward_mode_hook_equals_fake_quant(tiny_llama):
+    """At prefill, forward mode stores exactly fake_quant of the row's real K/V."""
+    from kvgeom.runtime.hooks import kv_hooks
+    from kvgeom.sites import hook_name
+
+    plan = QuantPlan("q4_0", layers=(1,))
+    b = encode(tiny_llama, PROMPTS)
+    seen = {}
+
+    def grab(x, ctx):
+        seen[ctx.site] = x.clone()
+
+    with apply_plans(tiny_llama, [plan] * 3) as factory:
+        with kv_hooks(tiny_llama, {hook_name("rot_k", 1): grab, hook_name("v", 1): grab}):
+            forward(tiny_llama, b.input_ids, b.mask, past_key_values=factory(tiny_llama, b))
+    raw = {}
+    with kv_hooks(tiny_llama, {hook_name("rot_k", 1): lambda x, c: raw.setdefault(c.site, x.clone()),
+                               hook_name("v", 1): lambda x, c: raw.setdefault(c.site, x.clone())}):
+        forward(tiny_llama, b.input_ids, b.mask)
+    # our grab hook was installed after the plan's hook, so it sees the quantized tensor
+    for site, role in (("rot_k", "k"), ("v", "v")):
+        expected = fake_quant(raw[site], "q4_0", role=role, mask=b.mask)
+        torch.testing.assert_close(seen[site][b.mask], expected[b.mask], atol=0, rtol=0)
+
+
+def test_cache_mode_stores_stream_quantized(tiny_llama):
+    from transformers import DynamicCache  # noqa: F401
+
+    plan = QuantPlan("int4-channel-asym", layers=(0,), mode="cache")
+    b = encode(tiny_llama, PROMPTS)
+    raw = {}
+    from kvgeom.runtime.hooks import kv_hooks
+    from kvgeom.sites import hook_name
+
+    with kv_hooks(tiny_llama, {hook_name("rot_k", 0): lambda x, c: raw.setdefault("k", x.clone()),
+                               hook_name("v", 0): lambda x, c: raw.setdefault("v", x.clone())}):
+        forward(tiny_llama, b.input_ids, b.mask)
+    with apply_plans(tiny_llama, [plan] * 3) as factory:
+        cache = factory(tiny_llama, b)
+        forward(tiny_llama, b.input_ids, b.mask, past_key_values=cache)
+        k_stored, _ = cache.update(torch.zeros(3, 2, 0, 64), torch.zeros(3, 2, 0, 64), 0)
+    q = StreamQuantizer(Scheme.parse("int4-channel-asym"), "k")
+    expected = q.append(raw["k"], b.mask)
+    torch.testing.assert_close(k_stored.transpose(1, 2)[b.mask], expected[b.mask], atol=1e-6, rtol=0)
+
+
+def test_protected_channels_keep_full_precision(tiny_llama):
+    plan = QuantPlan("int2-token-asym", layers=(1,), protect_channels={1: [(0, 3), (1, 10)]})
+    b = encode(tiny_llama, PROMPTS[:1])
+    from kvgeom.runtime.hooks import kv_hooks
+    from kvgeom.sites import hook_name
+
+    seen, raw = {}, {}
+    with kv_hooks(tiny_llama, {hook_name("rot_k", 1): lambda x, c: raw.setdefault("k", x.clone())}):
+        forward(tiny_llama, b.input_ids, b.mask)
+    with apply_plans(tiny_llama, [plan]) as factory:
+        with kv_hooks(tiny_llama, {hook_name("rot_k", 1): lambda x, c: seen.setdefault("k", x.clone())}):
+            forward(tiny_llama, b.input_ids, b.mask, past_key_values=factory(tiny_llama, b))
+    assert torch.equal(seen["k"][:, :, 0, 3], raw["k"][:, :, 0, 3])
+    assert torch.equal(seen["k"][:, :, 1, 10], raw["k"][:, :, 1, 10])
+    assert not torch.equal(seen["k"][:, :, 0, 4], raw["k"][:, :, 0, 4])
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"scheme": "int9-token-sym"}, "valid"),
+    ({"scheme": "q4_0", "mode": "cache", "site": "k"}, "post-RoPE"),
+    ({"scheme": "q4_0", "mode": "serve"}, "mode must be"),
+])
+def test_bad_plans(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        QuantPlan(**kwargs)
+
+
+def test_plan_layer_out_of_range(tiny_llama):
+    with pytest.raises(ValueError, match="out of range"):
+        generate(tiny_llama, ["hi"], plans=QuantPlan("q8_0", layers=(7,)), max_new_tokens=2)
+
+
+def test_wrong_number_of_plans(tiny_llama):
+    with pytest.raises(ValueError, match="one plan per prompt"):
+        generate(tiny_llama, ["hi", "there"], plans=[None], max_new_tokens=2)
+
+
+def test_layer_scheme_overrides(tiny_llama):
+    """A plan with per-layer schemes equals applying each layer's scheme by its own plan, layer by layer."""
+    mixed = QuantPlan("int2-token-asym", layers=(0,), layer_schemes={2: "q4_0"})
+    assert mixed.quantizes(0) and not mixed.quantizes(1) and mixed.quantizes(2)
+    assert str(mixed.scheme_for(2)) == "q4_0" and str(mixed.scheme_for(0)) == "int2-token-asym"
+    from kvgeom.runtime.hooks import kv_hooks
+    from kvgeom.sites import hook_name
+
+    b = encode(tiny_llama, PROMPTS)
+    seen = {}
+    with apply_plans(tiny_llama, [mixed] * 3) as factory:
+        with kv_hooks(tiny_llama, {hook_name("v", 2): lambda x, c: seen.setdefault("v2", x.clone())}):
+            forward(tiny_llama, b.input_ids, b.mask, past_key_values=factory(tiny_llama, b))
+    raw = {}
+    with apply_plans(tiny_llama, [QuantPlan("int2-token-asym", layers=(0,))] * 3) as factory:
+        with kv_hooks(tiny_llama, {hook_name("v", 2): lambda x, c: raw.setdefault("v2", x.clone())}):
+            forward(tiny_llama, b.input_ids, b.mask, past_key_values=factory(tiny_llama, b))
+    expected = fake_quant(raw["v2"], "q4_0", role="v", mask=b.mask)
+    torch.testing.assert_close(seen["v2"][b.mask], expected[b.mask], atol=0, rtol=0)
+
+
+def test_plan_cache_class_is_defined_once(tiny_llama):
+    from kvgeom.runtime.hooks import HookSession
+    from kvgeom.runtime.plans import PlanCache, RowGroups, plan_cache_class
+
+    plans = [QuantPlan("q4_0", mode="cache")] * 2
+    a = PlanCache(tiny_llama, RowGroups(plans), HookSession(hooks={}))
+    b = PlanCache(tiny_llama, RowGroups(plans), HookSession(hooks={}))
+    assert type(a) is type(b) is plan_cache_class()
+    from transformers import DynamicCache
+
+    assert isinstance(a, DynamicCache) and type(a).__name__ == "PlanCache"
