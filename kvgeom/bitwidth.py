@@ -25,6 +25,7 @@ import pandas as pd
 from kvgeom.evaluate import FULL, evaluate, perplexity, summarize
 from kvgeom.quant import Scheme
 from kvgeom.quant.plan import QuantPlan
+from kvgeom.quant.scheme import expand_family
 from kvgeom.stats import Thresholds
 
 if TYPE_CHECKING:
@@ -33,25 +34,6 @@ if TYPE_CHECKING:
     from kvgeom.models import KVModel
 
 __all__ = ["bit_sweep", "expand_family", "onset_bits", "plot_bit_sweep"]
-
-KIVI_BITS = (4, 2)
-
-
-def expand_family(family: str, bits: Sequence[int]) -> list[tuple[int | None, str]]:
-    """``[(bits, scheme string)]`` of a family; KIVI families keep only b in {2, 4}."""
-    if "{b}" not in family:
-        Scheme.parse(family)  # validate
-        return [(None, family)]
-    out = []
-    for b in bits:
-        if family.startswith("kivi") and b not in KIVI_BITS:
-            continue
-        text = family.format(b=b)
-        Scheme.parse(text)
-        out.append((b, text))
-    if not out:
-        raise ValueError(f"family {family!r} has no valid bit-width among {list(bits)}")
-    return out
 
 
 def onset_bits(frame: pd.DataFrame, thresholds: Thresholds | None = None) -> int | None:

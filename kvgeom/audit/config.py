@@ -7,6 +7,7 @@ Proved by ``tests/audit/test_audit.py`` (bad input refused before any work).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 from kvgeom.prompts import PromptSet, load_prompts
 from kvgeom.quant import Scheme
 from kvgeom.quant.plan import QuantPlan
+from kvgeom.quant.scheme import IntSpec
 from kvgeom.registry import DEFAULT_MODEL
 
 
@@ -119,12 +121,12 @@ def check_config(cfg: AuditConfig) -> None:
 
 
 def per_channel_twin(scheme: str) -> str:
-    """``int3-tensor-sym`` → ``int3-channel-sym`` (same bits and symmetry, per-channel ranges)."""
-    s = Scheme.parse(scheme)
-    k = s.k
-    if not hasattr(k, "granularity"):
+    """``int3-tensor-sym`` → ``int3-channel-sym`` (same bits and symmetry, per-channel ranges): PCR's second arm,
+    defined for the uniform int formats only."""
+    k = Scheme.parse(scheme).k
+    if not isinstance(k, IntSpec):
         raise AuditError(f"PCR needs an int scheme for the sweep (int{{b}}-tensor-...), got {scheme!r}")
-    return f"int{k.bits}-channel-{'sym' if k.symmetric else 'asym'}"
+    return str(dataclasses.replace(k, granularity="channel", group_size=None))
 
 
 def assignment_plan(cfg: AuditConfig, assignment: Sequence[str | None], name: str | None = None) -> QuantPlan | None:
@@ -142,8 +144,6 @@ def assignment_plan(cfg: AuditConfig, assignment: Sequence[str | None], name: st
 
 
 def family_of(scheme: str) -> str:
-    """``int4-token-asym`` → ``int{b}-token-asym``; ``kivi2-g32-r32`` → ``kivi{b}-g32-r32``; others stay."""
-    import re
-
-    m = re.match(r"^(int|kivi)(\d+)(.*)$", str(Scheme.parse(scheme)))
-    return f"{m.group(1)}{{b}}{m.group(3)}" if m else scheme
+    """``int4-token-asym`` → ``int{b}-token-asym``; ``kivi2-g32-r32`` → ``kivi{b}-g32-r32``; fixed-width schemes
+    stay (the format's own :attr:`kvgeom.quant.Scheme.family`)."""
+    return Scheme.parse(scheme).family
