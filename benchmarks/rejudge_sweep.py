@@ -14,9 +14,9 @@ import numpy as np
 import pandas as pd
 
 from kvgeom import load_model
+from kvgeom.bitwidth import onset_bits
 from kvgeom.evaluate import completion_nll, summarize
 from kvgeom.judges import KeywordJudge, Verdict
-from kvgeom.bitwidth import onset_bits
 
 
 def main(d: Path) -> None:
