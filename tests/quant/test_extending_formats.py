@@ -1,5 +1,5 @@
 """The worked example of ``docs/extending.md`` (section "Adding a KV-cache format", drafted in
-``docs/_extending_formats.md``): a new format in one block of code, registered, parsed, fake-quantized,
+``docs/extending.md``): a new format in one block of code, registered, parsed, fake-quantized,
 streamed in cache mode, counted, regrouped and exported. The test runs the documented code itself."""
 
 from __future__ import annotations
