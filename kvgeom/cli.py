@@ -162,6 +162,8 @@ def _fmt_rate(d: dict | None) -> str:
 
 def audit_summary(audit: dict) -> str:
     """The terminal summary of an audit (label, PCR, critical layers, flips, perplexity, fix, timings)."""
+    from kvgeom.effects import paired_text
+
     st = audit["stages"]
     lines = [f"kvgeom audit: {audit['model']['name']} under {audit['scheme']}"]
     if "baseline" in st:
@@ -177,7 +179,12 @@ def audit_summary(audit: dict) -> str:
         pcr_s = "undefined" if pcr is None else f"{pcr:.2f} [{lab.get('pcr_low') or float('nan'):.2f}, " \
             f"{lab.get('pcr_high') or float('nan'):.2f}]"
         lines.append(f"  LABEL                  {lab['label']}  (PCR {pcr_s})")
-        lines.append(f"  critical layer         {lab.get('critical_layer')}; candidates {lab.get('candidates')}")
+        conf = lab.get("confidence") or {}
+        if conf.get("sentence"):
+            lines.append(f"  confidence             {conf['sentence']}")
+        tied = [x for x in conf.get("tied_with_worst", []) if x != lab.get("critical_layer")]
+        lines.append(f"  critical layer         {lab.get('critical_layer')}"
+                     + (f" (indistinguishable: {tied})" if tied else "") + f"; candidates {lab.get('candidates')}")
         worst = lab.get("worst_layer_flip")
         allf = lab.get("all_layer_flip")
         w_s = "undefined" if worst is None else f"{worst:.3f}"
@@ -186,17 +193,9 @@ def audit_summary(audit: dict) -> str:
                      f"all layers {a_s}")
     if "mitigation" in st:
         for c in st["mitigation"]["candidates"]:
-            res = c.get("results") or {}
-            rec = (res.get("held_out") or {}).get("recovery") or {}
-            est = rec.get("estimate")
-            rec_s = "n/a" if est is None else f"{est:.2f} [{rec.get('low') or float('nan'):.2f}, " \
-                f"{rec.get('high') or float('nan'):.2f}]"
-            flip = (res.get("held_out") or {}).get("flip") or {}
-            uflip = ((st["mitigation"].get("reference") or {}).get("held_out") or {}).get("uniform_flip") or {}
-            flip_s = "" if flip.get("rate") is None or uflip.get("rate") is None else \
-                f", flips {flip['rate']:.2f} (uniform {uflip['rate']:.2f})"
-            lines.append(f"  fix: {c['name']:<40} {c['bits_per_element']:.2f} bits/elem, held-out recovery {rec_s}"
-                         f"{flip_s}")
+            held = (c.get("results") or {}).get("held_out") or {}
+            lines.append(f"  fix: {c['name']:<40} {c['bits_per_element']:.2f} bits/elem, held-out "
+                         f"{paired_text(held.get('paired')) if held else 'not run'}")
     if "agreement" in st and "agree" in st["agreement"]:
         ag = st["agreement"]
         lines.append(f"  calibration vs held-out {ag['calibration']['label']} vs {ag['held_out']['label']} "
@@ -214,7 +213,8 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 
     kw = {"model": args.model, "scheme": args.scheme, "harmful": args.harmful, "harmless": args.harmless,
           "n_calib": args.calib,
-          "device": args.device, "seed": args.seed}
+          "device": args.device, "seed": args.seed, "label_confidence": args.label_confidence,
+          "n_resamples": args.n_resamples, "min_recovery_gap": args.min_recovery_gap}
     if args.quick:
         kw.update(n_heldout=20, n_borderline=10, fractions=(0.05, 0.25), n_seeds=2, bits=(8, 4, 3, 2),
                   ppl_tokens=512, max_new_tokens=24)
@@ -312,6 +312,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "and McNemar p; flip rates are the same)")
     p.add_argument("--full-text", action="store_true", help="generate every row to its end even after a refusal "
                    "phrase (verdicts are the same; completions are stored uncut)")
+    p.add_argument("--label-confidence", type=float, default=0.8, help="share of bootstrap resamples of the refused "
+                   "prompts a label must hold on to be stated; below it the audit says 'undetermined' (default 0.8)")
+    p.add_argument("--n-resamples", type=int, default=1000, help="bootstrap resamples for every CI and the label's "
+                   "confidence (default 1000)")
+    p.add_argument("--min-recovery-gap", type=float, default=0.10, help="the aggregate recovery (mitigated - "
+                   "uniform) / (full - uniform) is shown only when |full - uniform| refusal reaches this (default 0.10)")
     p.set_defaults(func=_cmd_audit)
     p = sub.add_parser("sweep", help="bit-width sweep: refusal, flips, perplexity vs bits")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL)

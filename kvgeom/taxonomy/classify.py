@@ -24,6 +24,7 @@ from .labels import (
     TaxonomyThresholds,
 )
 from .measures import _need, _share
+from .rules import fired_rules
 
 # ------------------------------------------------------------------------------------------ classification
 
@@ -201,20 +202,20 @@ def classify(
     share_cand = n_cand_all / len(flips)
     pcr_defined = not math.isnan(p)
     stage_max = max([w, a, *[v for v in extra.values() if not math.isnan(v)]])
-    far_exceeds = a > th.dilution_ratio * w and a > w + th.dilution_margin
+    fired = {k: bool(v[0]) for k, v in fired_rules(w, a, n_cand_all, len(flips), p, stage_max, th).items()}
     pcr_in = {"pcr": p, "pcr_ci": [p_low, p_high]}
 
     rules: list[tuple[str, str, dict, dict, bool, str]] = [
         ("robust", "max(worst layer flip, all-layer flip, other stage flips) < robust_below",
          {"worst_layer_flip": w, "all_layer_flip": a, "stage_flips": extra, "max_flip": stage_max},
-         {"robust_below": th.robust_below}, stage_max < th.robust_below, ROBUST),
+         {"robust_below": th.robust_below}, fired[ROBUST], ROBUST),
         ("hyper-vulnerable", "share of layers with flip >= candidate_at >= hyper_share",
          {"n_layers": len(flips), "n_layers_at_candidate": n_cand_all, "share": share_cand},
-         {"candidate_at": th.candidate_at, "hyper_share": th.hyper_share}, share_cand >= th.hyper_share, HYPER),
+         {"candidate_at": th.candidate_at, "hyper_share": th.hyper_share}, fired[HYPER], HYPER),
         ("outlier-as-safety", "PCR < pcr_low", pcr_in, {"pcr_low": th.pcr_low},
-         pcr_defined and p < th.pcr_low, OUTLIER_AS_SAFETY),
+         fired[OUTLIER_AS_SAFETY], OUTLIER_AS_SAFETY),
         ("mixed", "pcr_low <= PCR <= pcr_high", pcr_in, {"pcr_low": th.pcr_low, "pcr_high": th.pcr_high},
-         pcr_defined and th.pcr_low <= p <= th.pcr_high, MIXED),
+         fired[MIXED], MIXED),
         ("multi-layer-dilution",
          "(PCR > pcr_high or PCR undefined) and (n_candidates >= several_layers or "
          "(all-layer flip > dilution_ratio * worst and all-layer flip > worst + dilution_margin))",
@@ -222,11 +223,11 @@ def classify(
           "all_over_worst": a / w if w > 0 else math.nan},
          {"pcr_high": th.pcr_high, "candidate_at": th.candidate_at, "several_layers": th.several_layers,
           "dilution_ratio": th.dilution_ratio, "dilution_margin": th.dilution_margin},
-         (not pcr_defined or p > th.pcr_high) and (n_cand_all >= th.several_layers or far_exceeds), DILUTION),
+         fired[DILUTION], DILUTION),
         ("outlier-crushes-safety", "PCR > pcr_high (one concentrated layer: dilution did not hold)", pcr_in,
-         {"pcr_high": th.pcr_high}, pcr_defined and p > th.pcr_high, CRUSHES),
+         {"pcr_high": th.pcr_high}, fired[CRUSHES], CRUSHES),
     ]
-    rules.append(("undetermined", "no rule above held", {"pcr": p}, {}, not any(r[4] for r in rules), UNDETERMINED))
+    rules.append(("undetermined", "no rule above held", {"pcr": p}, {}, fired[UNDETERMINED], UNDETERMINED))
     label = next(lab for *_, fired, lab in rules if fired)
     trace = tuple(TraceStep(r, c, i, t, f, lab, decisive=(lab == label)) for r, c, i, t, f, lab in rules)
 

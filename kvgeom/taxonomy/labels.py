@@ -27,7 +27,8 @@ LABEL_DESCRIPTIONS = {
               "layer's: errors accumulate across layers.",
     CRUSHES: "Per-channel ranges remove the damage: an outlier channel widens the per-tensor range and crushes the "
              "small channels that carry refusal, concentrated in one layer.",
-    UNDETERMINED: "PCR is undefined (the critical layer's per-tensor flip is 0) and no other rule applies.",
+    UNDETERMINED: "The evidence does not settle the label: no label reaches the confidence threshold over bootstrap "
+                  "resamples of the refused prompts, or no rule applies (PCR undefined and no dilution).",
 }
 
 

@@ -9,7 +9,7 @@ from kvgeom.taxonomy import LABEL_DESCRIPTIONS
 
 from .markup import esc, fmt_ci, fmt_compact, fmt_num, fmt_pct, stage_ran
 
-__all__ = ["LABEL_COLORS", "label_card_html"]
+__all__ = ["LABEL_COLORS", "confidence_html", "label_card_html"]
 
 #: Badge colour per label.
 LABEL_COLORS = {
@@ -27,36 +27,61 @@ def _headline(label: Mapping[str, Any], stages: Mapping[str, Any]) -> str:
     lab = label.get("label")
     crit = label.get("critical_layer")
     worst = label.get("worst_layer_flip")
+    tied = (label.get("confidence") or {}).get("tied_with_worst") or []
     parts = []
     if lab == "robust":
         parts.append("Quantizing the KV cache does not break refusals at this scheme: no stage reaches the flip "
                      "threshold.")
     elif crit is not None and worst is not None:
-        parts.append(f"Quantizing only layer {crit} flips {fmt_pct(worst)} of refusals; all layers together flip "
-                     f"{fmt_pct(label.get('all_layer_flip'))}.")
+        alone = (f" ({len(tied) - 1} other layers are statistically indistinguishable from it)"
+                 if len(tied) > 1 else "")
+        parts.append(f"Quantizing only layer {crit} flips {fmt_pct(worst)} of refusals{alone}; all layers together "
+                     f"flip {fmt_pct(label.get('all_layer_flip'))}.")
     best = _best_mitigation(stages.get("mitigation"))
     if best is not None:
-        name, rec, bits = best
-        rec_s = fmt_ci(rec.get("estimate"), rec.get("low"), rec.get("high"))
-        parts.append(f"Best verified fix: <b>{esc(name)}</b>, recovering {rec_s} of full-precision refusal at "
+        name, paired, bits = best
+        fu, fm = paired["flip_uniform"], paired["flip_mitigated"]
+        shr = paired.get("share_recovered")
+        share = (f", recovering {fmt_ci(shr.get('estimate'), shr.get('low'), shr.get('high'))} of the lost refusals"
+                 if shr else "")
+        parts.append(f"Best verified fix: <b>{esc(name)}</b>, {fm['k']}/{fm['n']} held-out refusals lost vs "
+                     f"{fu['k']}/{fu['n']} under the uniform scheme (McNemar p={paired['mcnemar_p']:.2g}){share}, at "
                      f"{fmt_num(bits)} bits per element.")
     return f'<p class="headline">{" ".join(parts)}</p>' if parts else ""
 
 
 def _best_mitigation(mit: Any) -> tuple[str, Mapping[str, Any], float] | None:
+    """The candidate with the fewest held-out flips (then fewest bits) and its paired comparison."""
     if not stage_ran(mit):
         return None
     best = None
     for c in mit.get("candidates", []) or []:
         res = (c.get("results") or {})
-        split = res.get("held_out") or res.get("calibration")
-        rec = (split or {}).get("recovery") or {}
-        if rec.get("estimate") is None:
+        split = res.get("held_out") or res.get("calibration") or {}
+        paired = split.get("paired") or {}
+        if not paired.get("n_refused"):
             continue
-        key = (rec["estimate"] >= 0.95, -float(c.get("bits_per_element", 16)), rec["estimate"])
+        key = (-float(paired["flip_mitigated"]["rate"]), -float(c.get("bits_per_element", 16)))
         if best is None or key > best[0]:
-            best = (key, (c.get("name", "?"), rec, c.get("bits_per_element")))
+            best = (key, (c.get("name", "?"), paired, c.get("bits_per_element")))
     return best[1] if best else None
+
+
+def confidence_html(conf: Mapping[str, Any]) -> str:
+    """P(label) over the bootstrap resamples as a stacked bar, with the verdict in words."""
+    p = conf.get("p_label") or {}
+    if not p:
+        return ""
+    segs = "".join(
+        f'<span title="{esc(k)} {v:.0%}" style="display:inline-block;height:14px;width:{100 * v:.2f}%;'
+        f'background:{LABEL_COLORS.get(k, "#bdc3c7")}"></span>' for k, v in p.items() if v > 0)
+    legend = ", ".join(f"{esc(k)} {v:.0%}" for k, v in p.items() if v >= 0.01)
+    pill = ('<span class="pill ok">stated</span>' if conf.get("stated")
+            else '<span class="pill bad">undetermined</span>')
+    return (f'<div class="confidence"><p>{pill} <b>P(label)</b> over {conf.get("n_resamples")} bootstrap resamples '
+            f'of {conf.get("n_refused")} refused prompts (threshold {fmt_pct(conf.get("confidence"))}): {legend}</p>'
+            f'<div style="width:100%;border:1px solid #ccc;line-height:0">{segs}</div>'
+            f'<p class="verdict">{esc(conf.get("sentence", ""))}</p></div>')
 
 
 def label_card_html(label: Mapping[str, Any], stages: Mapping[str, Any] | None = None) -> str:
@@ -71,13 +96,21 @@ def label_card_html(label: Mapping[str, Any], stages: Mapping[str, Any] | None =
     pcr = stages.get("pcr") if stage_ran(stages.get("pcr")) else {}
     pcr_low = label.get("pcr_low", (pcr or {}).get("low"))
     pcr_high = label.get("pcr_high", (pcr or {}).get("high"))
+    conf = label.get("confidence") or {}
+    crit = label.get("critical_layer")
+    p_crit = (conf.get("p_critical") or {}).get(str(crit))
+    crit_s = "—" if crit is None else f"L{crit}" + (f" (critical in {p_crit:.0%} of resamples)" if p_crit else "")
     kv = [
-        ("critical layer", "—" if label.get("critical_layer") is None else f"L{label['critical_layer']}"),
+        ("critical layer", crit_s),
+        ("indistinguishable from it", ", ".join(f"L{c}" for c in conf.get("tied_with_worst", []) if c != crit)
+         or "none"),
         ("candidate layers", ", ".join(f"L{c}" for c in label.get("candidates", [])) or "none"),
         ("PCR (95% CI)", fmt_ci(label.get("pcr"), pcr_low, pcr_high, pct=False)),
         ("worst single-layer flip", fmt_pct(label.get("worst_layer_flip"))),
         ("all-layer flip", fmt_pct(label.get("all_layer_flip"))),
     ]
+    point = (f'<p class="desc">rules on the observed prompts: <b>{esc(label["point_label"])}</b></p>'
+             if label.get("point_label") not in (None, lab) else "")
     kv_html = "".join(f"<div><b>{esc(k)}</b><span>{esc(v)}</span></div>" for k, v in kv)
     notes = "".join(f"<li>{esc(n)}</li>" for n in label.get("notes", []))
     rows = []
@@ -97,5 +130,5 @@ def label_card_html(label: Mapping[str, Any], stages: Mapping[str, Any] | None =
              "<th>condition</th><th>inputs</th><th>thresholds</th><th>holds</th></tr></thead><tbody>"
              f"{trace_rows}</tbody></table>") if rows else ""
     return (f'<div class="label-card"><div class="card"><div><span class="badge" style="background:{color}">'
-            f'{esc(lab)}</span><p class="desc">{esc(desc)}</p></div><div class="kv">{kv_html}</div></div>'
-            f'{_headline(label, stages)}{f"<ul class=notes>{notes}</ul>" if notes else ""}{trace}</div>')
+            f'{esc(lab)}</span>{point}<p class="desc">{esc(desc)}</p></div><div class="kv">{kv_html}</div></div>'
+            f'{confidence_html(conf)}{_headline(label, stages)}{f"<ul class=notes>{notes}</ul>" if notes else ""}{trace}</div>')

@@ -24,6 +24,7 @@ __all__ = [
     "layer_flip_figure",
     "mitigation_figure",
     "outlier_heatmap_figure",
+    "paired_flip_figure",
     "sensitivity_figure",
 ]
 
@@ -72,12 +73,14 @@ def layer_flip_figure(
     robust_below: float | None = 0.05,
     all_layer_flip: float | None = None,
     scheme: str | None = None,
+    tied: Sequence[int] = (),
 ) -> go.Figure:
     """Per-layer conditional flip rate (quantizing one layer at a time) with Wilson CIs; the critical layer in red,
-    candidates in orange, the candidate threshold and the all-layer flip as lines. Columns: ``layer, flip``
-    (``low, high, n, k`` optional)."""
+    candidates in orange, the layers statistically indistinguishable from the critical one (``tied``) hatched, the
+    candidate threshold and the all-layer flip as lines. Columns: ``layer, flip`` (``low, high, n, k`` optional)."""
     f = _frame(layer_flips, ("layer", "flip"), "layer flips").sort_values("layer")
     cand = {int(x) for x in candidates}
+    tie = {int(x) for x in tied} - ({critical_layer} if critical_layer is not None else set())
     colors = [PALETTE["critical"] if int(lay) == critical_layer else PALETTE["candidate"] if int(lay) in cand
               else PALETTE["other"] for lay in f["layer"]]
     hover = "layer %{x}<br>flip %{y:.1%}"
@@ -85,8 +88,10 @@ def layer_flip_figure(
     if {"k", "n"} <= set(f.columns):
         custom = np.stack([f["k"].to_numpy(), f["n"].to_numpy()], axis=-1)
         hover += "<br>%{customdata[0]} / %{customdata[1]} refusals flipped"
-    fig = go.Figure(go.Bar(x=f["layer"], y=f["flip"].astype(float), marker_color=colors, error_y=_errors(f, "flip"),
-                           customdata=custom, hovertemplate=hover + "<extra></extra>", name="single-layer flip"))
+    pattern = {"shape": ["/" if int(lay) in tie else "" for lay in f["layer"]]}
+    fig = go.Figure(go.Bar(x=f["layer"], y=f["flip"].astype(float), marker={"color": colors, "pattern": pattern},
+                           error_y=_errors(f, "flip"), customdata=custom, hovertemplate=hover + "<extra></extra>",
+                           name="single-layer flip"))
     fig.add_hline(y=candidate_at, line_dash="dash", line_color=PALETTE["candidate"],
                   annotation_text=f"candidate ≥ {candidate_at:.0%}", annotation_position="top left")
     if robust_below is not None and robust_below != candidate_at:
@@ -99,6 +104,9 @@ def layer_flip_figure(
         y = float(f.loc[f["layer"].astype(int) == critical_layer, "flip"].iloc[0])
         fig.add_annotation(x=critical_layer, y=y, text=f"critical L{critical_layer}", showarrow=True, arrowhead=2,
                            ay=-40, font={"color": PALETTE["critical"]})
+    if tie:
+        fig.add_annotation(xref="paper", yref="paper", x=1.0, y=1.08, showarrow=False, xanchor="right",
+                           text=f"hatched: {len(tie)} layers indistinguishable from the critical one (McNemar)")
     title = "Refusal flips when one layer's KV cache is quantized" + (f" ({scheme})" if scheme else "")
     fig.update_layout(**_LAYOUT, title=title, showlegend=False, bargap=0.15)
     fig.update_xaxes(title="layer", dtick=1 if len(f) <= 48 else None)
@@ -267,4 +275,40 @@ def mitigation_figure(rows: pd.DataFrame | Sequence[Mapping[str, Any]], *, unifo
     fig.update_layout(**_LAYOUT, title="Mitigations: refusal recovered vs memory cost")
     fig.update_xaxes(title="bits per element (mean over layers)", range=[lo - pad, hi + 3 * pad])
     fig.update_yaxes(title="recovery of full-precision refusal", tickformat=".0%")
+    return fig
+
+
+def paired_flip_figure(rows: pd.DataFrame | Sequence[Mapping[str, Any]], *, uniform: Mapping[str, float],
+                       uniform_bits: float | None = None) -> go.Figure:
+    """Each candidate's conditional flip rate (Wilson CI) on the prompts refused at full precision against its
+    memory cost, with the uniform scheme's flip rate on the same prompts as a line per split: a flip rate is
+    bounded in [0, 1], so no axis can be driven by a noisy denominator. Columns: ``name, bits_per_element, flip``
+    (``low, high, split`` optional); ``uniform``: split → the uniform scheme's flip rate."""
+    f = _frame(rows, ("name", "bits_per_element", "flip"), "mitigation results")
+    if "split" not in f:
+        f = f.assign(split="all")
+    fig = go.Figure()
+    symbols = ("circle", "diamond", "square", "triangle-up")
+    for i, (split, g) in enumerate(f.groupby("split", sort=False)):
+        bits = g["bits_per_element"].astype(float)
+        color = PALETTE["cycle"][i % 8]
+        fig.add_trace(go.Scatter(
+            x=bits + 0.05 * i, y=g["flip"].astype(float), mode="markers+text" if i == 0 else "markers",
+            name=str(split), text=g["name"], textposition="middle right", error_y=_errors(g, "flip"),
+            customdata=bits, marker={"size": 11, "symbol": symbols[i % len(symbols)], "color": color},
+            hovertemplate="%{text}<br>%{customdata:.2f} bits/element<br>flip %{y:.0%}<extra>" + str(split)
+                          + "</extra>"))
+        u = uniform.get(str(split))
+        if u is not None and not math.isnan(float(u)):
+            fig.add_hline(y=float(u), line_dash="dash", line_color=color,
+                          annotation_text=f"uniform scheme, {split}: {float(u):.0%}", annotation_position="top left")
+    lo, hi = float(f["bits_per_element"].min()), float(f["bits_per_element"].max())
+    if uniform_bits is not None:
+        lo = min(lo, float(uniform_bits))
+        fig.add_vline(x=uniform_bits, line_dash="dot", line_color=PALETTE["other"],
+                      annotation_text="uniform", annotation_position="bottom right")
+    pad = max(0.5, 0.15 * (hi - lo))
+    fig.update_layout(**_LAYOUT, title="Mitigations: refusals still lost vs memory cost (0 = full precision)")
+    fig.update_xaxes(title="bits per element (mean over layers)", range=[lo - pad, hi + 3 * pad])
+    fig.update_yaxes(title="conditional flip rate (refused prompts)", tickformat=".0%", range=[-0.02, 1.02])
     return fig

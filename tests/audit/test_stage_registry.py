@@ -24,10 +24,10 @@ def test_a_stage_sees_only_what_it_declares():
     everything = {n: {"name": n} for n in STAGE_REGISTRY}
     seen = label.results_for(everything)
     assert isinstance(seen, StageResults)
-    assert set(seen) == {"layer_sweep", "pcr", "channel_ablation"}
+    assert set(seen) == {"baseline", "layer_sweep", "pcr", "channel_ablation"}
     assert seen["pcr"] == {"name": "pcr"}
     with pytest.raises(KeyError, match="does not declare it"):
-        seen["baseline"]
+        seen["outliers"]
     # optional results may be absent; required ones may not
     assert "channel_ablation" not in label.results_for({"layer_sweep": {}, "pcr": {}})
     with pytest.raises(KeyError, match="needs the results of \\['pcr'\\]"):

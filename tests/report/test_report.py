@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from kvgeom.effects import paired_flips
 from kvgeom.mitigation import export_settings, prescribe, recovery_ci, search_precision
 from kvgeom.quant import Scheme
 from kvgeom.report import (
@@ -60,7 +61,10 @@ def make_audit(seed: int = 0) -> dict:
         m = uni | (full & (rng.random(n) < 0.85))
         d = c.to_dict()
         d["results"] = {s: {"refusal": rate_ci(int(m.sum()), n).to_dict(),
-                            "recovery": recovery_ci(full, uni, m, n_resamples=100).to_dict()}
+                            "recovery": recovery_ci(full, uni, m, n_resamples=100).to_dict(),
+                            "recovery_defined": True,
+                            "flip": rate_ci(int((full & ~m).sum()), int(full.sum())).to_dict(),
+                            "paired": paired_flips(full, uni, m, n_resamples=100).to_dict()}
                         for s in ("calibration", "held_out")}
         mit_cands.append(d)
     search = search_precision(lambda a: 0.9 if a[7] in (None, "int8-token-asym") else 0.4, N_LAYERS,
@@ -94,7 +98,9 @@ def make_audit(seed: int = 0) -> dict:
             "mitigation": {"target_scheme": TARGET, "target": 0.95, "uniform_bits": Scheme.parse(TARGET)
                            .bits_per_element_for(d_head=16, n_kv_heads=2),
                            "reference": {"calibration": {"full": rate_ci(36, 40).to_dict(),
-                                                         "uniform": rate_ci(16, 40).to_dict()}},
+                                                         "uniform": rate_ci(16, 40).to_dict(),
+                                                         "uniform_flip": rate_ci(20, 36).to_dict(),
+                                                         "recovery_defined": True}},
                            "candidates": mit_cands, "search": search.to_dict()},
             "export": {**export_settings(cands[0], d_head=16), "source": cands[0].name},
             "bit_sweep": {"rows": sweep},

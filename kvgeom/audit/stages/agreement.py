@@ -1,6 +1,7 @@
 """Stage ``agreement`` (opt-in, ``kvgeom audit --agreement``): label and PCR from the held-out prompts (their own
-layer sweep, critical layer and PCR) against those from the calibration prompts: does the paper's 20-prompt
-calibration suffice? Channel ablation is not repeated, so the held-out label's robustness rule sees the sweep and
+layer sweep, critical layer and PCR) against those from the calibration prompts, each with its bootstrap confidence
+(the same machinery, :func:`kvgeom.audit.stages.label.with_confidence`): does the paper's 20-prompt calibration
+suffice? Channel ablation is not repeated, so the held-out label's robustness rule sees the sweep and
 PCR flips only. Proved by ``tests/audit/test_audit.py``."""
 
 from __future__ import annotations
@@ -17,12 +18,11 @@ from ..inputs import AuditInputs
 from ..schema import obj
 from ..stage import Section, Stage, StageResults, register_stage
 from .baseline import baseline_verdicts
-from .channel_ablation import critical_layer_of
 from .label import diagnose
 from .layer_sweep import layer_sweep
-from .pcr import pcr_at
+from .pcr import pcr_at, pcr_layers
 
-_BRIEF = ("label", "pcr", "pcr_low", "pcr_high", "critical_layer", "candidates", "worst_layer_flip", "all_layer_flip")
+_BRIEF = ("label", "point_label", "pcr", "pcr_low", "pcr_high", "critical_layer", "candidates", "worst_layer_flip", "all_layer_flip")
 
 
 def run(inputs: AuditInputs, results: StageResults) -> dict:
@@ -30,15 +30,20 @@ def run(inputs: AuditInputs, results: StageResults) -> dict:
     if not (base == Verdict.REFUSED.value).any():
         return {"status": "skipped", "reason": "no held-out prompt refused at full precision"}
     sweep = layer_sweep(inputs, inputs.held_out, base, stage="agreement")
-    layer = critical_layer_of(sweep)
-    pcr = pcr_at(inputs, inputs.held_out, base, layer, sweep, stage="agreement")
-    held_label = diagnose(sweep, pcr, {})
+    layer, extra, p_crit = pcr_layers(inputs, base, sweep)
+    pcr = pcr_at(inputs, inputs.held_out, base, layer, sweep, stage="agreement", extra_layers=extra,
+                 p_critical=p_crit)
+    held_label = diagnose(sweep, pcr, {}, base=base, cfg=inputs.cfg)
     cal = {k: results["label"].get(k) for k in _BRIEF}
     hel = {k: held_label.get(k) for k in _BRIEF}
-    return {"calibration": {"n": results["baseline"]["calibration"]["n"], **cal},
-            "held_out": {"n": len(inputs.held_out), **hel, "layer_sweep": sweep["layers"]},
+    p_cal = (results["label"].get("confidence") or {}).get("p_label") or {}
+    p_hel = held_label["confidence"]["p_label"]
+    return {"calibration": {"n": results["baseline"]["calibration"]["n"], **cal, "p_label": p_cal},
+            "held_out": {"n": len(inputs.held_out), **hel, "p_label": p_hel, "layer_sweep": sweep["layers"],
+                         "confidence": held_label["confidence"]},
             "agree": cal["label"] == hel["label"],
-            "same_critical_layer": cal["critical_layer"] == hel["critical_layer"]}
+            "same_critical_layer": cal["critical_layer"] == hel["critical_layer"],
+            "p_same_label": sum(p * p_hel.get(k, 0.0) for k, p in p_cal.items()) if p_cal else None}
 
 
 def frame(r: Mapping[str, Any]) -> pd.DataFrame:
@@ -52,14 +57,20 @@ def render(stage: Mapping[str, Any], stages: Mapping[str, Any]) -> str:
     rows = []
     for split in ("calibration", "held_out"):
         d = stage.get(split) or {}
+        pl = d.get("p_label") or {}
         rows.append({"split": split.replace("_", "-"), "n": esc(d.get("n", "—")), "label": esc(d.get("label", "—")),
+                     "p": esc(", ".join(f"{k} {v:.0%}" for k, v in pl.items() if v >= 0.05) or "—"),
                      "pcr": fmt_ci(d.get("pcr"), d.get("pcr_low"), d.get("pcr_high"), pct=False),
                      "critical": esc(d.get("critical_layer", "—"))})
     agree = stage.get("agree")
     pill = ('<span class="pill ok">labels agree</span>' if agree else '<span class="pill bad">labels differ</span>'
             if agree is not None else "")
-    return f"<p>{pill}</p>" + html_table(rows, [("split", "prompts"), ("n", "n"), ("label", "label"),
-                                                ("pcr", "PCR"), ("critical", "critical layer")])
+    same = stage.get("p_same_label")
+    same_s = (f" Two independent resamples, one of each split, give the same label with probability "
+              f"{same:.0%}." if same is not None else "")
+    return f"<p>{pill}{esc(same_s)}</p>" + html_table(rows, [("split", "prompts"), ("n", "n"), ("label", "label"),
+                                                           ("p", "P(label) over resamples"), ("pcr", "PCR"),
+                                                           ("critical", "critical layer")])
 
 
 STAGE = register_stage(Stage(

@@ -1,5 +1,6 @@
 """Stage ``channel_ablation``: at the critical layer, quantize only the top-f channels by magnitude ("outlier"),
-only the non-outliers, or f random channels (several seeds); flips per subset and the causal ratio.
+only the non-outliers, or f random channels (several seeds); flips per subset and the causal ratio; the per-prompt
+``verdicts`` of each subset (for the label's confidence: these flips count for the ``robust`` rule).
 Proved by ``tests/audit/test_audit.py`` and ``tests/taxonomy/``."""
 
 from __future__ import annotations
@@ -53,12 +54,15 @@ def run(inputs: AuditInputs, results: StageResults) -> dict:
         plans.append(inputs.plan(cfg.sweep_scheme, layers=(layer,), protect_channels={layer: keep}, name=f"abl{i}"))
     base = baseline_verdicts(results["baseline"])
     rows = inputs.evaluate(inputs.flip_prompts(inputs.calibration, base), plans, stage="channel_ablation")
-    out = []
+    out, verdicts = [], {}
     for i, (subset, f, s, quantized) in enumerate(specs):
-        fl = flip_summary(base, plan_verdicts(rows, f"abl{i}"))
+        v = plan_verdicts(rows, f"abl{i}")
+        fl = flip_summary(base, v)
         out.append({"subset": subset, "fraction": f, "seed": s, "n_channels": len(quantized), **fl})
+        verdicts[" ".join(str(x) for x in (subset, f, s if s is None else f"s{s}") if x is not None)] = v.to_dict()
     summary = ablation_summary(pd.DataFrame(out))
-    return {"layer": layer, "scheme": cfg.sweep_scheme, "rows": out, "summary": summary.to_dict(orient="records")}
+    return {"layer": layer, "scheme": cfg.sweep_scheme, "rows": out, "summary": summary.to_dict(orient="records"),
+            "verdicts": verdicts}
 
 
 def frame(r: Mapping[str, Any]) -> pd.DataFrame:

@@ -34,16 +34,7 @@ def run(inputs: AuditInputs, results: StageResults) -> dict:
         return {**export_settings(cfg.scheme, model.n_layers, model=cfg.model, d_head=model.d_head,
                                   n_kv_heads=model.n_kv_heads), "source": "target scheme (no verified candidate)"}
 
-    def score(c: dict) -> tuple:
-        held = c["results"]["held_out"]
-        rec = held["recovery"]["estimate"]
-        flip = (held.get("flip") or {}).get("rate")
-        return (rec if rec is not None else -1.0, -(flip if flip is not None else 1.0), -c["bits_per_element"])
-
-    best = max(cands, key=score)
-    why = "best held-out recovery"
-    if all(c["results"]["held_out"]["recovery"]["estimate"] is None for c in cands):
-        why = "held-out recovery undefined for every candidate (full = uniform refusal): fewest held-out flips"
+    best, why = choose_candidate(cands)
     assignment = best["assignment"]
     chans = {int(k): v for k, v in (best.get("protect_channels") or {}).items()} if isinstance(
         best.get("protect_channels"), dict) else None
@@ -54,6 +45,24 @@ def run(inputs: AuditInputs, results: StageResults) -> dict:
         out = export_settings(assignment, model.n_layers, model=cfg.model, d_head=model.d_head,
                               n_kv_heads=model.n_kv_heads)
     return {**out, "source": f"candidate {best['name']!r} ({why})"}
+
+
+def choose_candidate(cands: list[dict]) -> tuple[dict, str]:
+    """The candidate to export, by the paired flip comparison: fewest held-out flips among the prompts refused at
+    full precision, then fewest calibration flips, then fewest bits; ``why`` says it with the numbers."""
+    def flips(c: dict, split: str) -> float:
+        f = ((c["results"].get(split) or {}).get("flip") or {}).get("rate")
+        return 1.0 if f is None else float(f)
+
+    best = min(cands, key=lambda c: (flips(c, "held_out"), flips(c, "calibration"), c["bits_per_element"]))
+    paired = (best["results"].get("held_out") or {}).get("paired") or {}
+    if not paired.get("n_refused"):
+        return best, "fewest calibration flips (no held-out prompt refused at full precision)"
+    fu, fm, p = paired["flip_uniform"], paired["flip_mitigated"], paired["mcnemar_p"]
+    verdict = "a significant" if p < 0.05 else "not a significant"
+    return best, (f"fewest held-out flips: {fm['k']}/{fm['n']} refused prompts vs {fu['k']}/{fu['n']} under the "
+                  f"uniform scheme, {verdict} difference (McNemar p={p:.2g}); ties broken by calibration flips, "
+                  "then bits")
 
 
 def render(stage: Mapping[str, Any], stages: Mapping[str, Any]) -> str:

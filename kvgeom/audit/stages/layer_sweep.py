@@ -50,7 +50,7 @@ def render(stage: Mapping[str, Any], stages: Mapping[str, Any]) -> str:
         pd.DataFrame(stage["layers"]), critical_layer=label.get("critical_layer"),
         candidates=label.get("candidates", []), candidate_at=th.get("candidate_at", 0.10),
         robust_below=th.get("robust_below", 0.05), all_layer_flip=(stage.get("all_layer") or {}).get("flip"),
-        scheme=stage.get("scheme"))
+        scheme=stage.get("scheme"), tied=(label.get("confidence") or {}).get("tied_with_worst", ()))
     return fig_html(fig, "fig-layer-sweep")
 
 
@@ -59,7 +59,9 @@ STAGE = register_stage(Stage(
     doc="one layer quantized at a time: conditional flip rate per layer",
     section=Section("layer-sweep", "Where refusals break: one layer at a time",
                     "Each bar quantizes a single layer's K/V and measures the share of baseline refusals lost (95% "
-                    "Wilson CI). The critical layer is red; candidate layers (≥ the candidate threshold) orange.",
+                    "Wilson CI). The critical layer is red; candidate layers (≥ the candidate threshold) orange; "
+                    "hatched layers are statistically indistinguishable from the critical one (exact McNemar on the "
+                    "same prompts, p ≥ 0.05).",
                     render),
     schema=obj({"scheme": STR, "mode": STR, "layers": {"type": "array", "items": FLIP}, "all_layer": FLIP,
                 "verdicts": {"type": "object"}}, site=STR, mean_refusal_score={"type": "object"}),

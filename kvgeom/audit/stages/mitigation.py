@@ -10,9 +10,11 @@ from typing import Any
 
 import pandas as pd
 
+from kvgeom.effects import aggregate_recovery, paired_flips, paired_text
 from kvgeom.judges import Verdict
 from kvgeom.quant import Scheme
 from kvgeom.stats import rate_ci
+from kvgeom.taxonomy import LABELS
 from kvgeom.viz import figures
 from kvgeom.viz.markup import esc, fig_html, fmt_ci, fmt_num, fmt_pct, fmt_rate, html_table
 
@@ -24,11 +26,10 @@ from .outliers import outlier_table
 
 
 def run(inputs: AuditInputs, results: StageResults) -> dict:
-    from kvgeom.mitigation import prescribe, recovery_ci
+    from kvgeom.mitigation import recovery_ci
 
     cfg, model = inputs.cfg, inputs.model
-    cands = prescribe(results["label"], target_scheme=cfg.scheme, n_layers=model.n_layers,
-                      outliers=outlier_table(results["outliers"]), d_head=model.d_head, n_kv_heads=model.n_kv_heads)
+    cands = candidates_for(results["label"], inputs, outlier_table(results["outliers"]))
     plans: list = [inputs.plan(cfg.scheme, name="uniform")]
     skipped: dict[int, str] = {}
     for i, c in enumerate(cands):
@@ -52,9 +53,14 @@ def run(inputs: AuditInputs, results: StageResults) -> dict:
         base = baseline_verdicts(results["baseline"], split)
         full = (base == Verdict.REFUSED.value).to_numpy()
         uni = (plan_verdicts(rows, "uniform").reindex(base.index) == Verdict.REFUSED.value).to_numpy()
+        ok, why = aggregate_recovery(float(full.mean()), float(uni.mean()), min_gap=cfg.min_recovery_gap,
+                                     flips=int((full & ~uni).sum()), reverse_flips=int((~full & uni).sum()))
         res["reference"][split] = {"full": rate_ci(int(full.sum()), len(full)).to_dict(),
                                    "uniform": rate_ci(int(uni.sum()), len(uni)).to_dict(),
                                    "uniform_flip": rate_ci(int((full & ~uni).sum()), int(full.sum())).to_dict(),
+                                   "uniform_reverse_flip": rate_ci(int((~full & uni).sum()),
+                                                                   int((~full).sum())).to_dict(),
+                                   "recovery_defined": ok, "recovery_undefined_reason": why,
                                    "uniform_verdicts": plan_verdicts(rows, "uniform").to_dict()}
         per_split[split] = (rows, base, full, uni)
     for i, c in enumerate(cands):
@@ -68,13 +74,38 @@ def run(inputs: AuditInputs, results: StageResults) -> dict:
                     (plan_verdicts(rows, f"cand{i}").reindex(base.index) == Verdict.REFUSED.value).to_numpy()
                 d["results"][split] = {"refusal": rate_ci(int(mit.sum()), len(mit)).to_dict(),
                                        "recovery": recovery_ci(full, uni, mit, seed=cfg.seed).to_dict(),
-                                       "flip": rate_ci(int((full & ~mit).sum()), int(full.sum())).to_dict()}
+                                       "recovery_defined": res["reference"][split]["recovery_defined"],
+                                       "flip": rate_ci(int((full & ~mit).sum()), int(full.sum())).to_dict(),
+                                       "paired": paired_flips(full, uni, mit, n_resamples=cfg.n_resamples,
+                                                              seed=cfg.seed).to_dict()}
                 if i in full_precision:
                     d["results"][split]["note"] = "every layer in full precision: the baseline's verdicts"
         res["candidates"].append(d)
     if cfg.search:
         res["search"] = search(inputs, results["baseline"])
     return res
+
+
+def candidates_for(label: Mapping[str, Any], inputs: AuditInputs, outliers: pd.DataFrame) -> list:
+    """:func:`kvgeom.mitigation.prescribe` for the stated label; when it is ``undetermined`` by confidence, also
+    for every competing label (P >= 0.1 over the resamples), most likely first, each candidate once: the paired
+    flip comparison then picks among them."""
+    from kvgeom.mitigation import prescribe
+
+    cfg, model = inputs.cfg, inputs.model
+    labels = [label["label"]]
+    conf = label.get("confidence") or {}
+    if not conf.get("stated", True):
+        labels += [k for k, p in (conf.get("p_label") or {}).items() if p >= 0.1 and k in LABELS]
+    out, seen = [], set()
+    for lab in dict.fromkeys(labels):
+        for c in prescribe({**label, "label": lab}, target_scheme=cfg.scheme, n_layers=model.n_layers,
+                           outliers=outliers, d_head=model.d_head, n_kv_heads=model.n_kv_heads):
+            key = (tuple(c.assignment), str(c.to_dict().get("protect_channels")))
+            if key not in seen:
+                seen.add(key)
+                out.append(c)
+    return out
 
 
 def search(inputs: AuditInputs, baseline: Mapping[str, Any]) -> dict:
@@ -128,28 +159,35 @@ def render(stage: Mapping[str, Any], stages: Mapping[str, Any]) -> str:
         for split in ("calibration", "held_out"):
             res = results.get(split) or {}
             rec = res.get("recovery") or {}
-            rec_s = fmt_ci(rec.get("estimate"), rec.get("low"), rec.get("high"))
-            flip_s = f"<br>flips {fmt_rate(res['flip'])}" if res.get("flip") else ""
-            cells[split] = f"{fmt_rate(res.get('refusal'))}<br>recovery {rec_s}{flip_s}" if res else "not run"
-            if rec.get("estimate") is not None:
+            rec_s = (f"<br>aggregate recovery {fmt_ci(rec.get('estimate'), rec.get('low'), rec.get('high'))}"
+                     if res.get("recovery_defined") else "")
+            cells[split] = (f"{esc(paired_text(res.get('paired')))}<br>refusal {fmt_rate(res.get('refusal'))}"
+                            f"{rec_s}" if res else "not run")
+            flip = res.get("flip") or {}
+            if flip.get("rate") is not None:
                 rows.append({"name": c.get("name"), "bits_per_element": c.get("bits_per_element"),
-                             "recovery": rec.get("estimate"), "low": rec.get("low"), "high": rec.get("high"),
+                             "flip": flip.get("rate"), "low": flip.get("low"), "high": flip.get("high"),
                              "split": split.replace("_", "-")})
         table.append(cells)
     ref = stage.get("reference") or {}
     ref_html = ""
     if ref:
         ref_rows = [{"split": esc(k.replace("_", "-")), "full": fmt_rate(v.get("full")),
-                     "uniform": fmt_rate(v.get("uniform")), "uflip": fmt_rate(v.get("uniform_flip"))}
+                     "uniform": fmt_rate(v.get("uniform")), "uflip": fmt_rate(v.get("uniform_flip")),
+                     "urev": fmt_rate(v.get("uniform_reverse_flip")),
+                     "rec": "defined" if v.get("recovery_defined") else esc(
+                         f"undefined: {v.get('recovery_undefined_reason') or 'not recorded'}")}
                     for k, v in ref.items()]
         cols = [("split", "prompts"), ("full", "full precision"),
                 ("uniform", f"uniform {stage.get('target_scheme', '')}"),
-                ("uflip", "refusals flipped by the uniform scheme")]
+                ("uflip", "refusals flipped by the uniform scheme"), ("urev", "reverse flips (not refused → refused)"),
+                ("rec", "aggregate recovery (mitigated − uniform) / (full − uniform)")]
         ref_html = "<h3>Reference refusal rates</h3>" + html_table(ref_rows, cols)
     body = ""
     if rows:
-        fig = figures.mitigation_figure(pd.DataFrame(rows), uniform_bits=stage.get("uniform_bits"),
-                                        target=stage.get("target", 0.95))
+        uni = {k.replace("_", "-"): (v.get("uniform_flip") or {}).get("rate") for k, v in ref.items()}
+        fig = figures.paired_flip_figure(pd.DataFrame(rows), uniform={k: v for k, v in uni.items() if v is not None},
+                                         uniform_bits=stage.get("uniform_bits"))
         body += fig_html(fig, "fig-mitigation")
     elif not table:
         return '<p class="not-run">not run: no candidate (nothing to fix)</p>' + ref_html
@@ -180,8 +218,12 @@ STAGE = register_stage(Stage(
     name="mitigation", order=80, run=run, requires=("baseline", "outliers", "label"), frame=frame,
     doc="prescribed candidates verified on the target scheme (calibration and held-out)",
     section=Section("mitigation", "Mitigations, verified",
-                    "Each candidate run on the target scheme: recovery = (mitigated − uniform) / (full − uniform) "
-                    "refusal rate, with a bootstrap CI over prompts; x is the memory cost.", render),
+                    "Each candidate run on the target scheme and compared with the uniform scheme on the same "
+                    "prompts refused at full precision: flips under each, exact McNemar p on the prompts where they "
+                    "differ, and the share of lost refusals recovered (1 − flip mitigated / flip uniform, stated "
+                    "only when the uniform flip's CI excludes 0). The aggregate recovery (mitigated − uniform) / "
+                    "(full − uniform) is shown only when the full-vs-uniform gap reaches the minimum; x is the "
+                    "memory cost.", render),
     schema=obj({"target_scheme": STR, "uniform_bits": NUM, "reference": {"type": "object"},
                 "candidates": {"type": "array", "items": obj({"name": STR, "results": {"type": "object"}})}},
                target=NUM, search={"type": ["object", "null"]}),
