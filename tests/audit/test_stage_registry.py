@@ -29,9 +29,9 @@ def test_a_stage_sees_only_what_it_declares():
     with pytest.raises(KeyError, match="does not declare it"):
         seen["outliers"]
     # optional results may be absent; required ones may not
-    assert "channel_ablation" not in label.results_for({"layer_sweep": {}, "pcr": {}})
+    assert "channel_ablation" not in label.results_for({"baseline": {}, "layer_sweep": {}, "pcr": {}})
     with pytest.raises(KeyError, match="needs the results of \\['pcr'\\]"):
-        label.results_for({"layer_sweep": {}})
+        label.results_for({"baseline": {}, "layer_sweep": {}})
 
 
 def test_bad_declarations_are_refused():
