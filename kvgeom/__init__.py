@@ -1,10 +1,9 @@
 """kvgeom: a mechanistic audit of how KV-cache quantization breaks the safety refusals of chat LLMs.
 
-Pipeline: ``sites`` (hook-point names) → ``models`` (load, bridge) → ``runtime`` (hook sessions,
-batched left-padded passes and capture, per-row quantization plans, greedy generation) → ``quant`` (quantizer
-zoo, plan values) → ``geometry``/``noise`` (directions, subspaces, sensitivity) → ``evaluate``/``sweep``
-(judges, statistics, perplexity) → ``taxonomy``/``mitigation`` → ``audit`` (the main job) → ``report`` →
-``cli``.
+Pipeline: ``sites`` (hook-point names, what a hook is given) → ``models`` (load, bridge) → ``runtime`` (hook
+sessions, batched left-padded passes and capture, per-row quantization plans, greedy generation) → ``quant``
+(quantizer zoo, plan values) → ``geometry``/``noise`` (directions, subspaces, sensitivity) → ``evaluate``/``sweep``
+(judges, statistics, perplexity) → ``taxonomy``/``mitigation`` → ``audit`` (the main job) → ``report`` → ``cli``.
 """
 
 from kvgeom.models import KVModel, ModelFacts, ModelLoadError, load_model, wrap_hf_model

@@ -1,5 +1,5 @@
-"""Site names and hook-point names: the ground floor every other kvgeom module may import (it imports nothing
-of kvgeom).
+"""Site names, hook-point names and what a hook at a site is given: the ground floor every other kvgeom module
+may import (it imports nothing of kvgeom).
 
 Sites (TransformerLens 4 hook points of the bridge, per layer ``l``):
 
@@ -17,13 +17,24 @@ site           hook point                          shape seen by a hook
 ``mlp_out``    ``blocks.{l}.hook_mlp_out``          ``[batch, pos, d_model]``
 =============  ==================================  ====================================
 
-:func:`hook_name` and :func:`parse_hook_name` are inverse (``tests/test_sites.py``). What a hook at a site
-sees and may change is documented, and proved, in :mod:`kvgeom.runtime.hooks`.
+:func:`hook_name` and :func:`parse_hook_name` are inverse (``tests/test_sites.py``).
+
+The words of a hook, here so that the model (which holds its open sessions, :attr:`kvgeom.models.KVModel.hook_sessions`)
+and the runtime (which opens them) share them from below: :class:`CallInfo` (the forward call), :class:`HookContext`
+(what a hook function receives), :data:`HookFn` and :class:`HookSession` (the hooks of one ``kv_hooks`` block).
+Installing hooks is the runtime's: what a hook at a site sees and may change is documented, and proved, in
+:mod:`kvgeom.runtime.hooks` (which hands these names on too).
 """
 
 from __future__ import annotations
 
-__all__ = ["KV_SITES", "SITES", "hook_name", "parse_hook_name"]
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from jaxtyping import Bool, Int
+from torch import Tensor
+
+__all__ = ["KV_SITES", "SITES", "CallInfo", "HookContext", "HookFn", "HookSession", "hook_name", "parse_hook_name"]
 
 #: site -> hook-point pattern (``{layer}`` is the layer index).
 SITES: dict[str, str] = {
@@ -59,3 +70,39 @@ def parse_hook_name(name: str) -> tuple[str, int]:
         if pattern.format(layer=layer) == name:
             return site, layer
     raise ValueError(f"{name!r} is not one of kvgeom's sites ({', '.join(SITES)})")
+
+
+@dataclass
+class CallInfo:
+    """What the current forward call is: set by kvgeom's forward/generation loops.
+
+    ``mask`` marks the real (non-padding) positions *of this call's tokens* ``[batch, new_pos]``;
+    ``step`` is 0 for a prefill (or a plain forward) and k for the k-th decode step.
+    """
+
+    step: int = 0
+    mask: Bool[Tensor, "batch pos"] | None = None
+    position_ids: Int[Tensor, "batch pos"] | None = None
+
+
+@dataclass(frozen=True)
+class HookContext:
+    """Passed to every kvgeom hook function."""
+
+    name: str
+    site: str
+    layer: int
+    call: CallInfo
+
+
+HookFn = Callable[[Tensor, HookContext], "Tensor | None"]
+
+
+@dataclass
+class HookSession:
+    """The hooks installed by one :func:`kvgeom.runtime.hooks.kv_hooks` block; ``call`` is updated by forward
+    loops."""
+
+    hooks: dict[str, list[HookFn]]
+    call: CallInfo = field(default_factory=CallInfo)
+    calls_seen: int = 0

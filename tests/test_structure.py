@@ -1,9 +1,11 @@
 """The shape of the code (issue #14): the import graph of ``kvgeom`` has no circle, no module is over 400 lines,
 no private name is imported across packages, and no kvgeom module imports a name from its deprecated old place.
 
-Imports inside functions count (a lazy import is still a dependency); imports under ``if TYPE_CHECKING:`` do
-not (they never run). A module importing its own ancestor package (``from kvgeom.quant import X`` inside
-``kvgeom.quant.plan``) is not counted as an edge: the package's ``__init__`` is the package's own front door.
+Every import counts as an edge: at module level, inside functions (a lazy import is still a dependency) and under
+``if TYPE_CHECKING:`` (a name needed only for its type still ties the two modules: a lower module that needs a
+higher one's type gets it from a module below both, e.g. a Protocol of what it reads). A module importing its own
+ancestor package (``from kvgeom.quant import X`` inside ``kvgeom.quant.plan``) is not counted as an edge: the
+package's ``__init__`` is the package's own front door.
 """
 
 from __future__ import annotations
@@ -39,22 +41,11 @@ def _package(mod: str) -> str:
     return mod if MODS[mod].name == "__init__.py" else mod.rsplit(".", 1)[0]
 
 
-def _type_checking_nodes(tree: ast.AST) -> set[int]:
-    skip: set[int] = set()
-    for n in ast.walk(tree):
-        if isinstance(n, ast.If) and "TYPE_CHECKING" in ast.unparse(n.test):
-            skip.update(id(m) for m in ast.walk(n))
-    return skip
-
-
-def _imports(mod: str) -> list[tuple[str, str | None, int]]:
-    """(target module, imported name or None, line) of every runtime import of ``mod`` into kvgeom."""
-    tree = ast.parse(MODS[mod].read_text())
-    skip = _type_checking_nodes(tree)
+def _imports(mod: str, source: str | None = None) -> list[tuple[str, str | None, int]]:
+    """(target module, imported name or None, line) of every import of ``mod`` into kvgeom (module level, lazy,
+    and under ``if TYPE_CHECKING:``); ``source``: read this text as ``mod``'s instead of its file."""
     out = []
-    for n in ast.walk(tree):
-        if id(n) in skip:
-            continue
+    for n in ast.walk(ast.parse(MODS[mod].read_text() if source is None else source)):
         if isinstance(n, ast.Import):
             out += [(a.name, None, n.lineno) for a in n.names if a.name.startswith("kvgeom")]
         elif isinstance(n, ast.ImportFrom):
@@ -123,11 +114,24 @@ def _cycles(g: dict[str, set[str]]) -> list[list[str]]:
 
 
 def test_no_import_circle():
-    assert _cycles(_graph()) == []
+    circles = _cycles(_graph())
+    assert circles == [], f"modules that import each other in a loop: {circles}"
 
 
 def test_the_checker_finds_a_circle():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_type_only_and_lazy_imports_are_edges():
+    source = (
+        "from typing import TYPE_CHECKING\n"
+        "if TYPE_CHECKING:\n"
+        "    from .formats import FP8Spec\n"
+        "def f():\n"
+        "    from kvgeom.runtime.hooks import kv_hooks\n"
+    )
+    assert sorted(_imports("kvgeom.quant.fp8", source)) == [
+        ("kvgeom.quant.formats", "FP8Spec", 3), ("kvgeom.runtime.hooks", "kv_hooks", 5)]
 
 
 def test_no_module_over_the_limit():

@@ -1,11 +1,12 @@
 """One self-contained HTML page from an audit dict (the audit.json schema: see :mod:`kvgeom.report`).
 
 The page is the registered stages' report sections (:class:`kvgeom.audit.Section`, each declared in its stage's
-file): the lead section (the diagnosis), the "At a glance" box, then the other sections in pipeline order, then
-the run details. Plotly's JavaScript is inlined once in ``<head>``; each figure is a ``<div>`` with a stable id
-(``fig-<section>``), so the same audit gives the same page. A section whose stage is absent, ``None`` or
-``{"status": "skipped"|"failed", "reason": ...}`` shows "not run"; a section whose data is malformed shows the
-error in place (and warns) instead of failing the whole page. Proved by ``tests/report/test_report.py``.
+file): the lead section (the diagnosis), the "At a glance" box (:func:`kvgeom.audit.stages.baseline.summary`), then
+the other sections in pipeline order, then the run details. Plotly's JavaScript is inlined once in ``<head>``; each
+figure is a ``<div>`` with a stable id (``fig-<section>``), so the same audit gives the same page. A section whose
+stage is absent, ``None`` or ``{"status": "skipped"|"failed", "reason": ...}`` shows "not run"; a section whose
+data is malformed shows the error in place (and warns) instead of failing the whole page. Proved by
+``tests/report/test_report.py``.
 """
 
 from __future__ import annotations
@@ -18,40 +19,12 @@ from typing import Any
 from plotly.offline import get_plotlyjs
 
 from kvgeom.io import atomic_write_text
-from kvgeom.viz.markup import (
-    CSS,
-    esc,
-    fmt_ci,
-    fmt_num,
-    fmt_rate,
-    guarded_section,
-    html_section,
-    html_table,
-    stage_ran,
-)
+from kvgeom.viz.markup import CSS, esc, fmt_num, guarded_section, html_section, html_table
 
 from .stage import STAGE_REGISTRY
+from .stages.baseline import summary
 
 __all__ = ["render_html", "report_html"]
-
-
-def _summary(audit: Mapping[str, Any]) -> str:
-    st = audit.get("stages", {}) or {}
-    base = st.get("baseline") if stage_ran(st.get("baseline")) else {}
-    sweep = st.get("layer_sweep") if stage_ran(st.get("layer_sweep")) else {}
-    pcr = st.get("pcr") if stage_ran(st.get("pcr")) else {}
-    items = [
-        ("refusal, calibration (full precision)", fmt_rate((base or {}).get("calibration"))),
-        ("refusal, held-out (full precision)", fmt_rate((base or {}).get("held_out"))),
-        ("over-refusal, borderline", fmt_rate((base or {}).get("over_refusal"))),
-        ("perplexity ratio (target scheme)", fmt_num(((base or {}).get("perplexity") or {}).get("ppl_ratio"), ".3f")),
-        ("all-layer flip", fmt_rate({"rate": (sweep.get("all_layer") or {}).get("flip"),
-                                  **{k: v for k, v in (sweep.get("all_layer") or {}).items() if k != "flip"}})
-         if sweep.get("all_layer") else "—"),
-        ("PCR at critical layer", fmt_ci(pcr.get("estimate"), pcr.get("low"), pcr.get("high"), pct=False)
-         if pcr else "—"),
-    ]
-    return '<div class="kv">' + "".join(f"<div><b>{esc(k)}</b><span>{esc(v)}</span></div>" for k, v in items) + "</div>"
 
 
 def _timings(audit: Mapping[str, Any]) -> str:
@@ -100,7 +73,7 @@ def report_html(audit: Mapping[str, Any]) -> str:
 
     sections = [
         *_stage_sections(st, lead=True),
-        html_section("summary", "At a glance", "", _summary(audit)),
+        html_section("summary", "At a glance", "", summary(st)),
         *_stage_sections(st, lead=False),
         html_section("timings", "Run details", "", _timings(audit)),
     ]

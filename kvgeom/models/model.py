@@ -2,21 +2,24 @@
 :class:`ModelFacts`.
 
 Hook sessions opened on a model are a declared field, :attr:`KVModel.hook_sessions` (outermost first), owned by
-:func:`kvgeom.runtime.hooks.kv_hooks` (nesting proved in ``tests/runtime/test_hooks.py``).
+:func:`kvgeom.runtime.hooks.kv_hooks` (nesting proved in ``tests/runtime/test_hooks.py``). Models sit below the
+runtime and never import it: the session type comes from :mod:`kvgeom.sites`, and :meth:`KVModel.kv_hooks` calls
+:attr:`KVModel.open_hooks`, which the runtime sets to its ``kv_hooks`` when it is imported (``import kvgeom`` does).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, ClassVar
 
 import torch
 
-from kvgeom.sites import SITES, hook_name
+from kvgeom.sites import SITES, HookSession, hook_name
 
-if TYPE_CHECKING:
-    from kvgeom.runtime.hooks import HookSession
+#: ``opener(model, hooks, **kwargs)``: a ``with`` block holding one hook session (:func:`kvgeom.runtime.hooks.kv_hooks`)
+HookOpener = Callable[..., AbstractContextManager[HookSession]]
 
 
 class ModelLoadError(RuntimeError):
@@ -75,10 +78,13 @@ class KVModel:
         name: what the user asked for; ``source``: the file or directory loaded.
         chat_template: a Jinja template overriding the tokenizer's own (``None``: use the tokenizer's).
         sites_available: the sites the bridge really fires for this architecture (probed at wrap time).
-        hook_sessions: the :class:`kvgeom.runtime.hooks.HookSession` s of the ``kv_hooks`` blocks open on this
+        hook_sessions: the :class:`kvgeom.sites.HookSession` s of the ``kv_hooks`` blocks open on this
             model, outermost first; each forward call is announced to all of them. Managed by ``kv_hooks``
             only: do not edit.
     """
+
+    #: what :meth:`kv_hooks` calls: :func:`kvgeom.runtime.hooks.kv_hooks`, set by that module when it is imported
+    open_hooks: ClassVar[HookOpener | None] = None
 
     bridge: Any
     tokenizer: Any
@@ -172,12 +178,14 @@ class KVModel:
         """Readable hook-point name of ``site`` at ``layer`` (see :data:`kvgeom.sites.SITES`)."""
         return hook_name(site, layer)
 
-    def kv_hooks(self, hooks: Any, **kwargs: Any):
-        """Shortcut for :func:`kvgeom.runtime.hooks.kv_hooks` on this model (the runtime sits above models,
-        so it is imported when called; the runtime never imports models)."""
-        from kvgeom.runtime.hooks import kv_hooks
-
-        return kv_hooks(self, hooks, **kwargs)
+    def kv_hooks(self, hooks: Any, **kwargs: Any) -> AbstractContextManager[HookSession]:
+        """Shortcut for :func:`kvgeom.runtime.hooks.kv_hooks` on this model (through :attr:`open_hooks`: the
+        runtime sits above models and hands its ``kv_hooks`` down, so models never import the runtime)."""
+        opener = type(self).open_hooks
+        if opener is None:
+            raise RuntimeError("KVModel.kv_hooks needs kvgeom.runtime.hooks, which is not imported yet: "
+                               "import kvgeom (or kvgeom.runtime) first")
+        return opener(self, hooks, **kwargs)
 
     def describe(self) -> dict:
         return {

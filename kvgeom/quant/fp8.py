@@ -11,24 +11,32 @@ amax is 0 gets ``s = 1`` (vLLM would divide by zero).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Literal, Protocol
 
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
 from ._ops import div
-
-if TYPE_CHECKING:
-    from .formats import FP8Spec, Role
+from .role import Role
 
 FP8_MAX = {"e4m3": 448.0, "e5m2": 57344.0}
 AMAX_DIVISOR = {"k": 200.0, "v": 100.0}
 FP8_DTYPE = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 
 
+class FP8Fields(Protocol):
+    """The fields of an fp8 format this math reads (:class:`kvgeom.quant.formats.FP8Spec` has them)."""
+
+    @property
+    def fmt(self) -> Literal["e4m3", "e5m2"]: ...
+
+    @property
+    def dynamic(self) -> bool: ...
+
+
 def fp8_scale(
-    x: Float[Tensor, "batch pos kv_head d_head"], mask: Bool[Tensor, "batch pos"], spec: FP8Spec, role: Role
+    x: Float[Tensor, "batch pos kv_head d_head"], mask: Bool[Tensor, "batch pos"], spec: FP8Fields, role: Role
 ) -> Float[Tensor, "batch 1 1 1"]:
     """Per-row scale: 1, or ``amax/200`` (K) / ``amax/100`` (V) over real positions when ``@amax``."""
     ones = torch.ones(x.shape[0], 1, 1, 1, dtype=torch.float32, device=x.device)
@@ -40,7 +48,7 @@ def fp8_scale(
 
 
 def fp8_apply(
-    x: Float[Tensor, "batch pos kv_head d_head"], scale: Float[Tensor, "batch 1 1 1"], spec: FP8Spec
+    x: Float[Tensor, "batch pos kv_head d_head"], scale: Float[Tensor, "batch 1 1 1"], spec: FP8Fields
 ) -> Float[Tensor, "batch pos kv_head d_head"]:
     """fp32 round trip through the fp8 format with saturation to the largest finite value."""
     fmax = FP8_MAX[spec.fmt]

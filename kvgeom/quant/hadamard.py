@@ -11,14 +11,12 @@ for V. We compute the product with a fast Walsh-Hadamard transform (butterflies,
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from .formats import Role
+from .role import Role
 
 ROT_MIN_BLOCK = 64
 

@@ -21,7 +21,7 @@ So a key's stored value can change after it was first written (when its R-block 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from einops import rearrange
@@ -29,12 +29,23 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from ._ops import div
-
-if TYPE_CHECKING:
-    from .formats import KIVISpec, Role
+from .role import Role
 
 
-def check_kivi(spec: KIVISpec, d_head: int) -> None:
+class KIVIFields(Protocol):
+    """The fields of a KIVI format this math reads (:class:`kvgeom.quant.formats.KIVISpec` has them)."""
+
+    @property
+    def bits(self) -> int: ...
+
+    @property
+    def group_size(self) -> int: ...
+
+    @property
+    def residual(self) -> int: ...
+
+
+def check_kivi(spec: KIVIFields, d_head: int) -> None:
     if d_head % spec.group_size != 0:
         raise ValueError(
             f"{spec} quantizes values in groups of G={spec.group_size} channels of each head, but "
@@ -59,7 +70,7 @@ def quant_groups(t: Float[Tensor, "... group"], bits: int) -> Float[Tensor, "...
     return torch.where(scale > 0, q * scale + mn, mn.expand_as(t))
 
 
-def quant_keys(x: Float[Tensor, "tok kv_head d_head"], spec: KIVISpec) -> Float[Tensor, "tok kv_head d_head"]:
+def quant_keys(x: Float[Tensor, "tok kv_head d_head"], spec: KIVIFields) -> Float[Tensor, "tok kv_head d_head"]:
     """Per-channel quantization over groups of G consecutive tokens (token count a multiple of G)."""
     if x.shape[0] == 0:
         return x
@@ -67,13 +78,13 @@ def quant_keys(x: Float[Tensor, "tok kv_head d_head"], spec: KIVISpec) -> Float[
     return rearrange(quant_groups(g, spec.bits), "n h d g -> (n g) h d")
 
 
-def quant_values(x: Float[Tensor, "tok kv_head d_head"], spec: KIVISpec) -> Float[Tensor, "tok kv_head d_head"]:
+def quant_values(x: Float[Tensor, "tok kv_head d_head"], spec: KIVIFields) -> Float[Tensor, "tok kv_head d_head"]:
     """Per-token quantization over groups of G consecutive channels of each head."""
     g = rearrange(x, "t h (n g) -> t h n g", g=spec.group_size)
     return rearrange(quant_groups(g, spec.bits), "t h n g -> t h (n g)")
 
 
-def prefill_split(n_real: int, spec: KIVISpec, role: Role) -> int:
+def prefill_split(n_real: int, spec: KIVIFields, role: Role) -> int:
     """How many leading real tokens KIVI's prefill quantizes (the rest stay full precision)."""
     if role == "k":
         return (n_real // spec.residual) * spec.residual
@@ -81,7 +92,7 @@ def prefill_split(n_real: int, spec: KIVISpec, role: Role) -> int:
 
 
 def prefill_row(
-    x: Float[Tensor, "tok kv_head d_head"], spec: KIVISpec, role: Role
+    x: Float[Tensor, "tok kv_head d_head"], spec: KIVIFields, role: Role
 ) -> tuple[Float[Tensor, "tok kv_head d_head"], Bool[Tensor, " tok"]]:
     """KIVI's prefill rule on one sequence of real tokens: dequantized values and full-precision mask."""
     n_quant = prefill_split(x.shape[0], spec, role)
@@ -92,7 +103,7 @@ def prefill_row(
 
 
 def kivi_fake_quant(
-    x: Float[Tensor, "batch pos kv_head d_head"], mask: Bool[Tensor, "batch pos"], spec: KIVISpec, role: Role
+    x: Float[Tensor, "batch pos kv_head d_head"], mask: Bool[Tensor, "batch pos"], spec: KIVIFields, role: Role
 ) -> Float[Tensor, "batch pos kv_head d_head"]:
     """Stateless KIVI (forward mode): the prefill rule applied to each row's real positions (fp32)."""
     check_kivi(spec, x.shape[-1])

@@ -22,7 +22,7 @@ can freeze the parameters measured on the prefill and reuse them (codes clamp to
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Literal, Protocol
 
 import torch
 from einops import rearrange
@@ -31,10 +31,24 @@ from torch import Tensor
 
 from ._ops import div
 
-if TYPE_CHECKING:
-    from .formats.int import IntSpec
-
+Granularity = Literal["tensor", "token", "head", "channel", "group"]
 ASYM_MIN_SCALE = 1e-8
+
+
+class IntFields(Protocol):
+    """The fields of a uniform format this math reads (:class:`kvgeom.quant.formats.IntSpec` has them)."""
+
+    @property
+    def bits(self) -> int: ...
+
+    @property
+    def granularity(self) -> Granularity: ...
+
+    @property
+    def symmetric(self) -> bool: ...
+
+    @property
+    def group_size(self) -> int | None: ...
 
 
 @dataclass(frozen=True)
@@ -45,7 +59,7 @@ class IntParams:
     zero_point: Tensor | None
 
 
-def check_group(spec: IntSpec, n_kv_heads: int, d_head: int) -> None:
+def check_group(spec: IntFields, n_kv_heads: int, d_head: int) -> None:
     if spec.granularity == "group":
         assert spec.group_size is not None
         n = n_kv_heads * d_head
@@ -58,7 +72,7 @@ def check_group(spec: IntSpec, n_kv_heads: int, d_head: int) -> None:
             )
 
 
-def _blocks(x: Tensor, spec: IntSpec) -> Tensor:
+def _blocks(x: Tensor, spec: IntFields) -> Tensor:
     """View ``x`` so that the last axis holds one block for per-position granularities."""
     if spec.granularity == "token":
         return rearrange(x, "b p h d -> b p 1 (h d)")
@@ -67,7 +81,7 @@ def _blocks(x: Tensor, spec: IntSpec) -> Tensor:
     return x  # head: blocks are the d_head vectors; tensor/channel: reduced with the mask
 
 
-def _unblocks(y: Tensor, spec: IntSpec, shape: torch.Size) -> Tensor:
+def _unblocks(y: Tensor, spec: IntFields, shape: torch.Size) -> Tensor:
     if spec.granularity in ("token", "group"):
         return y.reshape(shape)
     return y
@@ -84,7 +98,7 @@ def _masked_range(
 
 
 def int_params(
-    x: Float[Tensor, "batch pos kv_head d_head"], mask: Bool[Tensor, "batch pos"], spec: IntSpec
+    x: Float[Tensor, "batch pos kv_head d_head"], mask: Bool[Tensor, "batch pos"], spec: IntFields
 ) -> IntParams:
     """Scale/zero point of every block of ``x`` (fp32), ranges over real positions (``mask`` True)."""
     check_group(spec, x.shape[2], x.shape[3])
@@ -104,7 +118,7 @@ def int_params(
 
 
 def int_apply(
-    x: Float[Tensor, "batch pos kv_head d_head"], params: IntParams, spec: IntSpec
+    x: Float[Tensor, "batch pos kv_head d_head"], params: IntParams, spec: IntFields
 ) -> Float[Tensor, "batch pos kv_head d_head"]:
     """Quantize-dequantize ``x`` (fp32) with given parameters; codes are clamped to the code range."""
     xb = _blocks(x, spec)
@@ -124,7 +138,7 @@ def int_apply(
 
 
 def int_fake_quant(
-    x: Float[Tensor, "batch pos kv_head d_head"], mask: Bool[Tensor, "batch pos"], spec: IntSpec
+    x: Float[Tensor, "batch pos kv_head d_head"], mask: Bool[Tensor, "batch pos"], spec: IntFields
 ) -> Float[Tensor, "batch pos kv_head d_head"]:
     """Stateless uniform quantize-dequantize (fp32 in, fp32 out; padding rows/positions not restored)."""
     return int_apply(x, int_params(x, mask, spec), spec)

@@ -1,10 +1,10 @@
 """The runtime: hook sessions on the bridge, batched left-padded forward passes and capture, greedy cached
 generation, and per-row quantization plans.
 
-Layering (imports go downward only): :mod:`kvgeom.sites` (names) → :mod:`kvgeom.runtime.hooks` (sessions) →
-:mod:`kvgeom.runtime.forward` (``encode``, ``forward``, ``capture``) → :mod:`kvgeom.runtime.plans` (running
-:class:`~kvgeom.quant.QuantPlan` s as hooks or a quantizing cache) → :mod:`kvgeom.runtime.generation`
-(``generate``). Tests: ``tests/runtime/``.
+Layering (imports go downward only): :mod:`kvgeom.sites` (names, hook types) → :mod:`kvgeom.models` →
+:mod:`kvgeom.runtime.hooks` (sessions) → :mod:`kvgeom.runtime.forward` (``encode``, ``forward``, ``capture``) →
+:mod:`kvgeom.runtime.plans` (running :class:`~kvgeom.quant.QuantPlan` s as hooks or a quantizing cache) →
+:mod:`kvgeom.runtime.generation` (``generate``). Tests: ``tests/runtime/``.
 
 The function ``forward`` is not re-exported here, so that ``kvgeom.runtime.forward`` is always the module (a
 package attribute named like its submodule shadows it): call ``kvgeom.forward`` or

@@ -18,59 +18,24 @@ Sessions nest: the active ones are :attr:`kvgeom.models.KVModel.hook_sessions`, 
 point shared by several sessions the outer session's hooks run first and the inner one's see their output;
 leaving the inner block removes only its own hooks and session, leaving the outer one exactly as it was
 (``test_nested_sessions_on_one_hook_point``).
+
+:class:`CallInfo`, :class:`HookContext`, :data:`HookFn` and :class:`HookSession` are defined in :mod:`kvgeom.sites`
+(the model holds its sessions and sits below the runtime) and handed on here; :meth:`kvgeom.models.KVModel.kv_hooks`
+is this module's :func:`kv_hooks`, handed down to the model's class when this module is imported.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from jaxtyping import Bool, Int
 from torch import Tensor
 
-from kvgeom.sites import hook_name, parse_hook_name
-
-if TYPE_CHECKING:
-    from kvgeom.models import KVModel
+from kvgeom.models import KVModel
+from kvgeom.sites import CallInfo, HookContext, HookFn, HookSession, hook_name, parse_hook_name
 
 __all__ = ["CallInfo", "HookContext", "HookFn", "HookSession", "kv_hooks", "set_call"]
-
-
-@dataclass
-class CallInfo:
-    """What the current forward call is: set by kvgeom's forward/generation loops.
-
-    ``mask`` marks the real (non-padding) positions *of this call's tokens* ``[batch, new_pos]``;
-    ``step`` is 0 for a prefill (or a plain forward) and k for the k-th decode step.
-    """
-
-    step: int = 0
-    mask: Bool[Tensor, "batch pos"] | None = None
-    position_ids: Int[Tensor, "batch pos"] | None = None
-
-
-@dataclass(frozen=True)
-class HookContext:
-    """Passed to every kvgeom hook function."""
-
-    name: str
-    site: str
-    layer: int
-    call: CallInfo
-
-
-HookFn = Callable[[Tensor, HookContext], "Tensor | None"]
-
-
-@dataclass
-class HookSession:
-    """The hooks installed by one :func:`kv_hooks` block; ``call`` is updated by forward loops."""
-
-    hooks: dict[str, list[HookFn]]
-    call: CallInfo = field(default_factory=CallInfo)
-    calls_seen: int = 0
 
 
 def _normalise(
@@ -154,3 +119,8 @@ def set_call(model: KVModel, call: CallInfo) -> None:
     for session in model.hook_sessions:
         session.call = call
         session.calls_seen += 1
+
+
+#: :meth:`kvgeom.models.KVModel.kv_hooks` opens its sessions with this (models sit below the runtime and never
+#: import it: the runtime hands itself down).
+KVModel.open_hooks = kv_hooks

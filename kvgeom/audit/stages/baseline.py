@@ -59,7 +59,8 @@ def frame(r: Mapping[str, Any]) -> pd.DataFrame:
 
 
 def summary(stages: Mapping[str, Any]) -> str:
-    """The "At a glance" box: baseline rates, perplexity ratio, all-layer flip, PCR."""
+    """The "At a glance" box of the report page (:mod:`kvgeom.audit.page`) from the audit's ``stages``: baseline
+    rates, perplexity ratio, all-layer flip, PCR."""
     st = stages or {}
     base = st.get("baseline") if stage_ran(st.get("baseline")) else {}
     sweep = st.get("layer_sweep") if stage_ran(st.get("layer_sweep")) else {}

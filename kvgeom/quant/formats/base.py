@@ -34,10 +34,12 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar
 
 from jaxtyping import Bool, Float
 from torch import Tensor
+
+from kvgeom.quant.role import Role
 
 from .cache import CacheRule, PerPosition
 from .engines import HFCache, LlamaCppType, VLLMDtype
@@ -47,7 +49,6 @@ if TYPE_CHECKING:
 
 __all__ = ["FORMATS", "FormatError", "KVFormat", "Role", "parse_format", "register_format", "unregister_format"]
 
-Role = Literal["k", "v"]
 KV = Float[Tensor, "batch pos kv_head d_head"]
 
 

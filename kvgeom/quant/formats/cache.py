@@ -10,8 +10,10 @@ positions are real, which still hold the raw input) and asks its format for a :c
   and frozen; later positions reuse them (``tensor``/``channel`` ranges, fp8 ``@amax``).
 
 A format with its own rule (KIVI's residual windows, :mod:`kvgeom.quant.formats.kivi`) subclasses
-:class:`CacheRule`. Proved by ``tests/quant/test_quant_kivi_stream.py``, ``tests/quant/test_quant_fp8_batching.py``
-and ``tests/quant/test_formats.py`` (``test_cache_rules``).
+:class:`CacheRule`. A rule asks its format only what :class:`CachedFormat` names (every
+:class:`~kvgeom.quant.formats.KVFormat` has it), so this module sits below the formats' base. Proved by
+``tests/quant/test_quant_kivi_stream.py``, ``tests/quant/test_quant_fp8_batching.py`` and
+``tests/quant/test_formats.py`` (``test_cache_rules``).
 """
 
 from __future__ import annotations
@@ -20,16 +22,29 @@ import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from .base import KVFormat, Role
+from kvgeom.quant.role import Role
 
-__all__ = ["CacheRule", "CacheStore", "FrozenOnPrefill", "PerPosition", "take_rows"]
+__all__ = ["CacheRule", "CacheStore", "CachedFormat", "FrozenOnPrefill", "PerPosition", "take_rows"]
+
+
+class CachedFormat(Protocol):
+    """What a cache rule asks of its format (:class:`kvgeom.quant.formats.KVFormat` declares both)."""
+
+    @property
+    def is_identity(self) -> bool:
+        """The stored value is exactly the input: its positions stay full precision."""
+        ...
+
+    def quantize(self, x: Float[Tensor, "batch pos kv_head d_head"], mask: Bool[Tensor, "batch pos"],
+                 role: Role) -> Float[Tensor, "batch pos kv_head d_head"]:
+        """Eager quantize-dequantize (fp32; padding zeroed and outside every range)."""
+        ...
 
 
 @dataclass
@@ -73,7 +88,7 @@ def take_rows(obj: Any, rows: Tensor) -> Any:
 class CacheRule(ABC):
     """One streaming cache's rule (one role of one layer; a fresh instance per generation)."""
 
-    def __init__(self, spec: KVFormat, role: Role) -> None:
+    def __init__(self, spec: CachedFormat, role: Role) -> None:
         self.spec = spec
         self.role: Role = role
 
@@ -106,7 +121,7 @@ class FrozenOnPrefill(PerPosition):
     ``apply(raw, params)`` quantizes with them (codes clamp to the code range). ``params``: a tensor or a
     dataclass of tensors with the batch first, so that :meth:`select` can keep rows."""
 
-    def __init__(self, spec: KVFormat, role: Role, measure: Callable[[Tensor, Tensor], Any],
+    def __init__(self, spec: CachedFormat, role: Role, measure: Callable[[Tensor, Tensor], Any],
                  apply: Callable[[Tensor, Any], Tensor]) -> None:
         super().__init__(spec, role)
         self.measure, self.apply = measure, apply

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, replace
-from typing import Literal
 
 from torch import Tensor
 
 from kvgeom.quant.kernels import triton_package
-from kvgeom.quant.uniform import check_group, int_apply, int_fake_quant, int_params
+from kvgeom.quant.uniform import Granularity, check_group, int_apply, int_fake_quant, int_params
 
 from .base import FormatError, KVFormat, Role, register_format
 from .cache import CacheRule, FrozenOnPrefill, PerPosition
@@ -24,7 +23,6 @@ from .engines import HFCache
 
 __all__ = ["INT_BITS", "Granularity", "IntSpec", "int_twin"]
 
-Granularity = Literal["tensor", "token", "head", "channel", "group"]
 INT_BITS = tuple(range(2, 9))
 
 
