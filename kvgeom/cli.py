@@ -208,13 +208,27 @@ def audit_summary(audit: dict) -> str:
     return "\n".join(lines)
 
 
+def until_stable_default(flag: bool | None, device: str = "auto") -> bool:
+    """``--until-stable``'s value: as given, else on where a GPU runs the audit and off on CPU (the adaptive
+    mode draws more prompts, minutes on a GPU but tens of minutes on a 2-core CPU)."""
+    if flag is not None:
+        return bool(flag)
+    if device == "cpu":
+        return False
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
 def _cmd_audit(args: argparse.Namespace) -> int:
     from kvgeom.audit import AuditConfig, run_audit
 
     kw = {"model": args.model, "scheme": args.scheme, "harmful": args.harmful, "harmless": args.harmless,
           "n_calib": args.calib,
           "device": args.device, "seed": args.seed, "label_confidence": args.label_confidence,
-          "n_resamples": args.n_resamples, "min_recovery_gap": args.min_recovery_gap}
+          "n_resamples": args.n_resamples, "min_recovery_gap": args.min_recovery_gap,
+          "until_stable": until_stable_default(args.until_stable, args.device), "pool": tuple(args.pool or ()),
+          "grow_step": args.grow_step, "max_calib": args.max_calib, "max_minutes": args.max_minutes}
     if args.quick:
         kw.update(n_heldout=20, n_borderline=10, fractions=(0.05, 0.25), n_seeds=2, bits=(8, 4, 3, 2),
                   ppl_tokens=512, max_new_tokens=24)
@@ -318,6 +332,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "confidence (default 1000)")
     p.add_argument("--min-recovery-gap", type=float, default=0.10, help="the aggregate recovery (mitigated - "
                    "uniform) / (full - uniform) is shown only when |full - uniform| refusal reaches this (default 0.10)")
+    p.add_argument("--until-stable", action=argparse.BooleanOptionalAction, default=None, help="draw more "
+                   "calibration prompts (never held-out ones) until the label is stated or the budget is spent "
+                   "(default: on with a GPU, off on CPU)")
+    p.add_argument("--pool", action="append", help="further harmful prompt source for --until-stable (bundled set "
+                   "name or path; repeatable)")
+    p.add_argument("--grow-step", type=int, default=20, help="prompts drawn per step of --until-stable (default 20)")
+    p.add_argument("--max-calib", type=int, default=400, help="--until-stable prompt budget (default 400)")
+    p.add_argument("--max-minutes", type=float, default=30.0, help="--until-stable time budget (default 30)")
     p.set_defaults(func=_cmd_audit)
     p = sub.add_parser("sweep", help="bit-width sweep: refusal, flips, perplexity vs bits")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL)

@@ -41,7 +41,9 @@ class AuditConfig:
     ``n_resamples`` bootstrap resamples of the refused calibration prompts (else ``undetermined``); PCR's
     per-channel arm runs at every layer that is critical in at least ``pcr_min_p`` of the resamples (at most
     ``pcr_max_layers``); the aggregate recovery ``(mitigated - uniform) / (full - uniform)`` is shown only when
-    ``|full - uniform| >= min_recovery_gap``.
+    ``|full - uniform| >= min_recovery_gap``. ``until_stable``: draw ``grow_step`` more calibration prompts at a
+    time from the harmful pool (plus the ``pool`` sources; never a held-out prompt) until the label is stated or
+    ``max_calib`` prompts / ``max_minutes`` are spent (:mod:`kvgeom.audit.adaptive`).
     """
 
     model: str = DEFAULT_MODEL
@@ -73,6 +75,11 @@ class AuditConfig:
     pcr_min_p: float = 0.05
     pcr_max_layers: int = 6
     min_recovery_gap: float = 0.10
+    until_stable: bool = False
+    pool: tuple[str, ...] = ()
+    grow_step: int = 20
+    max_calib: int = 400
+    max_minutes: float = 30.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -137,6 +144,14 @@ def check_config(cfg: AuditConfig) -> None:
     if not 0 < cfg.pcr_min_p <= 1 or cfg.pcr_max_layers < 1:
         raise AuditError(f"pcr_min_p must be in (0, 1] and pcr_max_layers >= 1, got {cfg.pcr_min_p!r}, "
                          f"{cfg.pcr_max_layers!r}")
+    if cfg.grow_step < 1 or cfg.max_calib < cfg.n_calib or cfg.max_minutes <= 0:
+        raise AuditError(f"--until-stable budget: need grow_step >= 1, max_calib >= n_calib ({cfg.n_calib}) and "
+                         f"max_minutes > 0, got {cfg.grow_step}, {cfg.max_calib}, {cfg.max_minutes}")
+    for src in cfg.pool:
+        try:
+            load_prompts(src)
+        except (ValueError, FileNotFoundError) as err:
+            raise AuditError(f"--pool {src!r}: {err}") from None
     if not 0 <= cfg.min_recovery_gap <= 1:
         raise AuditError(f"--min-recovery-gap is a refusal-rate difference in [0, 1], got {cfg.min_recovery_gap!r}")
 

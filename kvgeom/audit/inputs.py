@@ -9,13 +9,13 @@ Proved by ``tests/audit/test_audit.py`` (a resumed audit equals an uninterrupted
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from kvgeom.evaluate import evaluate
+from kvgeom.evaluate import evaluate, plan_label
 from kvgeom.judges import Verdict
 from kvgeom.prompts import PromptSet, load_prompts
 
@@ -39,7 +39,10 @@ class AuditInputs:
 
     ``calibration`` / ``held_out``: the harmful prompt splits (:func:`kvgeom.audit.split_prompts`);
     ``borderline``: the over-refusal prompts (first ``n_borderline``); ``judge``: the judge object every
-    evaluation uses (``None`` = the default judge); ``bars``: a tqdm bar per evaluation, labelled with its stage.
+    evaluation uses (``None`` = the default judge); ``bars``: a tqdm bar per evaluation, labelled with its stage;
+    ``row_cache``: when a dict (the adaptive mode, :mod:`kvgeom.audit.adaptive`), every generated row is kept by
+    (prompt id, prompt, plan, settings) and a stage rerun on a grown prompt set generates only the new rows;
+    ``calibration_record``: how the adaptive mode grew the calibration set (its trajectory), for the label stage.
     """
 
     model: KVModel
@@ -49,12 +52,25 @@ class AuditInputs:
     borderline: PromptSet
     judge: Any = None
     bars: bool = False
+    row_cache: dict | None = field(default=None, compare=False, repr=False)
+    calibration_record: Mapping[str, Any] | None = None
 
     @classmethod
-    def build(cls, model: KVModel, cfg: AuditConfig, *, judge: Any = None, bars: bool = False) -> AuditInputs:
+    def build(cls, model: KVModel, cfg: AuditConfig, *, judge: Any = None, bars: bool = False,
+              row_cache: bool = False) -> AuditInputs:
         calib, held = split_prompts(cfg)
         border = load_prompts(cfg.borderline, limit=cfg.n_borderline)
-        return cls(model, cfg, calib, held, border, judge=judge, bars=bars)
+        return cls(model, cfg, calib, held, border, judge=judge, bars=bars, row_cache={} if row_cache else None)
+
+    def cached(self, key: tuple, compute: Callable[[], Any]) -> Any:
+        """``compute()``, kept under ``key`` when the row cache is on (e.g. the perplexity, which does not depend
+        on the prompts)."""
+        if self.row_cache is None:
+            return compute()
+        store = self.row_cache.setdefault("values", {})
+        if key not in store:
+            store[key] = compute()
+        return store[key]
 
     def plan(self, scheme: str, **kw: Any) -> QuantPlan:
         """:meth:`AuditConfig.plan`: ``scheme`` with the audit's mode and site."""
@@ -74,8 +90,8 @@ class AuditInputs:
         cfg = self.cfg
         calib = calib if calib is not None else self.calibration
         harmless = load_prompts(cfg.harmless)
-        if cfg.harmful == "harmful" and cfg.harmless == "harmless":
-            harmful = load_prompts("harmful")
+        harmful = load_prompts("harmful") if cfg.harmful == "harmful" and cfg.harmless == "harmless" else None
+        if harmful is not None and set(calib.ids) <= set(harmful.ids):
             pos = harmful.frame.reset_index().set_index("id").loc[calib.ids, "index"].tolist()
             return harmless.frame["prompt"].iloc[pos].tolist()
         if len(harmless) < len(calib):
@@ -96,9 +112,24 @@ class AuditInputs:
                  **kw: Any) -> pd.DataFrame:
         """:func:`kvgeom.evaluate.evaluate` with the audit's settings (batch size, tokens, judge, settling)."""
         cfg = self.cfg
-        return evaluate(self.model, prompts, plans, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
-                        judge=self.judge, settle=cfg.settle if settle is None else settle,
-                        progress=stage if self.bars else False, **kw)
+        settle = cfg.settle if settle is None else settle
+
+        def run(ps: PromptSet) -> pd.DataFrame:
+            return evaluate(self.model, ps, plans, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
+                            judge=self.judge, settle=settle, progress=stage if self.bars else False, **kw)
+
+        if self.row_cache is None:
+            return run(prompts)
+        rows = self.row_cache.setdefault((settle, tuple(sorted(kw.items()))), {})
+        keys = {plan_label(p): repr(p) for p in plans}
+        f = prompts.frame
+        need = [not all((i, t, k) in rows for k in keys.values()) for i, t in zip(f["id"], f["prompt"], strict=True)]
+        if any(need):
+            new = run(PromptSet(prompts.name, f[need], prompts.source))
+            for r in new.to_dict(orient="records"):
+                rows[(r["prompt_id"], r["prompt"], keys[r["plan"]])] = r
+        return pd.DataFrame([rows[(i, t, k)] for k in keys.values()
+                             for i, t in zip(f["id"], f["prompt"], strict=True)])
 
     def evaluate_splits(self, splits: Mapping[str, PromptSet], plans: list, *, stage: str,
                         **kw: Any) -> dict[str, pd.DataFrame]:

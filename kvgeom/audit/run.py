@@ -11,6 +11,7 @@ the umask's mode).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -24,8 +25,10 @@ import pandas as pd
 
 from kvgeom.io import atomic_write_json, to_jsonable
 from kvgeom.judges import get_judge, judge_identity
+from kvgeom.prompts import PromptSet
 from kvgeom.quant import Scheme
 
+from .adaptive import calibration_pool, grow_calibration
 from .config import AuditConfig, AuditError, check_config
 from .inputs import AuditInputs
 from .page import render_html
@@ -87,6 +90,31 @@ def _check_resume(d: Path, cfg: AuditConfig, judge_id: dict) -> None:
                          "by an older kvgeom): run again without --resume, or with another --out")
 
 
+def _grown(inputs: AuditInputs, d: Path | None, resume: bool,
+           progress: Callable[[str, str], None] | None) -> tuple[AuditInputs, dict]:
+    """The adaptive mode's calibration set: drawn now (and saved to ``stages/_calibration.json``), or read back
+    from there on ``--resume`` so that a resumed audit uses the same prompts."""
+    path = d / "stages" / "_calibration.json" if d is not None else None
+    if resume and path is not None and path.is_file():
+        record = json.loads(path.read_text())
+        pool = calibration_pool(inputs.cfg, inputs.calibration, inputs.held_out)
+        every = pd.concat([inputs.calibration.frame, pool.frame]).drop_duplicates("id").set_index("id")
+        missing = [i for i in record["calibration_ids"] if i not in every.index]
+        if missing:
+            raise AuditError(f"--resume: {path} lists calibration prompts {missing[:5]} that the prompt sources no "
+                             "longer hold; run again without --resume")
+        frame = every.loc[record["calibration_ids"]].reset_index()
+        calib = PromptSet(inputs.calibration.name, frame, inputs.calibration.source)
+        if progress:
+            progress("until-stable", f"resumed: {len(calib)} calibration prompts")
+    else:
+        grown, record = grow_calibration(inputs, progress=progress)
+        calib = grown.calibration
+        if path is not None:
+            atomic_write_json(path, record)
+    return dataclasses.replace(inputs, calibration=calib, calibration_record=record), record
+
+
 def run_audit(
     cfg: AuditConfig,
     out: str | os.PathLike | None = None,
@@ -133,7 +161,10 @@ def run_audit(
 
         model = load_model(cfg.model, device=cfg.device)
     timings["load_model"] = time.perf_counter() - t_load
-    inputs = AuditInputs.build(model, cfg, judge=judge_obj, bars=bars)
+    inputs = AuditInputs.build(model, cfg, judge=judge_obj, bars=bars, row_cache=cfg.until_stable)
+    record = None
+    if cfg.until_stable:
+        inputs, record = _grown(inputs, d, resume, progress)
     for name in names:
         stage = get_stage(name)
         path = d / "stages" / f"{name}.json" if d is not None else None
@@ -160,6 +191,7 @@ def run_audit(
         "model": {"name": cfg.model, **{k: v for k, v in model.describe().items() if k != "name"}},
         "scheme": str(Scheme.parse(cfg.scheme)), "versions": _versions(), "seed": cfg.seed,
         "settings": cfg.to_dict(), "judge": judge_id,
+        **({"calibration": to_jsonable(record)} if record is not None else {}),
         "stages": results,
         "timings": timings,
     }

@@ -25,6 +25,7 @@ __all__ = [
     "mitigation_figure",
     "outlier_heatmap_figure",
     "paired_flip_figure",
+    "trajectory_figure",
     "sensitivity_figure",
 ]
 
@@ -311,4 +312,21 @@ def paired_flip_figure(rows: pd.DataFrame | Sequence[Mapping[str, Any]], *, unif
     fig.update_layout(**_LAYOUT, title="Mitigations: refusals still lost vs memory cost (0 = full precision)")
     fig.update_xaxes(title="bits per element (mean over layers)", range=[lo - pad, hi + 3 * pad])
     fig.update_yaxes(title="conditional flip rate (refused prompts)", tickformat=".0%", range=[-0.02, 1.02])
+    return fig
+
+
+def trajectory_figure(trajectory: Sequence[Mapping[str, Any]], *, threshold: float = 0.8) -> go.Figure:
+    """The adaptive mode's trajectory: P(label) for each label against the number of refused calibration
+    prompts, with the confidence threshold. ``trajectory``: rows with ``n_refused`` and ``p_label``."""
+    labels = sorted({k for t in trajectory for k in (t.get("p_label") or {})})
+    fig = go.Figure()
+    for i, lab in enumerate(labels):
+        fig.add_trace(go.Scatter(x=[t.get("n_refused") for t in trajectory],
+                                 y=[(t.get("p_label") or {}).get(lab, 0.0) for t in trajectory], mode="lines+markers",
+                                 name=lab, line={"color": PALETTE["cycle"][i % 8]}))
+    fig.add_hline(y=threshold, line_dash="dash", line_color=PALETTE["reference"],
+                  annotation_text=f"stated at {threshold:.0%}", annotation_position="top left")
+    fig.update_layout(**_LAYOUT, title="Label confidence as calibration prompts are added")
+    fig.update_xaxes(title="refused calibration prompts")
+    fig.update_yaxes(title="share of bootstrap resamples", tickformat=".0%", range=[0, 1.02])
     return fig

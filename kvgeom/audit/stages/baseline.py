@@ -26,7 +26,8 @@ def run(inputs: AuditInputs, results: StageResults) -> dict:
     out = inputs.evaluate_splits({"calibration": inputs.calibration, "held_out": inputs.held_out,
                                   "borderline": inputs.borderline}, [None], stage="baseline", settle=False)
     rows, rows_h, rows_b = out["calibration"], out["held_out"], out["borderline"]
-    ppl = perplexity(inputs.model, None, [None, inputs.plan(cfg.scheme)], max_tokens=cfg.ppl_tokens, batch_size=4)
+    ppl = inputs.cached(("perplexity",), lambda: perplexity(inputs.model, None, [None, inputs.plan(cfg.scheme)],
+                                                            max_tokens=cfg.ppl_tokens, batch_size=4))
     return {
         "calibration": refusal_rate(rows["verdict"]), "held_out": refusal_rate(rows_h["verdict"]),
         "over_refusal": refusal_rate(rows_b["verdict"]),

@@ -12,7 +12,9 @@ import pandas as pd
 
 from kvgeom.taxonomy import LABEL_DESCRIPTIONS, TaxonomyThresholds
 from kvgeom.taxonomy.confidence import FlipEvidence
+from kvgeom.viz import figures
 from kvgeom.viz.card import label_card_html
+from kvgeom.viz.markup import esc, fig_html
 
 from ..config import AuditConfig
 from ..evidence import confidence_of, sweep_evidence
@@ -65,8 +67,13 @@ def with_confidence(diag: Mapping[str, Any], cfg: AuditConfig, evidence: FlipEvi
 
 
 def run(inputs: AuditInputs, results: StageResults) -> dict:
-    return diagnose(results["layer_sweep"], results["pcr"], results.get("channel_ablation", {}),
-                    base=baseline_verdicts(results["baseline"]), cfg=inputs.cfg)
+    out = diagnose(results["layer_sweep"], results["pcr"], results.get("channel_ablation", {}),
+                   base=baseline_verdicts(results["baseline"]), cfg=inputs.cfg)
+    if inputs.calibration_record:
+        rec = inputs.calibration_record
+        out["adaptive"] = {"trajectory": list(rec["trajectory"]), "stopped": rec["stopped"],
+                           "pool_size": rec["pool_size"], "n_calib": len(rec["calibration_ids"])}
+    return out
 
 
 def frame(r: Mapping[str, Any]) -> pd.DataFrame:
@@ -74,7 +81,14 @@ def frame(r: Mapping[str, Any]) -> pd.DataFrame:
 
 
 def render(stage: Mapping[str, Any], stages: Mapping[str, Any]) -> str:
-    return label_card_html(stage, stages)
+    html = label_card_html(stage, stages)
+    ad = stage.get("adaptive")
+    if ad and ad.get("trajectory"):
+        th = (stage.get("confidence") or {}).get("confidence", 0.8)
+        html += (f"<h3>Until stable: {ad['n_calib']} calibration prompts ({esc(ad['stopped'])}; pool of "
+                 f"{ad['pool_size']} non-held-out prompts)</h3>"
+                 + fig_html(figures.trajectory_figure(ad["trajectory"], threshold=th), "fig-trajectory"))
+    return html
 
 
 STAGE = register_stage(Stage(
