@@ -131,6 +131,10 @@ def main() -> None:
     ap.add_argument("--fake-quant", choices=("auto", "eager"), default="auto",
                     help="fake-quant backend inside the plans' hooks (benchmark-only switch: 'auto' uses the Triton "
                          "kernels on CUDA, 'eager' the torch ops; both give the same bits)")
+    ap.add_argument("--calib", type=int, default=None, help="calibration prompts drawn from the bundled harmful set "
+                    "(the rest, sampled to 40, are held out): a powered audit, e.g. --calib 130")
+    ap.add_argument("--agreement", action="store_true", help="also run the calibration-vs-held-out stage")
+    ap.add_argument("--until-stable", action="store_true", help="grow the calibration set until the label is stated")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -156,6 +160,14 @@ def main() -> None:
     if args.quick:
         kw.update(n_calib=4, n_heldout=4, n_borderline=3, fractions=(0.05,), n_seeds=1, bits=(8, 4), ppl_tokens=128,
                   max_new_tokens=4)
+    if args.calib:
+        import tempfile
+
+        path = f"{tempfile.mkdtemp()}/harmful.csv"  # the bundled harmful set as a file: n_calib may exceed 20 then
+        load_prompts("harmful").to_frame()[["id", "prompt", "category"]].to_csv(path, index=False)
+        kw.update(harmful=path, n_calib=args.calib, n_heldout=40)
+    if args.until_stable:
+        kw.update(until_stable=True)
     cfg = AuditConfig(**kw)
     prompts = load_prompts("calibration").prompts
     lengths = [len(model.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in model.format_chat(prompts)]
@@ -167,7 +179,10 @@ def main() -> None:
             CountingJudge.rows += len(completions)
             return super().judge(prompts, completions, nll=nll)
 
-    res = run_audit(cfg, args.out, model=model, judge=CountingJudge())
+    from kvgeom.audit import default_stages
+
+    stages = default_stages() + (("agreement",) if args.agreement else ())
+    res = run_audit(cfg, args.out, model=model, judge=CountingJudge(), stages=stages)
     sync(model)
     audit_s = time.perf_counter() - t1
     n_rows = rows_judged(model.n_layers, cfg)
@@ -181,6 +196,12 @@ def main() -> None:
         "stage_s": {k: round(v, 3) for k, v in res.timings.items()}, "rows_judged": n_rows,
         "rows_generated_by_kvgeom": CountingJudge.rows,
         "label": res.audit["stages"]["label"]["label"],
+        "point_label": res.audit["stages"]["label"].get("point_label"),
+        "label_confidence": {k: (res.audit["stages"]["label"].get("confidence") or {}).get(k)
+                             for k in ("p_label", "p_point", "n_refused", "stated", "tied_with_worst", "settle")},
+        "n_calib": len(res.audit["stages"]["baseline"]["verdicts"]["calibration"]),
+        "agreement": {k: v for k, v in (res.audit["stages"].get("agreement") or {}).items()
+                      if k in ("agree", "same_critical_layer", "p_same_label")},
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else None,
     }
     if args.paper_rows:

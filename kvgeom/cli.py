@@ -331,7 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-resamples", type=int, default=1000, help="bootstrap resamples for every CI and the label's "
                    "confidence (default 1000)")
     p.add_argument("--min-recovery-gap", type=float, default=0.10, help="the aggregate recovery (mitigated - "
-                   "uniform) / (full - uniform) is shown only when |full - uniform| refusal reaches this (default 0.10)")
+                   "uniform) / (full - uniform) is shown only when |full - uniform| refusal reaches this "
+                   "(default 0.10)")
     p.add_argument("--until-stable", action=argparse.BooleanOptionalAction, default=None, help="draw more "
                    "calibration prompts (never held-out ones) until the label is stated or the budget is spent "
                    "(default: on with a GPU, off on CPU)")

@@ -43,7 +43,8 @@ class AuditConfig:
     ``pcr_max_layers``); the aggregate recovery ``(mitigated - uniform) / (full - uniform)`` is shown only when
     ``|full - uniform| >= min_recovery_gap``. ``until_stable``: draw ``grow_step`` more calibration prompts at a
     time from the harmful pool (plus the ``pool`` sources; never a held-out prompt) until the label is stated or
-    ``max_calib`` prompts / ``max_minutes`` are spent (:mod:`kvgeom.audit.adaptive`).
+    ``max_calib`` prompts / ``max_minutes`` are spent (:mod:`kvgeom.audit.adaptive`). ``sensitivity_prompts``: the
+    geometry (a host-side float64 cost growing with the prompts) uses the first this many calibration prompts.
     """
 
     model: str = DEFAULT_MODEL
@@ -75,6 +76,7 @@ class AuditConfig:
     pcr_min_p: float = 0.05
     pcr_max_layers: int = 6
     min_recovery_gap: float = 0.10
+    sensitivity_prompts: int = 64
     until_stable: bool = False
     pool: tuple[str, ...] = ()
     grow_step: int = 20
@@ -144,6 +146,8 @@ def check_config(cfg: AuditConfig) -> None:
     if not 0 < cfg.pcr_min_p <= 1 or cfg.pcr_max_layers < 1:
         raise AuditError(f"pcr_min_p must be in (0, 1] and pcr_max_layers >= 1, got {cfg.pcr_min_p!r}, "
                          f"{cfg.pcr_max_layers!r}")
+    if cfg.sensitivity_prompts < 2:
+        raise AuditError(f"sensitivity_prompts must be >= 2, got {cfg.sensitivity_prompts}")
     if cfg.grow_step < 1 or cfg.max_calib < cfg.n_calib or cfg.max_minutes <= 0:
         raise AuditError(f"--until-stable budget: need grow_step >= 1, max_calib >= n_calib ({cfg.n_calib}) and "
                          f"max_minutes > 0, got {cfg.grow_step}, {cfg.max_calib}, {cfg.max_minutes}")

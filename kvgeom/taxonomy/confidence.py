@@ -32,7 +32,7 @@ from kvgeom.judges import Verdict
 from kvgeom.stats import mcnemar_exact
 
 from .labels import CRUSHES, DILUTION, HYPER, MIXED, OUTLIER_AS_SAFETY, ROBUST, UNDETERMINED, TaxonomyThresholds
-from .rules import first_label, fired_rules
+from .rules import fired_rules, first_label
 
 __all__ = ["UNMEASURED", "FlipEvidence", "LabelConfidence", "critical_layer_probabilities", "label_confidence",
            "prescription_key"]

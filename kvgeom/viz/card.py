@@ -131,4 +131,5 @@ def label_card_html(label: Mapping[str, Any], stages: Mapping[str, Any] | None =
              f"{trace_rows}</tbody></table>") if rows else ""
     return (f'<div class="label-card"><div class="card"><div><span class="badge" style="background:{color}">'
             f'{esc(lab)}</span>{point}<p class="desc">{esc(desc)}</p></div><div class="kv">{kv_html}</div></div>'
-            f'{confidence_html(conf)}{_headline(label, stages)}{f"<ul class=notes>{notes}</ul>" if notes else ""}{trace}</div>')
+            f'{confidence_html(conf)}{_headline(label, stages)}'
+            f'{f"<ul class=notes>{notes}</ul>" if notes else ""}{trace}</div>')

@@ -3,8 +3,6 @@ prompt, records its trajectory, and a resumed audit reuses the drawn calibration
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 import kvgeom.audit.adaptive as adaptive
@@ -54,9 +52,9 @@ def test_grow_stops_at_the_threshold_and_records_the_trajectory(monkeypatch):
 
 
 def test_adaptive_audit_on_a_tiny_model_generates_each_row_once_and_resumes(tmp_path, monkeypatch):
-    from ..conftest import get_tiny
-
     import kvgeom.audit.inputs as inputs_mod
+
+    from ..conftest import get_tiny
 
     calls = []
     real = inputs_mod.evaluate

@@ -22,7 +22,8 @@ from .label import diagnose
 from .layer_sweep import layer_sweep
 from .pcr import pcr_at, pcr_layers
 
-_BRIEF = ("label", "point_label", "pcr", "pcr_low", "pcr_high", "critical_layer", "candidates", "worst_layer_flip", "all_layer_flip")
+_BRIEF = ("label", "point_label", "pcr", "pcr_low", "pcr_high", "critical_layer", "candidates", "worst_layer_flip",
+          "all_layer_flip")
 
 
 def run(inputs: AuditInputs, results: StageResults) -> dict:

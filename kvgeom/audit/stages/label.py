@@ -92,7 +92,8 @@ def render(stage: Mapping[str, Any], stages: Mapping[str, Any]) -> str:
 
 
 STAGE = register_stage(Stage(
-    name="label", order=70, run=run, requires=("baseline", "layer_sweep", "pcr"), optional=("channel_ablation",), frame=frame,
+    name="label", order=70, run=run, requires=("baseline", "layer_sweep", "pcr"), optional=("channel_ablation",),
+    frame=frame,
     doc="the failure-mode label and its decision trace",
     section=Section("label", "Diagnosis", "", render, lead=True),
     schema=obj({"label": STR, "trace": {"type": "array"}}, critical_layer={"type": ["integer", "null"]},

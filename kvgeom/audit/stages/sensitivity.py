@@ -20,8 +20,8 @@ def run(inputs: AuditInputs, results: StageResults) -> dict:
     from kvgeom.geometry import sensitivity_profile
 
     cfg = inputs.cfg
-    calib = inputs.calibration
-    prof = sensitivity_profile(inputs.model, cfg.scheme, calib.prompts, inputs.harmless_pairs(), site=cfg.key_site,
+    calib = inputs.calibration.head(cfg.sensitivity_prompts)
+    prof = sensitivity_profile(inputs.model, cfg.scheme, calib.prompts, inputs.harmless_pairs(calib), site=cfg.key_site,
                                causal_layers=[], n_resamples=200, seed=cfg.seed)
     rows = []
     for r in prof.to_frame().to_dict(orient="records"):
@@ -29,7 +29,8 @@ def run(inputs: AuditInputs, results: StageResults) -> dict:
                      "high": r.get("rho_geo_high"), "defined": bool(r.get("rho_geo_defined", True)),
                      "note": r.get("rho_geo_note", ""), "rho_margin": r.get("rho_margin"),
                      "rho_margin_random": r.get("rho_margin_random"), "k": r.get("k")})
-    return {"metric": "rho_geo", "scheme": cfg.scheme, "site": cfg.key_site, "layers": rows}
+    return {"metric": "rho_geo", "scheme": cfg.scheme, "site": cfg.key_site, "layers": rows,
+            **({"n_prompts": len(calib)} if len(calib) < len(inputs.calibration) else {})}
 
 
 def frame(r: Mapping[str, Any]) -> pd.DataFrame:
