@@ -118,7 +118,7 @@ class FlipEvidence:
 
 def prescription_key(label: str, critical_layer: int | None, candidates: Sequence[int]) -> str:
     """What :func:`kvgeom.mitigation.prescribe`'s paper candidate depends on, in words: the label and the layers
-    it keeps in full precision (the critical layer, or the candidate layers for dilution)."""
+    it keeps in full precision (the critical layer, or the candidate layers for dilution, as a set)."""
     if label == ROBUST:
         return "robust: nothing to fix"
     if label == HYPER:
@@ -126,7 +126,7 @@ def prescription_key(label: str, critical_layer: int | None, candidates: Sequenc
     if label == CRUSHES:
         return "outlier-crushes-safety: group-wise ranges on all layers"
     if label == DILUTION:
-        return f"multi-layer-dilution: keep {', '.join(f'L{x}' for x in candidates) or 'the worst layers'} fp16"
+        return f"multi-layer-dilution: keep {', '.join(f'L{x}' for x in sorted(candidates)) or 'the worst layers'} fp16"
     if label in (OUTLIER_AS_SAFETY, MIXED, UNDETERMINED):
         return f"{label}: keep L{critical_layer} fp16"
     return label
@@ -184,6 +184,16 @@ def _shares(values: np.ndarray) -> dict[Any, float]:
     return dict(pairs)
 
 
+def _top(shares: Mapping[str, float], k: int = 10) -> dict[str, float]:
+    """The ``k`` most likely entries, the rest summed as ``"other"``."""
+    items = list(shares.items())
+    out = dict(items[:k])
+    rest = sum(v for _, v in items[k:])
+    if rest > 0:
+        out["other"] = rest
+    return out
+
+
 def critical_layer_probabilities(evidence: FlipEvidence, *, n_resamples: int = 1000,
                                  seed: int = 0) -> dict[int, float]:
     """``P(critical layer = L)`` over bootstrap resamples of the refused prompts (the same resamples
@@ -197,7 +207,9 @@ def critical_layer_probabilities(evidence: FlipEvidence, *, n_resamples: int = 1
 @dataclass(frozen=True)
 class LabelConfidence:
     """The label as stated (``label``: the point label when ``P >= confidence``, else ``undetermined``) with the
-    evidence: ``p_label``, ``p_critical``, ``p_fix`` (shares of resamples), ``tied_with_worst`` (layers whose paired
+    evidence: ``p_label``, ``p_critical``, ``p_fix`` (shares of resamples; the ten likeliest prescriptions and
+    ``other``), ``point_fix`` with ``p_point_fix`` (the observed prompts' prescription and its share),
+    ``tied_with_worst`` (layers whose paired
     flips do not differ from the point critical layer's at ``alpha``), and ``settle`` (the projection)."""
 
     label: str
@@ -214,6 +226,8 @@ class LabelConfidence:
     seed: int
     settle: Mapping[str, Any] | None
     projection: tuple[Mapping[str, Any], ...] = ()
+    point_fix: str = ""
+    p_point_fix: float = 0.0
 
     @property
     def stated(self) -> bool:
@@ -252,7 +266,8 @@ class LabelConfidence:
         return {"label": self.label, "point_label": self.point_label, "stated": self.stated,
                 "p_point": self.p_point, "point_critical_layer": self.point_critical_layer,
                 "p_label": dict(self.p_label), "p_critical": {str(k): v for k, v in self.p_critical.items()},
-                "p_fix": dict(self.p_fix), "tied_with_worst": list(self.tied_with_worst),
+                "p_fix": dict(self.p_fix), "point_fix": self.point_fix, "p_point_fix": self.p_point_fix,
+                "tied_with_worst": list(self.tied_with_worst),
                 "competing": [{"label": k, "p": v} for k, v in self.competing()],
                 "n_refused": self.n_refused, "confidence": self.confidence, "n_resamples": self.n_resamples,
                 "alpha": self.alpha, "seed": self.seed, "settle": dict(self.settle) if self.settle else None,
@@ -293,7 +308,7 @@ def label_confidence(
     n = evidence.n
     rng = np.random.default_rng(seed)
     point = _decide(evidence, np.ones((1, n)), th)
-    point_label, point_crit = str(point.labels[0]), int(point.critical[0])
+    point_label, point_crit, point_fix = str(point.labels[0]), int(point.critical[0]), str(point.fixes[0])
     d = _decide(evidence, _weights(rng, n, n, n_resamples), th)
     p_label = _shares(d.labels)
     p_point = p_label.get(point_label, 0.0)
@@ -310,6 +325,7 @@ def label_confidence(
                 break
     return LabelConfidence(
         label=stated, point_label=point_label, point_critical_layer=point_crit, p_label=p_label,
-        p_critical={int(k): v for k, v in _shares(d.critical).items()}, p_fix=_shares(d.fixes),
+        p_critical={int(k): v for k, v in _shares(d.critical).items()}, p_fix=_top(_shares(d.fixes)),
+        point_fix=point_fix, p_point_fix=float(np.mean(d.fixes == point_fix)),
         tied_with_worst=tied_with_worst(evidence, point_crit, alpha), n_refused=n, confidence=confidence,
         n_resamples=n_resamples, alpha=alpha, seed=seed, settle=settle, projection=tuple(proj))
