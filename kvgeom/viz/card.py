@@ -69,7 +69,7 @@ def _best_mitigation(mit: Any) -> tuple[str, Mapping[str, Any], float] | None:
 
 def confidence_html(conf: Mapping[str, Any]) -> str:
     """P(label) over the bootstrap resamples as a stacked bar, with the verdict in words."""
-    p = conf.get("p_label") or {}
+    p = dict(sorted((conf.get("p_label") or {}).items(), key=lambda kv: (-kv[1], kv[0])))
     if not p:
         return ""
     segs = "".join(

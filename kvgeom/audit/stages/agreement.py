@@ -58,7 +58,7 @@ def render(stage: Mapping[str, Any], stages: Mapping[str, Any]) -> str:
     rows = []
     for split in ("calibration", "held_out"):
         d = stage.get(split) or {}
-        pl = d.get("p_label") or {}
+        pl = dict(sorted((d.get("p_label") or {}).items(), key=lambda kv: -kv[1]))
         rows.append({"split": split.replace("_", "-"), "n": esc(d.get("n", "—")), "label": esc(d.get("label", "—")),
                      "p": esc(", ".join(f"{k} {v:.0%}" for k, v in pl.items() if v >= 0.05) or "—"),
                      "pcr": fmt_ci(d.get("pcr"), d.get("pcr_low"), d.get("pcr_high"), pct=False),

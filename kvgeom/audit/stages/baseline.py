@@ -61,7 +61,7 @@ def frame(r: Mapping[str, Any]) -> pd.DataFrame:
 
 def summary(stages: Mapping[str, Any]) -> str:
     """The "At a glance" box of the report page (:mod:`kvgeom.audit.page`) from the audit's ``stages``: baseline
-    rates, perplexity ratio, all-layer flip, PCR."""
+    rates, perplexity ratio, all-layer flip, PCR, the label's confidence."""
     st = stages or {}
     base = st.get("baseline") if stage_ran(st.get("baseline")) else {}
     sweep = st.get("layer_sweep") if stage_ran(st.get("layer_sweep")) else {}
@@ -78,6 +78,11 @@ def summary(stages: Mapping[str, Any]) -> str:
         ("PCR at critical layer", fmt_ci(pcr.get("estimate"), pcr.get("low"), pcr.get("high"), pct=False)
          if pcr else "—"),
     ]
+    conf = ((st.get("label") or {}).get("confidence") or {}) if stage_ran(st.get("label")) else {}
+    if conf:
+        items.append((f"P({conf.get('point_label')}) over resamples",
+                      f"{fmt_num(100 * (conf.get('p_point') or 0), '.0f')}% of {conf.get('n_resamples')} "
+                      f"({'stated' if conf.get('stated') else 'undetermined'})"))
     return '<div class="kv">' + "".join(f"<div><b>{esc(k)}</b><span>{esc(v)}</span></div>" for k, v in items) + \
         "</div>"
 

@@ -60,7 +60,7 @@ def with_confidence(diag: Mapping[str, Any], cfg: AuditConfig, evidence: FlipEvi
             "threshold": {"label_confidence": cfg.label_confidence, "n_resamples": cfg.n_resamples},
             "fired": conf.stated, "label": conf.label, "decisive": not conf.stated}
     out = {**diag, "point_label": point, "label": conf.label, "confidence": conf.to_dict(),
-           "trace": [*diag["trace"], step], "notes": [*diag.get("notes", []), conf.sentence()]}
+           "trace": [*diag["trace"], step]}
     if conf.label != point:
         out["description"] = LABEL_DESCRIPTIONS[conf.label]
     return out
