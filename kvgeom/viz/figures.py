@@ -240,6 +240,17 @@ def ablation_figure(rows: pd.DataFrame | Sequence[Mapping[str, Any]], *, layer: 
     return fig
 
 
+def _cost_axis(fig: go.Figure, f: pd.DataFrame, uniform_bits: float | None) -> None:
+    """The memory-cost x axis of the mitigation figures, with the uniform scheme's cost as a line."""
+    lo, hi = float(f["bits_per_element"].min()), float(f["bits_per_element"].max())
+    if uniform_bits is not None:
+        lo = min(lo, float(uniform_bits))
+        fig.add_vline(x=uniform_bits, line_dash="dot", line_color=PALETTE["other"],
+                      annotation_text="uniform", annotation_position="bottom right")
+    pad = max(0.5, 0.15 * (hi - lo))
+    fig.update_xaxes(title="bits per element (mean over layers)", range=[lo - pad, hi + 3 * pad])
+
+
 def mitigation_figure(rows: pd.DataFrame | Sequence[Mapping[str, Any]], *, uniform_bits: float | None = None,
                       target: float | None = 0.95) -> go.Figure:
     """Recovery of each candidate mitigation (with bootstrap CI) against its memory cost; 1 = full-precision
@@ -266,15 +277,8 @@ def mitigation_figure(rows: pd.DataFrame | Sequence[Mapping[str, Any]], *, unifo
     if target is not None:
         fig.add_hline(y=target, line_dash="dot", line_color=PALETTE["cycle"][2],
                       annotation_text=f"target {target:.0%}", annotation_position="bottom right")
-    lo = float(f["bits_per_element"].min())
-    hi = float(f["bits_per_element"].max())
-    if uniform_bits is not None:
-        lo = min(lo, float(uniform_bits))
-        fig.add_vline(x=uniform_bits, line_dash="dot", line_color=PALETTE["other"],
-                      annotation_text="uniform", annotation_position="bottom right")
-    pad = max(0.5, 0.15 * (hi - lo))
+    _cost_axis(fig, f, uniform_bits)
     fig.update_layout(**_LAYOUT, title="Mitigations: refusal recovered vs memory cost")
-    fig.update_xaxes(title="bits per element (mean over layers)", range=[lo - pad, hi + 3 * pad])
     fig.update_yaxes(title="recovery of full-precision refusal", tickformat=".0%")
     return fig
 
@@ -303,14 +307,8 @@ def paired_flip_figure(rows: pd.DataFrame | Sequence[Mapping[str, Any]], *, unif
         if u is not None and not math.isnan(float(u)):
             fig.add_hline(y=float(u), line_dash="dash", line_color=color,
                           annotation_text=f"uniform scheme, {split}: {float(u):.0%}", annotation_position="top left")
-    lo, hi = float(f["bits_per_element"].min()), float(f["bits_per_element"].max())
-    if uniform_bits is not None:
-        lo = min(lo, float(uniform_bits))
-        fig.add_vline(x=uniform_bits, line_dash="dot", line_color=PALETTE["other"],
-                      annotation_text="uniform", annotation_position="bottom right")
-    pad = max(0.5, 0.15 * (hi - lo))
+    _cost_axis(fig, f, uniform_bits)
     fig.update_layout(**_LAYOUT, title="Mitigations: refusals still lost vs memory cost (0 = full precision)")
-    fig.update_xaxes(title="bits per element (mean over layers)", range=[lo - pad, hi + 3 * pad])
     fig.update_yaxes(title="conditional flip rate (refused prompts)", tickformat=".0%", range=[-0.02, 1.02])
     return fig
 

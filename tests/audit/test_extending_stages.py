@@ -1,42 +1,29 @@
 """docs/extending.md, "Adding an audit stage": its toy stage is one file, registered on import and run by name."""
 
-import importlib.util
-import re
-import sys
-from pathlib import Path
-
 import pytest
 
 from kvgeom.audit import STAGE_REGISTRY
 from kvgeom.audit.stage import unregister_stage
 from kvgeom.testing import ChecksumJudge
 
-DOC = Path(__file__).resolve().parents[2] / "docs" / "extending.md"
+from ..doc_examples import imported
+from ..doc_examples import python_blocks as doc_blocks
+
 HEADING = "## Adding an audit stage"
 
 
 def python_blocks() -> list[str]:
-    text = DOC.read_text()
-    section = text[text.index(HEADING):]
-    nxt = section.find("\n## ", len(HEADING))
-    section = section if nxt < 0 else section[:nxt]
-    return re.findall(r"^```python\n(.*?)^```", section, flags=re.S | re.M)
+    return doc_blocks(HEADING)
 
 
 @pytest.fixture
 def refusal_words(tmp_path):
-    path = tmp_path / "refusal_words_example.py"
-    path.write_text(python_blocks()[0])
-    spec = importlib.util.spec_from_file_location("refusal_words_example", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
     try:
-        spec.loader.exec_module(module)
-        yield module
+        with imported(python_blocks()[0], "refusal_words_example", tmp_path) as module:
+            yield module
     finally:
         if "refusal_words" in STAGE_REGISTRY:
             unregister_stage("refusal_words")
-        sys.modules.pop(spec.name, None)
 
 
 def test_the_doc_has_the_stage_file_and_its_use():

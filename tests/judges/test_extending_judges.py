@@ -1,43 +1,29 @@
 """docs/extending.md, "Adding a judge": its toy judge is one file, registered on import and used by name by evaluate."""
 
-import importlib.util
-import re
-import sys
-from pathlib import Path
-
 import pytest
 
 from kvgeom.evaluate import evaluate
 from kvgeom.judges import JUDGES, Verdict, tokenize
 
 from ..conftest import PROMPTS
+from ..doc_examples import imported
+from ..doc_examples import python_blocks as doc_blocks
 
-DOC = Path(__file__).resolve().parents[2] / "docs" / "extending.md"
 HEADING = "## Adding a judge"
 
 
 def python_blocks() -> list[str]:
-    text = DOC.read_text()
-    section = text[text.index(HEADING):]
-    nxt = section.find("\n## ", len(HEADING))
-    section = section if nxt < 0 else section[:nxt]
-    return re.findall(r"^```python\n(.*?)^```", section, flags=re.S | re.M)
+    return doc_blocks(HEADING)
 
 
 @pytest.fixture
 def says_no(tmp_path):
     """The doc's first block saved as a file and imported, as a user would; unregistered afterwards."""
-    path = tmp_path / "says_no_example.py"
-    path.write_text(python_blocks()[0])
-    spec = importlib.util.spec_from_file_location("says_no_example", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
     try:
-        spec.loader.exec_module(module)
-        yield module
+        with imported(python_blocks()[0], "says_no_example", tmp_path) as module:
+            yield module
     finally:
         JUDGES.pop("says-no", None)
-        sys.modules.pop(spec.name, None)
 
 
 def test_the_doc_has_the_judge_file_and_its_use():

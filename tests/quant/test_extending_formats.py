@@ -4,30 +4,19 @@ streamed in cache mode, counted, regrouped and exported. The test runs the docum
 
 from __future__ import annotations
 
-import re
 import sys
 import types
-from pathlib import Path
 
 import pytest
 
 from kvgeom.quant import FORMATS, Scheme, valid_forms
 from kvgeom.quant.formats import unregister_format
-
-DOCS = Path(__file__).parents[2] / "docs"
+from tests.doc_examples import python_blocks
 
 
 def example_code() -> str:
-    """The ``python`` block of the section on formats, from docs/extending.md once merged, else the draft."""
-    for name in ("extending.md", "_extending_formats.md"):
-        path = DOCS / name
-        if path.exists():
-            text = path.read_text()
-            section = text[text.find("## Adding a KV-cache format"):]
-            blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
-            if "## Adding a KV-cache format" in text and blocks:
-                return blocks[0]
-    raise AssertionError("no '## Adding a KV-cache format' section with a python block in docs/")
+    """The first ``python`` block of docs/extending.md's section on formats."""
+    return python_blocks("## Adding a KV-cache format")[0]
 
 
 @pytest.fixture
