@@ -2,6 +2,7 @@
 
 ``kvgeom info [MODEL]``: facts of a model (layers, heads, KV heads, d_head, chat template, cache path).
 ``kvgeom models``: registered models, installed or not, hash verified or not.
+Bad input: one ``kvgeom: error:`` line, exit code 2, before any work (docs/cli.md, "Errors before work").
 """
 
 from __future__ import annotations
@@ -96,6 +97,7 @@ def run_sweep(
 
     import kvgeom
     from kvgeom.bitwidth import bit_sweep, expand_family, plot_bit_sweep
+    from kvgeom.io import check_out_dir
     from kvgeom.models import load_model
     from kvgeom.prompts import load_prompts
 
@@ -104,6 +106,8 @@ def run_sweep(
         raise ValueError("no families given: pass --family 'int{b}-token-asym' (and/or --cache-family q4_0)")
     for fam in fams:
         expand_family(fam, bits)  # validates before any work
+    if out:
+        check_out_dir(out, option="--out")
     prompts = load_prompts(harmful, limit=limit)
     if sample:
         prompts = prompts.sample(min(sample, len(prompts)), seed=0)
@@ -232,7 +236,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     if args.quick:
         kw.update(n_heldout=20, n_borderline=10, fractions=(0.05, 0.25), n_seeds=2, bits=(8, 4, 3, 2),
                   ppl_tokens=512, max_new_tokens=24)
-    if args.max_new_tokens:
+    if args.max_new_tokens is not None:  # 0 and negatives too: check_config refuses them before any work
         kw["max_new_tokens"] = args.max_new_tokens
     if args.search:
         kw["search"] = True
@@ -264,12 +268,15 @@ def run_sensitivity(model: str = DEFAULT_MODEL, *, scheme: str = "int4-token-asy
     from pathlib import Path
 
     from kvgeom.geometry import plot_sensitivity, sensitivity_profile
+    from kvgeom.io import check_out_dir
     from kvgeom.models import load_model
     from kvgeom.prompts import load_prompts
     from kvgeom.quant import Scheme
 
     Scheme.parse(scheme)
     h, b = load_prompts(harmful).head(n), load_prompts(harmless).head(n)
+    if out:
+        check_out_dir(out, option="--out")
     m = load_model(model, device=device)
     prof = sensitivity_profile(m, scheme, h.prompts, b.prompts, site=site, causal_layers=[])
     frame = prof.to_frame()

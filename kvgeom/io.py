@@ -7,6 +7,10 @@ shared by a group stays readable to it), then renames it over the target. A read
 new one, never a partial one; a failure leaves no temporary file behind.
 Proved by ``tests/test_io.py`` (mode follows the umask; a failed write keeps the old file and leaves no
 temporary file; JSON round trip; :func:`to_jsonable` of NaN, numpy and pandas values).
+
+:func:`check_out_dir` is run before any work by every command that writes a folder: it creates the folder and
+writes a probe file there, so a path that cannot be created or written is one error naming the option, the path
+and the cause (``tests/test_io.py``), not an ``[Errno 2]`` after the work.
 """
 
 from __future__ import annotations
@@ -23,7 +27,46 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-__all__ = ["atomic_write_json", "atomic_write_text", "to_jsonable", "umask_mode"]
+__all__ = ["OutputDirError", "atomic_write_json", "atomic_write_text", "check_out_dir", "to_jsonable", "umask_mode"]
+
+
+class OutputDirError(ValueError):
+    """An output folder that cannot be created or written; the message names the option, the path and the cause."""
+
+
+def _blocker(path: Path) -> Path | None:
+    """The first existing ancestor of ``path`` (or ``path`` itself) that is not a directory."""
+    for p in [*reversed(path.parents), path]:
+        if p.exists() and not p.is_dir():
+            return p
+    return None
+
+
+def check_out_dir(path: str | os.PathLike, *, option: str = "--out") -> Path:
+    """Create the folder ``path`` (and its parents) and check a file can be written in it, before any work.
+
+    Raises :class:`OutputDirError` naming ``option``, the path and the cause (a file in the way, no permission,
+    a read-only or full file system) and the fix. Returns the folder."""
+    d = Path(path).expanduser()
+    fix = f"pass {option} a folder you can create and write to"
+    blocker = _blocker(d)
+    if blocker is not None:
+        what = "is a file" if blocker == d else f"is under {blocker}, which is a file"
+        raise OutputDirError(f"{option} {str(path)!r}: cannot create the output folder: it {what}, not a folder; "
+                             f"{fix}")
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputDirError(f"{option} {str(path)!r}: cannot create the output folder: {err.strerror or err} "
+                             f"({err.filename or d}); {fix}") from None
+    try:
+        fd, probe = tempfile.mkstemp(dir=d, prefix=".kvgeom-write-probe.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise OutputDirError(f"{option} {str(path)!r}: the output folder exists but cannot be written: "
+                             f"{err.strerror or err}; {fix}") from None
+    return d
 
 
 def umask_mode() -> int:

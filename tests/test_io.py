@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kvgeom.io import atomic_write_json, atomic_write_text, to_jsonable, umask_mode
+from kvgeom.io import OutputDirError, atomic_write_json, atomic_write_text, check_out_dir, to_jsonable, umask_mode
 
 
 @pytest.mark.parametrize("mask", [0o022, 0o002, 0o077])
@@ -38,3 +38,32 @@ def test_json_round_trip_and_jsonable(tmp_path):
     back = json.loads((tmp_path / "d.json").read_text())
     assert back == {"nan": None, "np": 0.5, "arr": [0, 1, 2], "df": [{"x": 1}], "t": [1, 2], "b": True}
     assert to_jsonable(back) == back
+
+
+# ---- check_out_dir: an output folder checked before any work (issue #17) ---------------------------------
+def test_check_out_dir_creates_the_folder_and_leaves_no_probe(tmp_path):
+    d = check_out_dir(tmp_path / "a" / "b")
+    assert d.is_dir() and list(d.iterdir()) == []
+    assert check_out_dir(d) == d  # an existing folder is fine
+
+
+def test_check_out_dir_names_the_option_the_path_and_the_cause(tmp_path):
+    (tmp_path / "f.txt").write_text("x")
+    with pytest.raises(OutputDirError, match=rf"^--dir '{tmp_path / 'f.txt'}': cannot create the output folder: it "
+                                             r"is a file, not a folder; pass --dir a folder"):
+        check_out_dir(tmp_path / "f.txt", option="--dir")
+    with pytest.raises(OutputDirError, match=rf"it is under {tmp_path / 'f.txt'}, which is a file"):
+        check_out_dir(tmp_path / "f.txt" / "x" / "y")
+
+
+def test_check_out_dir_reports_the_os_cause(tmp_path, monkeypatch):
+    import errno
+    from pathlib import Path
+
+    def denied(self, *a, **k):
+        raise PermissionError(errno.EACCES, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", denied)
+    with pytest.raises(OutputDirError, match=rf"^--out '{tmp_path / 'new'}': cannot create the output folder: "
+                                             rf"Permission denied \({tmp_path / 'new'}\); pass --out"):
+        check_out_dir(tmp_path / "new")

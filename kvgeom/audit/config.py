@@ -2,18 +2,21 @@
 
 The sites the audit quantizes and measures are derived here once (:attr:`AuditConfig.quant_site`,
 :attr:`AuditConfig.key_site`); the stage order lives in the stage registry (:mod:`kvgeom.audit.stage`).
-Proved by ``tests/audit/test_audit.py`` (bad input refused before any work).
+Proved by ``tests/audit/test_audit.py`` (bad input refused before any work) and ``tests/audit/test_checks.py``
+(every numeric setting out of its range: the option, the value, the limit and the fix, before the model loads).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from kvgeom.prompts import PromptSet, load_prompts
-from kvgeom.quant import Scheme
+from kvgeom.quant import Scheme, expand_family
 from kvgeom.quant.plan import QuantPlan
 from kvgeom.quant.scheme import IntSpec
 from kvgeom.registry import DEFAULT_MODEL
@@ -106,12 +109,18 @@ class AuditConfig:
 def split_prompts(cfg: AuditConfig) -> tuple[PromptSet, PromptSet]:
     """Calibration and held-out harmful prompts: bundled splits, or the first ``n_calib`` of a user file."""
     if cfg.harmful == "harmful":
-        calib = load_prompts("calibration", limit=cfg.n_calib)
+        calib = load_prompts("calibration")
+        if cfg.n_calib > len(calib):
+            raise refuse("n_calib", cfg.n_calib, f"the bundled calibration split holds {len(calib)} prompts",
+                         f"pass --calib {len(calib)} or less, add --until-stable (with --max-calib) to draw more "
+                         "from the harmful pool, or pass --harmful a file of your own")
+        calib = calib.head(cfg.n_calib)
         held = load_prompts("heldout")
     else:
         allp = load_prompts(cfg.harmful)
         if len(allp) < cfg.n_calib + 1:
-            raise AuditError(f"{cfg.harmful}: {len(allp)} prompts, need more than n_calib={cfg.n_calib}")
+            raise refuse("n_calib", cfg.n_calib, f"{cfg.harmful} holds {len(allp)} prompts and the held-out ones are "
+                         "those after the first --calib", f"pass --calib {len(allp) - 1} or less, or a longer file")
         calib = PromptSet("calibration", allp.frame.head(cfg.n_calib), allp.source)
         held = PromptSet("heldout", allp.frame.iloc[cfg.n_calib:], allp.source)
     if cfg.n_heldout and len(held) > cfg.n_heldout:
@@ -119,45 +128,127 @@ def split_prompts(cfg: AuditConfig) -> tuple[PromptSet, PromptSet]:
     return calib, held
 
 
+#: the ``kvgeom audit`` option of each setting that has one (messages name the option the user typed)
+OPTIONS = {"n_calib": "--calib", "max_new_tokens": "--max-new-tokens", "seed": "--seed", "scheme": "--scheme",
+           "label_confidence": "--label-confidence", "n_resamples": "--n-resamples",
+           "min_recovery_gap": "--min-recovery-gap", "grow_step": "--grow-step", "max_calib": "--max-calib",
+           "max_minutes": "--max-minutes", "judge": "--judge", "pool": "--pool"}
+
+#: (setting, lowest, highest or None, what it is): the whole-number settings and their ranges
+INT_RANGES = (
+    ("n_calib", 2, None, "calibration prompts: a flip rate and its CI need at least 2"),
+    ("n_heldout", 0, None, "held-out prompts sampled; 0 takes all of them"),
+    ("n_borderline", 1, None, "borderline prompts for over-refusal"),
+    ("max_new_tokens", 1, None, "tokens generated and judged per completion"),
+    ("n_seeds", 1, None, "random-channel seeds of the channel ablation"),
+    ("ppl_tokens", 2, None, "tokens of the bundled prose scored for perplexity"),
+    ("batch_size", 1, None, "rows generated per batch"),
+    ("seed", 0, 2**32 - 1, "the random seed, in numpy's range"),
+    ("n_resamples", 100, 100_000, "bootstrap resamples: fewer cannot state a probability, more cost memory "
+     "as resamples x prompts and move no probability by more than its rounding"),
+    ("pcr_max_layers", 1, None, "layers PCR's per-channel arm may run at"),
+    ("sensitivity_prompts", 2, None, "calibration prompts the geometry uses"),
+    ("grow_step", 1, None, "--until-stable budget: prompts drawn per step"),
+    ("max_calib", 2, None, "--until-stable budget: calibration prompts in all"),
+)
+
+#: (setting, lowest, lowest included, highest, highest included, what it is): the real-valued settings
+FLOAT_RANGES = (
+    ("top_frac", 0.0, False, 1.0, False, "the share of key channels counted as outliers"),
+    ("label_confidence", 0.5, False, 1.0, True, "the share of resamples a label must hold on to be stated"),
+    ("pcr_min_p", 0.0, False, 1.0, True, "how often a layer must be critical for PCR to run there"),
+    ("min_recovery_gap", 0.0, True, 1.0, True, "a refusal-rate difference"),
+    ("max_minutes", 0.0, False, math.inf, True, "--until-stable budget: minutes"),
+)
+
+
+def option_name(field: str) -> str:
+    """How a message names a setting: its ``kvgeom audit`` option, else ``AuditConfig.<field>``."""
+    return OPTIONS.get(field, f"AuditConfig.{field}")
+
+
+def _default(field: str) -> Any:
+    return AuditConfig.__dataclass_fields__[field].default
+
+
+def _bound(lo: float, lo_in: bool, hi: float, hi_in: bool) -> str:
+    return f"{'[' if lo_in else '('}{lo:g}, {'inf' if hi == math.inf else f'{hi:g}'}{']' if hi_in else ')'}"
+
+
+def refuse(field: str, value: Any, limit: str, fix: str | None = None) -> AuditError:
+    """The error for a bad setting: the option, the value, the limit and the fix (default: the default)."""
+    opt = option_name(field)
+    given = f"{opt} {value!r}" if opt.startswith("--") else f"{opt}={value!r}"
+    if fix is None:
+        fix = (f"pass {opt} {_default(field)!r} (the default)" if opt.startswith("--")
+               else f"set {field}={_default(field)!r} (the default)") + " or another value in that range"
+    return AuditError(f"{given}: {limit}; {fix}")
+
+
+def check_numbers(cfg: AuditConfig) -> None:
+    """Every numeric setting in its range (:data:`INT_RANGES`, :data:`FLOAT_RANGES`, ``fractions``, ``bits``), and
+    the ``--until-stable`` budget against ``--calib``; raises :func:`refuse`'s :class:`AuditError`."""
+    for field, lo, hi, what in INT_RANGES:
+        v = getattr(cfg, field)
+        span = f">= {lo:,}" if hi is None else f"in [{lo:,}, {hi:,}]"
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise refuse(field, v, f"must be a whole number {span} ({what})")
+        if v < lo or (hi is not None and v > hi):
+            raise refuse(field, v, f"must be {span} ({what})")
+    for field, lo, lo_in, hi, hi_in, what in FLOAT_RANGES:
+        v = getattr(cfg, field)
+        ok = isinstance(v, numbers.Real) and not isinstance(v, bool) and not math.isnan(v)
+        if not ok or not ((lo <= v if lo_in else lo < v) and (v <= hi if hi_in else v < hi)):
+            raise refuse(field, v, f"must be a number in {_bound(lo, lo_in, hi, hi_in)} ({what})")
+    fr = tuple(cfg.fractions)
+    if not fr or any(isinstance(f, bool) or not isinstance(f, numbers.Real) or not 0 < f <= 1 for f in fr):
+        raise refuse("fractions", cfg.fractions, "must be one or more shares in (0, 1] (of the key channels the "
+                     "channel ablation quantizes)")
+    bits = tuple(cfg.bits)
+    if not bits or any(isinstance(b, bool) or not isinstance(b, numbers.Integral) or not 1 <= b <= 16 for b in bits):
+        raise refuse("bits", cfg.bits, "must be one or more whole bit-widths in [1, 16] (the bit sweep's points)")
+    try:
+        expand_family(family_of(cfg.scheme), bits)
+    except ValueError as err:
+        raise refuse("bits", cfg.bits, f"the bit sweep of {option_name('scheme')} {cfg.scheme!r} has no point: "
+                     f"{err}", "pass bit-widths the family admits: "
+                     f"{', '.join(map(str, Scheme.parse(cfg.scheme).bit_widths))}") from None
+    if cfg.max_calib < cfg.n_calib:
+        raise refuse("max_calib", cfg.max_calib, f"--until-stable budget: must be >= --calib ({cfg.n_calib})",
+                      f"pass --max-calib {max(cfg.n_calib, _default('max_calib'))} or lower --calib")
+
+
 def check_config(cfg: AuditConfig) -> None:
-    """Validate schemes, prompt sets and numbers before any model work (clear errors, nothing lost)."""
+    """Validate schemes, prompt sets and every number before any model work (clear errors, nothing lost):
+    each message names the option, the value, the limit and the fix. Checks that need the model (schemes that
+    do not apply to it, prompts longer than its context) follow its loading: :func:`kvgeom.audit.check_model`."""
     for what in ("scheme", "sweep_scheme"):
         try:
             Scheme.parse(getattr(cfg, what))
         except ValueError as err:
             raise AuditError(f"--{what.replace('_', '-')}: {err}") from None
+    per_channel_twin(cfg.sweep_scheme)
+    for level in cfg.search_levels:
+        try:
+            Scheme.parse(level)
+        except ValueError as err:
+            raise AuditError(f"search_levels {level!r}: {err}") from None
     if cfg.mode not in ("forward", "cache"):
         raise AuditError(f"mode must be 'forward' or 'cache', got {cfg.mode!r}")
-    if cfg.n_calib < 2:
-        raise AuditError(f"n_calib must be >= 2, got {cfg.n_calib}")
+    if cfg.site not in ("k", "rot_k"):
+        raise AuditError(f"site must be 'k' (pre-RoPE keys, the default) or 'rot_k' (post-RoPE), got {cfg.site!r}")
+    check_numbers(cfg)
     try:
         split_prompts(cfg)
         load_prompts(cfg.borderline)
         load_prompts(cfg.harmless)
     except (ValueError, FileNotFoundError) as err:
         raise AuditError(str(err)) from None
-    if not 0 < cfg.top_frac < 1 or any(not 0 < f <= 1 for f in cfg.fractions):
-        raise AuditError("top_frac and fractions must be shares in (0, 1]")
-    if not 0.5 < cfg.label_confidence <= 1.0:
-        raise AuditError(f"--label-confidence is the share of resamples a label needs, in (0.5, 1], got "
-                         f"{cfg.label_confidence!r} (default 0.8)")
-    if cfg.n_resamples < 100:
-        raise AuditError(f"--n-resamples must be >= 100 to state a probability, got {cfg.n_resamples} (default 1000)")
-    if not 0 < cfg.pcr_min_p <= 1 or cfg.pcr_max_layers < 1:
-        raise AuditError(f"pcr_min_p must be in (0, 1] and pcr_max_layers >= 1, got {cfg.pcr_min_p!r}, "
-                         f"{cfg.pcr_max_layers!r}")
-    if cfg.sensitivity_prompts < 2:
-        raise AuditError(f"sensitivity_prompts must be >= 2, got {cfg.sensitivity_prompts}")
-    if cfg.grow_step < 1 or cfg.max_calib < cfg.n_calib or cfg.max_minutes <= 0:
-        raise AuditError(f"--until-stable budget: need grow_step >= 1, max_calib >= n_calib ({cfg.n_calib}) and "
-                         f"max_minutes > 0, got {cfg.grow_step}, {cfg.max_calib}, {cfg.max_minutes}")
     for src in cfg.pool:
         try:
             load_prompts(src)
         except (ValueError, FileNotFoundError) as err:
             raise AuditError(f"--pool {src!r}: {err}") from None
-    if not 0 <= cfg.min_recovery_gap <= 1:
-        raise AuditError(f"--min-recovery-gap is a refusal-rate difference in [0, 1], got {cfg.min_recovery_gap!r}")
 
 
 def per_channel_twin(scheme: str) -> str:

@@ -6,7 +6,8 @@ judge's identity (:func:`kvgeom.judges.judge_identity`) in ``stages/_judge.json`
 written with other settings or another judge, so one audit never mixes two judges' verdicts. Every file is
 written with :func:`kvgeom.io.atomic_write_json` (fsync, rename, the umask's permissions).
 Proved by ``tests/audit/test_audit.py`` (resume equals an uninterrupted run; another judge is refused; files get
-the umask's mode).
+the umask's mode) and ``tests/audit/test_checks.py`` (bad input refused before the model loads, or right after it
+and before any stage).
 """
 
 from __future__ import annotations
@@ -23,12 +24,13 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from kvgeom.io import atomic_write_json, to_jsonable
+from kvgeom.io import OutputDirError, atomic_write_json, check_out_dir, to_jsonable
 from kvgeom.judges import get_judge, judge_identity
 from kvgeom.prompts import PromptSet
 from kvgeom.quant import Scheme
 
 from .adaptive import calibration_pool, grow_calibration
+from .checks import check_model
 from .config import AuditConfig, AuditError, check_config
 from .inputs import AuditInputs
 from .page import render_html
@@ -134,7 +136,10 @@ def run_audit(
     ``resume=True`` loads finished stages (written by a run with the same config and judge) instead of
     recomputing them. Writes ``out/audit.json`` and ``out/report.html`` at the end. ``progress(stage, event)`` is
     told of each stage's start/finish (the CLI prints a line per stage); ``bars=True`` adds a tqdm bar of
-    generated rows per evaluation, labelled with its stage. Bad input raises :class:`AuditError` before any work.
+    generated rows per evaluation, labelled with its stage. Bad input raises :class:`AuditError` before any work:
+    settings, numbers and prompt files (:func:`kvgeom.audit.check_config`) and ``out`` (created and written to,
+    :func:`kvgeom.io.check_out_dir`) before the model loads; schemes that do not apply to the model and prompts
+    longer than its context (:func:`kvgeom.audit.check_model`) right after, before any stage or file.
     """
     check_config(cfg)
     names = tuple(default_stages() if stages is None else stages)
@@ -149,10 +154,12 @@ def run_audit(
     judge_id = judge_identity(judge_obj)
     d = Path(out) if out is not None else None
     if d is not None:
+        try:
+            check_out_dir(d, option="--out")
+        except OutputDirError as err:
+            raise AuditError(str(err)) from None
         if resume:
             _check_resume(d, cfg, judge_id)
-        atomic_write_json(d / "stages" / "_config.json", cfg.to_dict())
-        atomic_write_json(d / "stages" / "_judge.json", judge_id)
     results: dict[str, dict] = {}
     timings: dict[str, float] = {}
     t_load = time.perf_counter()
@@ -162,6 +169,10 @@ def run_audit(
         model = load_model(cfg.model, device=cfg.device)
     timings["load_model"] = time.perf_counter() - t_load
     inputs = AuditInputs.build(model, cfg, judge=judge_obj, bars=bars, row_cache=cfg.until_stable)
+    check_model(inputs)  # schemes that do not apply to this model, prompts longer than its context: before any stage
+    if d is not None:
+        atomic_write_json(d / "stages" / "_config.json", cfg.to_dict())
+        atomic_write_json(d / "stages" / "_judge.json", judge_id)
     record = None
     if cfg.until_stable:
         inputs, record = _grown(inputs, d, resume, progress)

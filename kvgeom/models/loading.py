@@ -1,5 +1,9 @@
 """Loading: registered names, local GGUF files and HF directories, hub names; placement and the bridge.
 
+Checked before any work (:mod:`kvgeom.models.files`): a local GGUF's header and size (a truncated file is named
+a partial download, ``tests/models/test_model_files.py``), and an existing path that is no model is named as
+such, with what MODEL may be.
+
 Hub names go through the one hub check, :func:`kvgeom.hub.hub_problem` (offline switches parsed as
 ``huggingface_hub`` does; a quick HEAD request), so an offline machine gets one clear :class:`ModelLoadError`
 in seconds (``tests/models/test_models.py::test_hub_name_offline_is_one_clear_error``).
@@ -24,6 +28,7 @@ from kvgeom.hub import hub_problem
 from kvgeom.registry import DEFAULT_MODEL, REGISTRY, cache_dir, ensure_model_file
 from kvgeom.sites import SITES
 
+from .files import ACCEPTED_MODELS, check_gguf, not_a_model
 from .model import KVModel, ModelFacts, ModelLoadError
 
 #: Version of the on-disk conversion cache layout; bump to invalidate old conversions.
@@ -93,6 +98,8 @@ def _convert_gguf(gguf: Path, sha256: str | None) -> Path:
     out = _converted_dir(gguf, sha256)
     if (out / "kvgeom-conversion.json").is_file():
         return out
+    if sha256 is None:  # a user's file (a registered one is hash-verified): header and size before any work
+        check_gguf(gguf)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
@@ -172,17 +179,20 @@ def load_model(
         path = Path(name).expanduser()
         if path.suffix == ".gguf":
             if not path.is_file():
-                raise ModelLoadError(f"GGUF file {path} does not exist")
+                raise ModelLoadError(f"GGUF file {path} does not exist" if not path.exists() else not_a_model(name))
             src = _convert_gguf(path.resolve(), None)
             info["gguf"] = str(path.resolve())
             hf, tok = _load_hf(str(src), dt, local=True, placement=placement)
         elif path.is_dir():
             if not (path / "config.json").is_file():
-                raise ModelLoadError(f"{path} is a directory but has no config.json: not a HF model directory")
+                raise ModelLoadError(f"{path} is a directory but has no config.json: not a HF model directory; "
+                                     f"accepted as MODEL: {ACCEPTED_MODELS}")
             src = path.resolve()
             hf, tok = _load_hf(str(src), dt, local=True, placement=placement)
+        elif path.exists():
+            raise ModelLoadError(not_a_model(name))
         elif name.startswith((".", "/", "~")) or os.sep in name and path.suffix:
-            raise ModelLoadError(f"{name!r} does not exist (expected a .gguf file or a HF model directory)")
+            raise ModelLoadError(f"{name!r} does not exist; accepted as MODEL: {ACCEPTED_MODELS}")
         else:
             src = name
             problem = hub_problem()  # switched off or unreachable: only the local HF cache can serve it

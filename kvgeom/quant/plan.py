@@ -13,7 +13,8 @@ for you. Two modes:
   keys, so cache mode always quantizes post-RoPE keys (a plan with ``mode="cache", site="k"`` is refused).
 
 Protected channels (``protect_channels={layer: [(head, dim), ...]}``) keep full precision in the keys.
-Validation and labels are tested in ``tests/runtime/test_plan.py``.
+Validation (layers, channels, sites, and schemes the model's heads cannot take) and labels are tested in
+``tests/runtime/test_plan.py``.
 """
 
 from __future__ import annotations
@@ -136,6 +137,14 @@ class QuantPlan:
         return " ".join(parts)
 
     def validate(self, model: KVModel) -> None:
+        """Raise ValueError (naming the plan) where it does not fit ``model``: a layer or protected channel out of
+        range, a scheme its heads cannot take (:meth:`Scheme.check_shape`), a site the bridge does not fire."""
+        for sch in dict.fromkeys((self.scheme, *(s for _, s in self.layer_schemes))):
+            try:
+                sch.check_shape(n_kv_heads=model.n_kv_heads, d_head=model.d_head)
+            except ValueError as err:
+                raise ValueError(f"plan {self.label!r} does not apply to {model.name} (d_head {model.d_head}, "
+                                 f"{model.n_kv_heads} KV heads): {err}") from None
         n = model.n_layers
         for lay in ((self.layers or ()) + self.protect_layers + tuple(lay for lay, _ in self.protect_channels)
                     + tuple(lay for lay, _ in self.layer_schemes)):

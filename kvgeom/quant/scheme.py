@@ -11,6 +11,7 @@ overhead, each stored as fp16 (16 bits); each format's module gives its formula;
 the two. Bit sweeps: :attr:`Scheme.family` (``int4-token-asym`` -> ``int{b}-token-asym``),
 :meth:`Scheme.at_bits` and :func:`expand_family`.
 
+:meth:`Scheme.check_shape` says whether a scheme applies to a model's heads (``tests/runtime/test_plan.py``).
 Proved by ``tests/quant/test_quant_scheme.py`` and ``tests/quant/test_formats.py``.
 """
 
@@ -123,6 +124,16 @@ class Scheme:
     @property
     def is_pair(self) -> bool:
         return self.k != self.v
+
+    def check_shape(self, *, n_kv_heads: int, d_head: int) -> None:
+        """Raise the formats' ValueError (cause and fix) when this scheme cannot quantize K/V of ``n_kv_heads``
+        heads of ``d_head`` dims (``+rot`` needs d_head a multiple of 64, KIVI's group size must divide d_head,
+        llama.cpp blocks of 32 must tile it, int groups must tile the heads): no tensor is allocated."""
+        import torch
+
+        shape = torch.empty((1, 1, n_kv_heads, d_head), device="meta")
+        for spec in dict.fromkeys((self.k, self.v)):
+            spec.check(shape)
 
     def bits_per_element_for(self, *, d_head: int, n_kv_heads: int, seq_len: int | None = None) -> float:
         """Mean bits per stored element of K and V, counting fp16 scale/zero-point overhead."""

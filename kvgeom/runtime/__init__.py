@@ -4,7 +4,8 @@ generation, and per-row quantization plans.
 Layering (imports go downward only): :mod:`kvgeom.sites` (names, hook types) → :mod:`kvgeom.models` →
 :mod:`kvgeom.runtime.hooks` (sessions) → :mod:`kvgeom.runtime.forward` (``encode``, ``forward``, ``capture``) →
 :mod:`kvgeom.runtime.plans` (running :class:`~kvgeom.quant.QuantPlan` s as hooks or a quantizing cache) →
-:mod:`kvgeom.runtime.generation` (``generate``). Tests: ``tests/runtime/``.
+:mod:`kvgeom.runtime.generation` (``generate``; prompt lengths against the context first,
+:mod:`kvgeom.runtime.limits`). Tests: ``tests/runtime/``.
 
 The function ``forward`` is not re-exported here, so that ``kvgeom.runtime.forward`` is always the module (a
 package attribute named like its submodule shadows it): call ``kvgeom.forward`` or
@@ -22,6 +23,7 @@ from kvgeom.runtime.forward import (
 )
 from kvgeom.runtime.generation import Generation, generate, greedy_uncached
 from kvgeom.runtime.hooks import CallInfo, HookContext, HookFn, HookSession, kv_hooks, set_call
+from kvgeom.runtime.limits import PromptTooLongError, context_length, fit_prompts, prompt_token_counts
 from kvgeom.runtime.plans import (
     PlanCache,
     PlanRun,
@@ -43,10 +45,13 @@ __all__ = [
     "PlanCache",
     "PlanRun",
     "PositionSpec",
+    "PromptTooLongError",
     "RowGroups",
     "apply_plans",
     "capture",
+    "context_length",
     "encode",
+    "fit_prompts",
     "forward_with_plans",
     "generate",
     "greedy_uncached",
@@ -55,5 +60,6 @@ __all__ = [
     "normalise_plans",
     "plan_cache_class",
     "position_ids_from_mask",
+    "prompt_token_counts",
     "set_call",
 ]

@@ -3,7 +3,9 @@
 Rows stop at EOS (their later tokens are padding and are not returned). Batched generation equals
 one-prompt-at-a-time generation token for token (tested), and cached generation equals uncached
 full-recompute generation (tested for every supported architecture: this is what caught the
-transformers 5.24 cache-argument rename). Both are in ``tests/runtime/test_generation.py``.
+transformers 5.24 cache-argument rename). Both are in ``tests/runtime/test_generation.py``. A prompt that does
+not fit in the model's context with the tokens to generate is refused before anything is allocated, or cut only
+when ``truncate_prompts=True`` (:mod:`kvgeom.runtime.limits`, ``tests/runtime/test_limits.py``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from kvgeom.runtime.forward import Batch, encode, forward, new_cache, position_ids_from_mask
+from kvgeom.runtime.limits import fit_prompts
 from kvgeom.runtime.plans import apply_plans, normalise_plans
 
 if TYPE_CHECKING:
@@ -128,6 +131,7 @@ def generate(
     keep_first_logits: bool = False,
     stop_when: Callable[[str], bool] | None = None,
     progress: bool | str = False,
+    truncate_prompts: bool = False,
 ) -> Generation:
     """Greedy generation with the KV cache, left-padded batches, any active :func:`kv_hooks`.
 
@@ -142,6 +146,10 @@ def generate(
         stop_when: ``f(text_so_far) -> bool``; a row stops as soon as it is True for the row's decoded
             completion (e.g. a judge's ``settled``: a refusal phrase has appeared, so the verdict cannot
             change). Its text is then cut there; ``Generation.extra["settled"]`` flags such rows.
+        truncate_prompts: a prompt longer than the model's context less ``max_new_tokens`` is refused
+            (:class:`kvgeom.runtime.limits.PromptTooLongError`: its token count, the limit and the fix) before
+            anything is allocated; with True its text is cut to fit instead (first tokens kept; the chat template
+            intact), ``Generation.prompts`` holds the prompts generated from and ``extra["truncated"]`` flags them.
 
     Out of memory: the batch is retried at half the size (down to 1), and the smaller size is kept; results do
     not depend on the batch size.
@@ -156,6 +164,8 @@ def generate(
     if plans is not None and cache_factory is not None:
         raise ValueError("pass either plans= or cache_factory=, not both")
     row_plans = _plans_for(plans, len(prompts))
+    prompts, truncated = fit_prompts(model, prompts, max_new_tokens=max_new_tokens, chat=chat, system=system,
+                                     truncate=truncate_prompts)
     tokens: list[list[int]] = []
     eos_flags: list[bool] = []
     firsts: list[Tensor] = []
@@ -192,7 +202,8 @@ def generate(
     texts = [model.tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
     return Generation(
         prompts=prompts, texts=texts, tokens=tokens, stopped_at_eos=eos_flags,
-        first_logits=torch.cat(firsts) if firsts else None, extra={"settled": settled},
+        first_logits=torch.cat(firsts) if firsts else None,
+        extra={"settled": settled, **({"truncated": truncated} if truncate_prompts else {})},
     )
 
 

@@ -184,3 +184,35 @@ def test_plan_cache_class_is_defined_once(tiny_llama):
     from transformers import DynamicCache
 
     assert isinstance(a, DynamicCache) and type(a).__name__ == "PlanCache"
+
+
+# ---- schemes that do not apply to a model's heads (issue #17) ----------------------------------------------
+@pytest.mark.parametrize("scheme, n_kv, d_head, match", [
+    ("q4_0+rot", 2, 96, "multiple of 64"),
+    ("kivi2-g64-r64", 2, 96, "G=64 channels.*d_head=96.*e.g. kivi2-g48-r64"),
+    ("q4_0", 2, 48, "blocks of 32"),
+    ("int4-group128-asym", 2, 96, "divisible by the group size 128"),
+    ("K:q8_0,V:q4_0+rot", 2, 96, "multiple of 64"),
+])
+def test_check_shape_refuses_what_the_heads_cannot_take(scheme, n_kv, d_head, match):
+    with pytest.raises(ValueError, match=match):
+        Scheme.parse(scheme).check_shape(n_kv_heads=n_kv, d_head=d_head)
+
+
+@pytest.mark.parametrize("scheme, d_head", [("q4_0+rot", 128), ("q4_0+rot", 192), ("kivi2-g32-r32", 96),
+                                            ("int4-group64-asym", 96), ("q8_0", 96), ("fp8_e4m3", 80)])
+def test_check_shape_passes_what_applies(scheme, d_head):
+    Scheme.parse(scheme).check_shape(n_kv_heads=2, d_head=d_head)
+
+
+def test_a_plan_whose_scheme_does_not_apply_is_refused_before_generation():
+    from kvgeom.evaluate import evaluate
+    from kvgeom.testing import tiny_model
+
+    m = tiny_model("llama", head_dim=96, n_layers=1)
+    with pytest.raises(ValueError, match=r"plan 'q4_0\+rot' does not apply to tiny-llama \(d_head 96, 2 KV heads\)"):
+        QuantPlan("q4_0+rot").validate(m)
+    with pytest.raises(ValueError, match=r"plan 'L0=kivi2-g64-r64' does not apply.*G=64"):
+        QuantPlan("q8_0", layers=(), layer_schemes={0: "kivi2-g64-r64"}, name="L0=kivi2-g64-r64").validate(m)
+    with pytest.raises(ValueError, match="does not apply"):
+        evaluate(m, ["hi"], [None, QuantPlan("q4_0+rot")], max_new_tokens=2)
