@@ -85,7 +85,7 @@ def grow_calibration(inputs: AuditInputs, *, progress: Callable[[str, str], None
         if progress:
             p = traj[-1]
             progress("until-stable", f"{p['n_calib']} prompts, {p['n_refused']} refused: {p['label']} "
-                                     f"(P={p['p_point'] or 0:.2f})")
+                                     f"(point label {p['point_label']}, P={p['p_point'] or 0:.2f})")
         if traj[-1]["stated"]:
             stopped = "stated"
             break
