@@ -251,13 +251,11 @@ def _cost_axis(fig: go.Figure, f: pd.DataFrame, uniform_bits: float | None) -> N
     fig.update_xaxes(title="bits per element (mean over layers)", range=[lo - pad, hi + 3 * pad])
 
 
-def mitigation_figure(rows: pd.DataFrame | Sequence[Mapping[str, Any]], *, uniform_bits: float | None = None,
-                      target: float | None = 0.95) -> go.Figure:
-    """Recovery of each candidate mitigation (with bootstrap CI) against its memory cost; 1 = full-precision
-    refusal, 0 = the uniform target scheme. Columns: ``name, bits_per_element, recovery`` (``low, high, split``
-    optional: one colour per split, e.g. calibration / held-out; later splits are drawn shifted right by 0.05 bits
-    per split so that they do not hide each other; hover shows the true cost)."""
-    f = _frame(rows, ("name", "bits_per_element", "recovery"), "mitigation results")
+def _candidate_points(rows: pd.DataFrame | Sequence[Mapping[str, Any]], col: str) -> tuple[pd.DataFrame, go.Figure]:
+    """The mitigation figures' points: ``col`` (with its CI) of each candidate against its memory cost, one marker
+    and colour per split; later splits are drawn shifted right by 0.05 bits so that they do not hide each other
+    (hover shows the true cost)."""
+    f = _frame(rows, ("name", "bits_per_element", col), "mitigation results")
     if "split" not in f:
         f = f.assign(split="all")
     fig = go.Figure()
@@ -265,11 +263,20 @@ def mitigation_figure(rows: pd.DataFrame | Sequence[Mapping[str, Any]], *, unifo
     for i, (split, g) in enumerate(f.groupby("split", sort=False)):
         bits = g["bits_per_element"].astype(float)
         fig.add_trace(go.Scatter(
-            x=bits + 0.05 * i, y=g["recovery"].astype(float), mode="markers+text" if i == 0 else "markers",
-            name=str(split), text=g["name"], textposition="middle right", error_y=_errors(g, "recovery"),
+            x=bits + 0.05 * i, y=g[col].astype(float), mode="markers+text" if i == 0 else "markers",
+            name=str(split), text=g["name"], textposition="middle right", error_y=_errors(g, col),
             customdata=bits, marker={"size": 11, "symbol": symbols[i % len(symbols)], "color": PALETTE["cycle"][i % 8]},
-            hovertemplate="%{text}<br>%{customdata:.2f} bits/element<br>recovery %{y:.0%}<extra>" + str(split)
-                          + "</extra>"))
+            hovertemplate=f"%{{text}}<br>%{{customdata:.2f}} bits/element<br>{col} %{{y:.0%}}<extra>{split}</extra>"))
+    return f, fig
+
+
+def mitigation_figure(rows: pd.DataFrame | Sequence[Mapping[str, Any]], *, uniform_bits: float | None = None,
+                      target: float | None = 0.95) -> go.Figure:
+    """Recovery of each candidate mitigation (with bootstrap CI) against its memory cost; 1 = full-precision
+    refusal, 0 = the uniform target scheme. Columns: ``name, bits_per_element, recovery`` (``low, high, split``
+    optional: one colour per split, e.g. calibration / held-out; later splits are drawn shifted right by 0.05 bits
+    per split so that they do not hide each other; hover shows the true cost)."""
+    f, fig = _candidate_points(rows, "recovery")
     fig.add_hline(y=1.0, line_dash="dash", line_color=PALETTE["reference"], annotation_text="full precision",
                   annotation_position="top left")
     fig.add_hline(y=0.0, line_dash="dash", line_color=PALETTE["other"], annotation_text="uniform target scheme",
@@ -289,20 +296,9 @@ def paired_flip_figure(rows: pd.DataFrame | Sequence[Mapping[str, Any]], *, unif
     memory cost, with the uniform scheme's flip rate on the same prompts as a line per split: a flip rate is
     bounded in [0, 1], so no axis can be driven by a noisy denominator. Columns: ``name, bits_per_element, flip``
     (``low, high, split`` optional); ``uniform``: split → the uniform scheme's flip rate."""
-    f = _frame(rows, ("name", "bits_per_element", "flip"), "mitigation results")
-    if "split" not in f:
-        f = f.assign(split="all")
-    fig = go.Figure()
-    symbols = ("circle", "diamond", "square", "triangle-up")
-    for i, (split, g) in enumerate(f.groupby("split", sort=False)):
-        bits = g["bits_per_element"].astype(float)
+    f, fig = _candidate_points(rows, "flip")
+    for i, split in enumerate(f["split"].drop_duplicates()):
         color = PALETTE["cycle"][i % 8]
-        fig.add_trace(go.Scatter(
-            x=bits + 0.05 * i, y=g["flip"].astype(float), mode="markers+text" if i == 0 else "markers",
-            name=str(split), text=g["name"], textposition="middle right", error_y=_errors(g, "flip"),
-            customdata=bits, marker={"size": 11, "symbol": symbols[i % len(symbols)], "color": color},
-            hovertemplate="%{text}<br>%{customdata:.2f} bits/element<br>flip %{y:.0%}<extra>" + str(split)
-                          + "</extra>"))
         u = uniform.get(str(split))
         if u is not None and not math.isnan(float(u)):
             fig.add_hline(y=float(u), line_dash="dash", line_color=color,
