@@ -97,10 +97,14 @@ def _put(rec: dict, name: str, est_low_high: tuple[float, float, float], note: s
     rec[f"{name}_note"] = note if note else ("" if ok else "undefined: zero denominator")
 
 
-def _workers(workers: int | None, n_layers: int) -> int:
+def _workers(workers: int | None, n_layers: int, on_gpu: bool = False) -> int:
+    """Threads for the per-layer statistics: automatic is one on a GPU (the work is on the device; threads only
+    contend for it: 30 s with 8 threads vs 19 s with one on an H200 before the statistics moved to the GPU,
+    ``benchmarks/profile_stages.py``), else ``min(8, cpu_count)``."""
     if workers is not None and workers < 1:
         raise ValueError(f"workers must be >= 1 (or None for automatic), got {workers}")
-    return max(1, min(n_layers, workers if workers is not None else min(8, os.cpu_count() or 1)))
+    auto = 1 if on_gpu else min(8, os.cpu_count() or 1)
+    return max(1, min(n_layers, workers if workers is not None else auto))
 
 
 def _single_thread() -> None:
@@ -129,12 +133,12 @@ def _one_thread_per_op() -> Iterator[None]:
 def _layer_stats(la: int, *, xh_all: dict, xb_all: dict, mask: torch.Tensor, scheme: Any, site: str, n_post: int,
                  k: int | None, var: float) -> dict[str, Any]:
     """One layer's error, clean vectors, safety subspace and sums of squares (phase 1)."""
-    x_full = xh_all[(site, la)]
-    e = as_matrix(quant_error(x_full, mask, scheme, site)[:, -n_post:], site).double()  # [n, P, D]
+    x_full = xh_all[(site, la)]  # on the host, or on the model's GPU (then all of this runs there)
+    e = as_matrix(quant_error(x_full, mask.to(x_full.device), scheme, site)[:, -n_post:], site).double()  # [n, P, D]
     x = as_matrix(x_full[:, -n_post:], site).double()
     xb = as_matrix(xb_all[(site, la)][:, -n_post:], site).double()
     sub = safety_subspace(x, xb, site="resid_pre", k=k, var=var, layer=la)
-    ee, xx = (e ** 2).sum((1, 2)).numpy(), (x ** 2).sum((1, 2)).numpy()  # per prompt
+    ee, xx = (e ** 2).sum((1, 2)).cpu().numpy(), (x ** 2).sum((1, 2)).cpu().numpy()  # per prompt
     zero = ee.sum() <= ZERO_REL ** 2 * xx.sum()
     return {"layer": la, "e": e, "x": x, "xb": xb, "sub": sub, "ee": ee, "xx": xx, "dim": x.shape[-1],
             "zero_error": zero, "random": sub.defined and not zero}
@@ -157,8 +161,8 @@ def _layer_record(p: dict[str, Any], draws: list[torch.Tensor], *, scheme_s: str
         for m in ("rho_geo", "rho_margin", "rho_margin_random"):
             _put(rec, m, (math.nan,) * 3, "undefined: the scheme leaves these K/V unchanged (||e|| = 0)")
         return rec
-    pe = (sub.project(e) ** 2).sum((1, 2)).numpy()
-    px = (sub.project(x) ** 2).sum((1, 2)).numpy()
+    pe = (sub.project(e) ** 2).sum((1, 2)).cpu().numpy()
+    px = (sub.project(x) ** 2).sum((1, 2)).cpu().numpy()
     sep = float((sub.project(delta) ** 2).sum(-1).mean().sqrt())
 
     def rel(i: np.ndarray) -> float:
@@ -178,8 +182,8 @@ def _layer_record(p: dict[str, Any], draws: list[torch.Tensor], *, scheme_s: str
          "" if sep > tol else "undefined: no harmful/harmless separation inside S")
     rand_pe, rand_sep = [], []
     for g in draws:
-        r = orthonormal(g)  # = random_subspace(dim, k, gen) with the same draw
-        rand_pe.append(((e @ r) ** 2).sum((1, 2)).numpy())
+        r = orthonormal(g).to(e.device)  # = random_subspace(dim, k, gen) with the same draw
+        rand_pe.append(((e @ r) ** 2).sum((1, 2)).cpu().numpy())
         rand_sep.append(float(((delta @ r) ** 2).sum(-1).mean().sqrt()))
     rpe, rsep = np.stack(rand_pe), np.array(rand_sep)
 
@@ -243,8 +247,9 @@ def sensitivity_profile(
     cache = {} if capture_cache is None else capture_cache
     key = (id(model), tuple(harmful), tuple(harmless), site, tuple(layers))
     if key not in cache:
-        cache[key] = (capture_padded(model, bh, [site], layers, chunk=chunk),
-                      capture_padded(model, bb, [site], layers, chunk=chunk))
+        keep = model.device if model.device.type == "cuda" else "cpu"  # GPU: the statistics run there too
+        cache[key] = (capture_padded(model, bh, [site], layers, chunk=chunk, device=keep),
+                      capture_padded(model, bb, [site], layers, chunk=chunk, device=keep))
     xh_all, xb_all = cache[key]
     # Per-layer statistics in three phases so that threads can share the host-side float64 work (PCA, QR,
     # bootstrap) without changing a number: subspaces in parallel, the random draws serially in layer order
@@ -260,7 +265,7 @@ def sensitivity_profile(
         return [[torch.randn(p["dim"], p["sub"].k, generator=gen, dtype=torch.float64) for _ in range(n_random)]
                 if p["random"] else [] for p in parts]
 
-    n_workers = _workers(workers, len(layers))
+    n_workers = _workers(workers, len(layers), on_gpu=bool(layers) and xh_all[(site, layers[0])].is_cuda)
     if n_workers == 1:  # the plain loop, in the calling thread with its usual op threads
         parts = [stats(la) for la in layers]
         recs = list(map(record, parts, draw(parts)))

@@ -33,6 +33,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from kvgeom.geometry.directions import ZERO_REL, as_matrix
+from kvgeom.noise.vectors import project
 from kvgeom.runtime.forward import Capture
 from kvgeom.stats import rate_ci
 
@@ -73,8 +74,7 @@ class SafetySubspace:
     def project(self, x: Float[Tensor, "... d"]) -> Float[Tensor, "... d"]:
         if self.basis is None:
             raise ValueError(f"safety subspace at {self.site} layer {self.layer} is undefined: {self.note}")
-        b = self.basis.to(x.dtype)
-        return (x @ b) @ b.T
+        return project(x, self.basis)
 
     def to_dict(self) -> dict:
         ev = self.explained
@@ -119,7 +119,7 @@ def safety_subspace(
     if float(d.norm()) <= ZERO_REL * float(scale):
         return SafetySubspace(site, layer, None, np.zeros(dim), var, method, math.nan,
                               "undefined: harmful and harmless activations identical (no separation)")
-    dd = d.numpy()
+    dd = d.cpu().numpy()
     pca = PCA(svd_solver="full").fit(np.concatenate([dd, -dd]))
     ratios = pca.explained_variance_ratio_
     lam = pca.explained_variance_

@@ -102,12 +102,14 @@ def last_logits(model: KVModel, prompts: Sequence[str] | Batch, *, batch_size: i
 @torch.inference_mode()
 def capture_padded(
     model: KVModel, batch: Batch, sites: Sequence[str], layers: Sequence[int], *, chunk: int = 32,
+    device: str | torch.device = "cpu",
 ) -> dict[tuple[str, int], Tensor]:
-    """Clean activations in ``batch``'s left-padded layout: ``{(site, layer): [n, width, ...]}`` (fp32, CPU)."""
+    """Clean activations in ``batch``'s left-padded layout: ``{(site, layer): [n, width, ...]}`` (fp32, on
+    ``device``: the host by default; the model's GPU keeps them there for statistics computed on the GPU)."""
     store: dict[tuple[str, int], list[Tensor]] = {(s, la): [] for s in sites for la in layers}
 
     def grab(x: Tensor, ctx: Any) -> None:
-        store[(ctx.site, ctx.layer)].append(x.detach().to("cpu", torch.float32).clone())
+        store[(ctx.site, ctx.layer)].append(x.detach().to(device, torch.float32).clone())
 
     with kv_hooks(model, {hook_name(s, la): grab for s in sites for la in layers}):
         for start in range(0, len(batch), chunk):

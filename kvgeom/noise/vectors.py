@@ -18,7 +18,7 @@ def orthonormal(basis: Float[Tensor, "d k"]) -> Float[Tensor, "d k"]:
 
 def project(x: Float[Tensor, "... d"], basis: Float[Tensor, "d k"]) -> Float[Tensor, "... d"]:
     """``P_S x = B (Bᵀ x)`` along the last axis (``B`` orthonormal)."""
-    b = basis.to(x.dtype)
+    b = basis.to(device=x.device, dtype=x.dtype)
     return (x @ b) @ b.T
 
 

@@ -21,7 +21,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from kvgeom.runtime.forward import Batch, encode, forward, new_cache, position_ids_from_mask
-from kvgeom.runtime.limits import fit_prompts
+from kvgeom.runtime.limits import fit_prompts, prompt_token_counts
 from kvgeom.runtime.plans import apply_plans, normalise_plans
 
 if TYPE_CHECKING:
@@ -152,7 +152,8 @@ def generate(
             intact), ``Generation.prompts`` holds the prompts generated from and ``extra["truncated"]`` flags them.
 
     Out of memory: the batch is retried at half the size (down to 1), and the smaller size is kept; results do
-    not depend on the batch size.
+    not depend on the batch size. More prompts than ``batch_size`` run in order of token length
+    (:func:`length_order`), so each batch pads only to its own longest prompt; results come back in input order.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -166,6 +167,27 @@ def generate(
     row_plans = _plans_for(plans, len(prompts))
     prompts, truncated = fit_prompts(model, prompts, max_new_tokens=max_new_tokens, chat=chat, system=system,
                                      truncate=truncate_prompts)
+    kw = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, chat=chat, system=system, stop_at_eos=stop_at_eos,
+              cache_factory=cache_factory, keep_first_logits=keep_first_logits, stop_when=stop_when, progress=progress)
+    extra = {"truncated": truncated} if truncate_prompts else {}
+    if len(prompts) <= batch_size:
+        return _run(model, prompts, row_plans, extra=extra, **kw)
+    # more than one batch: run them by length, so that each batch pads only to its own rows
+    order = length_order(model, prompts, chat=chat, system=system)
+    gen = _run(model, [prompts[i] for i in order], None if row_plans is None else [row_plans[i] for i in order],
+               extra={}, **kw)
+    back = sorted(range(len(order)), key=order.__getitem__)  # where each input row ran
+    return Generation(
+        prompts=prompts, texts=[gen.texts[j] for j in back], tokens=[gen.tokens[j] for j in back],
+        stopped_at_eos=[gen.stopped_at_eos[j] for j in back],
+        first_logits=None if gen.first_logits is None else gen.first_logits[back],
+        extra={"settled": [gen.extra["settled"][j] for j in back], **extra})
+
+
+def _run(model: KVModel, prompts: list[str], row_plans: list | None, *, max_new_tokens: int, batch_size: int,
+         chat: bool, system: str | None, stop_at_eos: bool, cache_factory: Any, keep_first_logits: bool,
+         stop_when: Callable[[str], bool] | None, progress: bool | str, extra: dict) -> Generation:
+    """The batches of :func:`generate`, in the order given."""
     tokens: list[list[int]] = []
     eos_flags: list[bool] = []
     firsts: list[Tensor] = []
@@ -203,8 +225,16 @@ def generate(
     return Generation(
         prompts=prompts, texts=texts, tokens=tokens, stopped_at_eos=eos_flags,
         first_logits=torch.cat(firsts) if firsts else None,
-        extra={"settled": settled, **({"truncated": truncated} if truncate_prompts else {})},
+        extra={"settled": settled, **extra},
     )
+
+
+def length_order(model: KVModel, prompts: Sequence[str], *, chat: bool = True, system: str | None = None) -> list[int]:
+    """Row indices of ``prompts`` from the fewest tokens to the most (ties keep input order); each distinct prompt
+    is tokenized once."""
+    unique = list(dict.fromkeys(prompts))
+    n = dict(zip(unique, prompt_token_counts(model, unique, chat=chat, system=system), strict=True))
+    return sorted(range(len(prompts)), key=lambda i: n[prompts[i]])
 
 
 def _plans_for(plans: Any, n: int) -> list | None:

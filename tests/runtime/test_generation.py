@@ -119,3 +119,28 @@ def test_out_of_memory_backs_off(tiny_llama, monkeypatch):
     monkeypatch.setattr(g, "_generate_batch", real)
     ref = generate(tiny_llama, PROMPTS * 2, max_new_tokens=4, batch_size=8, stop_at_eos=False)
     assert sizes[:3] == [6, 3, 1] and out.tokens == ref.tokens
+
+
+def test_length_ordered_batches_come_back_in_input_order(tiny_llama):
+    """More prompts than batch_size run shortest first (runtime/generation.py::length_order); every output,
+    per-row plans included, comes back at its input position."""
+    from kvgeom.quant import QuantPlan
+    from kvgeom.runtime.generation import length_order
+    from kvgeom.runtime.limits import prompt_token_counts
+
+    prompts = ["Tell me a very long story about a dragon and a castle by the sea", "Hi", "How do I bake bread?",
+               "Hi there, how are you today my friend?", "Ok"]
+    order = length_order(tiny_llama, prompts)
+    n = prompt_token_counts(tiny_llama, prompts)
+    assert sorted(order) == list(range(len(prompts))) and order[-1] == 0
+    assert [(n[i], i) for i in order] == sorted((n[i], i) for i in range(len(prompts)))  # by length, ties in order
+    plans = [None, QuantPlan("int2-token-asym"), None, QuantPlan("int3-tensor-sym", layers=(0,)), None]
+    together = generate(tiny_llama, prompts, plans=plans, max_new_tokens=6, batch_size=2, stop_at_eos=False,
+                        keep_first_logits=True)
+    for i, (p, plan) in enumerate(zip(prompts, plans, strict=True)):
+        alone = generate(tiny_llama, [p], plans=[plan], max_new_tokens=6, batch_size=1, stop_at_eos=False,
+                         keep_first_logits=True)
+        assert together.prompts[i] == p
+        assert together.tokens[i] == alone.tokens[0]
+        assert together.first_logits[i].argmax() == alone.first_logits[0].argmax()
+    assert len(together.extra["settled"]) == len(prompts)
