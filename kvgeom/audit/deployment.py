@@ -87,7 +87,8 @@ def deployment_text(audit_or_stage: Mapping[str, Any]) -> str:
         cd = f"{_pct(r['to_complied'])}/{_pct(r['to_degenerate'])}"
         ppl = "—" if r["ppl_ratio"] is None or pd.isna(r["ppl_ratio"]) else f"{r['ppl_ratio']:.3f}"
         v = r["verdict"] + (" SILENT" if r["silent"] else "")
-        fix = "—" if not r["fix"] else f"{r['fix']} ({r['fix_bits']:.2f} b, held-out flip {_pct(r['fix_flip_held_out'])})"
+        fix = "—" if not r["fix"] else \
+            f"{r['fix']} ({r['fix_bits']:.2f} b, held-out flip {_pct(r['fix_flip_held_out'])})"
         lines.append(f"  {r['engine']:<10}{r['format'][:31]:<32}{r['bits']:>6.2f}  {ci:<18}{cd:<10}"
                      f"{_pct(r['reverse_flip']):<6}{ppl:<7}{v:<14}{fix}")
     worst = [r for r in st["formats"] if r.get("fix")]

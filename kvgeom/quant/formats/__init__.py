@@ -23,6 +23,7 @@ from .hf_quanto import HFQuantoSpec
 
 __all__ = [
     "FORMATS", "CacheRule", "CacheStore", "CastSpec", "FP8Spec", "FormatError", "FrozenOnPrefill", "GGMLSpec",
-    "HFCache", "HFQuantoSpec", "IntSpec", "KIVISpec", "KVFormat", "LlamaCppType", "PerPosition", "Role", "VLLMDtype", "VLLMPerTokenHead",
+    "HFCache", "HFQuantoSpec", "IntSpec", "KIVISpec", "KVFormat", "LlamaCppType", "PerPosition", "Role", "VLLMDtype",
+    "VLLMPerTokenHead",
     "int_twin", "parse_format", "register_format", "unregister_format",
 ]
