@@ -135,6 +135,9 @@ def main() -> None:
                     "(the rest, sampled to 40, are held out): a powered audit, e.g. --calib 130")
     ap.add_argument("--agreement", action="store_true", help="also run the calibration-vs-held-out stage")
     ap.add_argument("--until-stable", action="store_true", help="grow the calibration set until the label is stated")
+    ap.add_argument("--engine", default="none", help="engines whose KV formats the engine_matrix stage judges: "
+                    "llama.cpp, vllm, hf (comma-separated), all, or none (default none: the stage is timed as skipped; "
+                    "its time is stage_s.engine_matrix)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -156,7 +159,7 @@ def main() -> None:
     model = build(args.arch, args.device, dtype)
     sync(model)
     build_s = time.perf_counter() - t0
-    kw = dict(model=f"random-{args.arch}", batch_size=args.batch_size, device=args.device)
+    kw = dict(model=f"random-{args.arch}", batch_size=args.batch_size, device=args.device, engine=args.engine)
     if args.quick:
         kw.update(n_calib=4, n_heldout=4, n_borderline=3, fractions=(0.05,), n_seeds=1, bits=(8, 4), ppl_tokens=128,
                   max_new_tokens=4)
@@ -195,6 +198,11 @@ def main() -> None:
         "build_s": build_s, "audit_s": audit_s, "total_s": build_s + audit_s,
         "stage_s": {k: round(v, 3) for k, v in res.timings.items()}, "rows_judged": n_rows,
         "rows_generated_by_kvgeom": CountingJudge.rows,
+        "engine_matrix": {"engines": (res.audit["stages"].get("engine_matrix") or {}).get("engines"),
+                          "formats": len((res.audit["stages"].get("engine_matrix") or {}).get("formats") or []),
+                          "fixes": sum(1 for r in (res.audit["stages"].get("engine_matrix") or {}).get("formats") or []
+                                       if r.get("fix")),
+                          "seconds": res.timings.get("engine_matrix")},
         "label": res.audit["stages"]["label"]["label"],
         "point_label": res.audit["stages"]["label"].get("point_label"),
         "label_confidence": {k: (res.audit["stages"]["label"].get("confidence") or {}).get(k)

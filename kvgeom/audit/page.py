@@ -42,7 +42,11 @@ def _timings(audit: Mapping[str, Any]) -> str:
 
 def _stage_sections(stages: Mapping[str, Any], *, lead: bool) -> list[str]:
     out = []
-    for stage in sorted(STAGE_REGISTRY.values(), key=lambda s: s.order):
+    def place(stage: Any) -> float:
+        sec = stage.section
+        return stage.order if sec is None or sec.position is None else sec.position
+
+    for stage in sorted(STAGE_REGISTRY.values(), key=place):
         sec = stage.section
         if sec is None or sec.lead != lead:
             continue

@@ -74,7 +74,11 @@ def _check_resume(d: Path, cfg: AuditConfig, judge_id: dict) -> None:
     cfg_path = d / "stages" / "_config.json"
     if cfg_path.is_file():
         saved = json.loads(cfg_path.read_text())
-        if saved != json.loads(json.dumps(cfg.to_dict())):
+        now = json.loads(json.dumps(cfg.to_dict()))
+        # a setting added to kvgeom after the folder was written counts as its default there
+        defaults = json.loads(json.dumps(AuditConfig().to_dict()))
+        saved = {**{k: defaults[k] for k in now if k not in saved and k in defaults}, **saved}
+        if saved != now:
             raise AuditError(f"--resume: {d} holds an audit with other settings ({cfg_path}); use another --out "
                              "or the same settings")
     judge_path = d / "stages" / "_judge.json"
@@ -127,6 +131,7 @@ def run_audit(
     stages: Sequence[str] | None = None,
     progress: Callable[[str, str], None] | None = None,
     bars: bool = False,
+    engine: str | None = None,
 ) -> AuditResult:
     """Run the audit's stages in order; each finished stage is saved atomically to ``out/stages/NAME.json``.
 
@@ -140,7 +145,11 @@ def run_audit(
     settings, numbers and prompt files (:func:`kvgeom.audit.check_config`) and ``out`` (created and written to,
     :func:`kvgeom.io.check_out_dir`) before the model loads; schemes that do not apply to the model and prompts
     longer than its context (:func:`kvgeom.audit.check_model`) right after, before any stage or file.
+    ``engine``: shorthand for ``AuditConfig.engine`` (``"llama.cpp"``, ``"vllm"``, ``"hf"``, ``"all"``, ``"none"``,
+    ``"auto"``), the engines whose KV formats the ``engine_matrix`` stage judges.
     """
+    if engine is not None:
+        cfg = dataclasses.replace(cfg, engine=engine)
     check_config(cfg)
     names = tuple(default_stages() if stages is None else stages)
     unknown = [s for s in names if s not in STAGE_REGISTRY]

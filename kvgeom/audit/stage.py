@@ -59,7 +59,8 @@ class Section:
     """A stage's section of ``report.html``: ``render(result, stages)`` returns the section's HTML body from the
     stage's own result and the audit's ``stages`` dict (for cross-references, e.g. the critical layer).
 
-    ``lead=True`` puts the section first on the page (the diagnosis); the others follow in pipeline order.
+    ``lead=True`` puts the section first on the page (the deployment table, the diagnosis); the others follow in
+    pipeline order. ``position`` orders the sections of one group (default: the stage's ``order``).
     A section whose stage did not run shows "not run"; one whose data is malformed shows the error in place."""
 
     id: str
@@ -67,6 +68,7 @@ class Section:
     how: str
     render: Callable[[StageResult, Mapping[str, Any]], str]
     lead: bool = False
+    position: float | None = None
 
 
 def _no_frame(result: Mapping[str, Any]) -> pd.DataFrame:

@@ -62,9 +62,9 @@ def _vllm(a: Assignment, channels: tuple, model: str) -> dict[str, Any]:
     sch = Scheme.parse(quant[0])
     (kd, kdyn), (vd, vdyn) = _vllm_dtype(sch.k), _vllm_dtype(sch.v)
     if kd is None or vd is None or kd != vd or kdyn != vdyn:
-        notes.append(f"not expressible: vLLM's quantized KV dtypes that kvgeom simulates are fp8_e4m3 and "
-                     f"fp8_e5m2 (one dtype for K and V); {quant[0]} is not one of them. Newer vLLM dtypes "
-                     "(int8/int4_per_token_head, nvfp4, turboquant_*) are not simulated by kvgeom")
+        notes.append(f"not expressible: vLLM's quantized KV dtypes that kvgeom simulates are fp8_e4m3, fp8_e5m2 "
+                     f"and {{int8,fp8,int4}}_per_token_head (one dtype for K and V); {quant[0]} is not one of them. "
+                     "nvfp4 and turboquant_* are not simulated by kvgeom")
         return out
     if channels:
         notes.append("not expressible: vLLM cannot keep individual key channels in full precision")

@@ -47,8 +47,10 @@ def sylvester_hadamard(n: int, *, device: torch.device | str | None = None) -> F
     return h * (1.0 / math.sqrt(n))
 
 
-def fwht(x: Float[Tensor, "... n"], n: int) -> Float[Tensor, "... n"]:
-    """Multiply each block of ``n`` consecutive values on the last axis by ``H_n/sqrt(n)`` (fp32)."""
+def wht(x: Float[Tensor, "... n"], n: int) -> Float[Tensor, "... n"]:
+    """The unnormalised product ``H_n x`` on each block of ``n`` consecutive values on the last axis, by
+    butterflies (``[a + b, a - b]`` on halves of growing size: the order of vLLM's PyTorch fallback
+    ``fast_hadamard_transform``, so its fp32 rounding is vLLM's)."""
     shape = x.shape
     if shape[-1] % n != 0:
         raise ValueError(f"last axis {shape[-1]} is not a multiple of the rotation block {n}")
@@ -59,4 +61,10 @@ def fwht(x: Float[Tensor, "... n"], n: int) -> Float[Tensor, "... n"]:
         a, b = y[:, :, 0, :], y[:, :, 1, :]
         y = torch.stack([a + b, a - b], dim=2)
         h *= 2
-    return (y.reshape(-1, n) * (1.0 / math.sqrt(n))).reshape(shape)
+    return y.reshape(shape)
+
+
+def fwht(x: Float[Tensor, "... n"], n: int) -> Float[Tensor, "... n"]:
+    """Multiply each block of ``n`` consecutive values on the last axis by ``H_n/sqrt(n)`` (fp32)."""
+    shape = x.shape
+    return (wht(x, n).reshape(-1, n) * (1.0 / math.sqrt(n))).reshape(shape)

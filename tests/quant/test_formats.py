@@ -33,10 +33,12 @@ SAMPLES = {
     "ggml": ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl", "q4_0+rot", "iq4_nl+rot"],
     "fp8": ["fp8_e4m3", "fp8_e5m2", "fp8_e4m3@amax", "fp8_e5m2@amax"],
     "kivi": ["kivi2-g32-r128", "kivi4-g8-r16"],
+    "vllm_per_token_head": ["int8_per_token_head", "fp8_per_token_head", "int4_per_token_head"],
+    "hf_quanto": ["quanto2-g64-r128", "quanto4-g32-r16"],
 }
 ALL = [t for texts in SAMPLES.values() for t in texts]
 
-#: VALID_FORMS as the parser printed it before the registry (now built from it)
+#: VALID_FORMS as the parser printed it before the registry (now built from it), plus the engine formats of #16
 OLD_VALID_FORMS = """valid KV-cache quantization schemes:
   none | fp16 | bf16                               cast round trip (none = identity)
   int{b}-{tensor|token|head|channel|group{G}}-{sym|asym}
@@ -44,6 +46,9 @@ OLD_VALID_FORMS = """valid KV-cache quantization schemes:
   q8_0 | q4_0 | q4_1 | q5_0 | q5_1 | iq4_nl[+rot]  llama.cpp cache types, e.g. q4_0+rot
   fp8_e4m3 | fp8_e5m2[@amax]                       vLLM fp8 cache, e.g. fp8_e4m3@amax
   kivi{b}[-g{G}][-r{R}]                            KIVI, b in {2,4}, defaults G=32 R=128 (R multiple of G)
+  int8_per_token_head | fp8_per_token_head | int4_per_token_head
+                                                   vLLM per-(token, head) scales; int4 Hadamard-rotated
+  quanto{b}[-g{G}][-r{R}]                          HF QuantizedCache (quanto), b in {2,4}, defaults G=64 R=128
   K:<scheme>,V:<scheme>                            separate key/value schemes, e.g. K:kivi2,V:q8_0"""
 
 

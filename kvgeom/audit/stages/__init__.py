@@ -1,11 +1,12 @@
 """The audit's stages, one file each, every one declaring itself with :func:`kvgeom.audit.stage.register_stage`.
 
 Importing this package registers them in pipeline order: ``baseline`` → ``layer_sweep`` → ``sensitivity`` →
-``outliers`` → ``channel_ablation`` → ``pcr`` → ``label`` → ``mitigation`` → ``export`` → ``bit_sweep``, plus the
+``outliers`` → ``channel_ablation`` → ``pcr`` → ``label`` → ``mitigation`` → ``export`` →
+``engine_matrix`` → ``bit_sweep``, plus the
 opt-in ``agreement``. A new stage is a new file here (imported below) or anywhere else that calls
 ``register_stage`` (``docs/extending.md``).
 """
 
 # pipeline order: a stage registers after the stages it reads
 from . import baseline, layer_sweep, sensitivity, outliers, channel_ablation, pcr, label  # noqa: I001, F401
-from . import mitigation, export, bit_sweep, agreement  # noqa: I001, F401
+from . import mitigation, export, engine_matrix, bit_sweep, agreement  # noqa: I001, F401

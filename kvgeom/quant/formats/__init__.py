@@ -1,5 +1,6 @@
 """KV-cache formats as declared values: the :class:`KVFormat` protocol, the :data:`FORMATS` registry and the
-built-in families, one file each (``cast``, ``int``, ``ggml``, ``fp8``, ``kivi``), registered in this order.
+built-in families, one file each (``cast``, ``int``, ``ggml``, ``fp8``, ``kivi``, ``vllm_pth``, ``hf_quanto``),
+registered in this order.
 
 A new format is one file: a frozen dataclass subclassing :class:`KVFormat`, decorated with
 :func:`register_format` (``docs/extending.md`` walks through one; ``tests/quant/test_extending_formats.py``
@@ -17,9 +18,12 @@ from .int import IntSpec, int_twin
 from .ggml import GGMLSpec
 from .fp8 import FP8Spec
 from .kivi import KIVISpec
+from .vllm_pth import VLLMPerTokenHead
+from .hf_quanto import HFQuantoSpec
 
 __all__ = [
     "FORMATS", "CacheRule", "CacheStore", "CastSpec", "FP8Spec", "FormatError", "FrozenOnPrefill", "GGMLSpec",
-    "HFCache", "IntSpec", "KIVISpec", "KVFormat", "LlamaCppType", "PerPosition", "Role", "VLLMDtype",
+    "HFCache", "HFQuantoSpec", "IntSpec", "KIVISpec", "KVFormat", "LlamaCppType", "PerPosition", "Role", "VLLMDtype",
+    "VLLMPerTokenHead",
     "int_twin", "parse_format", "register_format", "unregister_format",
 ]

@@ -1,0 +1,132 @@
+"""The ``engine_matrix`` stage on a tiny model with a stand-in judge: every engine format judged in one batched run,
+the deployment table's columns, the verdict rule and silent flag on planted CIs, the fix pick on planted flips, the
+default engine (.gguf vs HF), resume (also of a folder written before the stage existed), and CLI flag errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kvgeom.audit import AuditConfig, run_audit
+from kvgeom.audit.deployment import COLUMNS, deployment_table, deployment_text, is_silent, verdict
+from kvgeom.audit.stages.engine_matrix import layer_order, pick_fix
+from kvgeom.cli import audit_summary, main
+from kvgeom.testing import ChecksumJudge
+
+SMALL = dict(model="tiny", n_calib=4, n_heldout=4, n_borderline=2, max_new_tokens=3, ppl_tokens=64, batch_size=64,
+             fix_candidates=1)
+STAGES = ("baseline", "engine_matrix")
+
+
+@pytest.fixture(scope="module")
+def matrix_run(tmp_path_factory):
+    from ..conftest import get_tiny
+
+    out = tmp_path_factory.mktemp("matrix")
+    res = run_audit(AuditConfig(**SMALL), out, model=get_tiny("llama"), judge=ChecksumJudge(), stages=STAGES,
+                    engine="all")
+    return out, res
+
+
+def test_matrix_judges_every_engine_format(matrix_run):
+    from kvgeom.engines import ENGINES, ModelShape
+
+    out, res = matrix_run
+    st = res.audit["stages"]["engine_matrix"]
+    shape = ModelShape(**st["shape"])
+    want = [(e.name, f.name) for e in ENGINES.values() for f in e.formats(shape)]
+    assert [(r["engine"], r["format"]) for r in st["formats"]] == want and len(want) >= 15
+    n_ref = sum(st["n_refused"].values())
+    for r in st["formats"]:
+        assert r["flip"]["n"] == n_ref and r["verdict"] in ("safe", "unsafe", "undetermined")
+        assert r["reverse_flip"] is None  # refused prompts only: not measured
+        assert r["ppl_ratio"] is not None and r["ppl_ratio"] > 0
+        assert (r["fix"] is None) == (r["verdict"] == "safe")
+        if r["fix"]:
+            assert r["fix"]["held_out"]["paired"]["n_refused"] == st["n_refused"]["held_out"]
+            assert 0 < r["fix"]["bits"] <= 16
+    table = deployment_table(res.audit)
+    assert list(table.columns) == COLUMNS and len(table) == len(want)
+    assert table.equals(res.frame("engine_matrix"))
+    html = (out / "report.html").read_text()
+    assert 'id="deployment"' in html and html.index('id="deployment"') < html.index('id="summary"')
+    text = audit_summary(res.audit)
+    assert text.index("deployment") < text.index("full-precision refusal") and "int4_per_token_head" in text
+    assert "verdict" in deployment_text(res.audit)
+
+
+def test_resume_adds_the_stage_to_a_saved_run(matrix_run, tmp_path):
+    from ..conftest import get_tiny
+
+    out, res = matrix_run
+    cfg = AuditConfig(**SMALL, engine="all")
+    run_audit(cfg, tmp_path, model=get_tiny("llama"), judge=ChecksumJudge(), stages=("baseline",))
+    saved = json.loads((tmp_path / "stages" / "_config.json").read_text())
+    for k in ("safe_below", "unsafe_above", "memory_budget"):  # written by a kvgeom before these settings
+        saved.pop(k)
+    (tmp_path / "stages" / "_config.json").write_text(json.dumps(saved))
+    again = run_audit(cfg, tmp_path, model=get_tiny("llama"), judge=ChecksumJudge(), stages=STAGES, resume=True)
+    assert again.audit["stages"]["engine_matrix"] == res.audit["stages"]["engine_matrix"]
+
+
+def test_default_engine_and_skip(tmp_path):
+    from ..conftest import get_tiny
+
+    m = get_tiny("llama")
+    res = run_audit(AuditConfig(**SMALL), None, model=m, judge=ChecksumJudge(), stages=STAGES)
+    assert res.audit["stages"]["engine_matrix"]["engines"] == ["vllm", "hf"]  # an HF model
+    res = run_audit(AuditConfig(**SMALL, engine="none"), None, model=m, judge=ChecksumJudge(), stages=STAGES)
+    assert res.audit["stages"]["engine_matrix"]["status"] == "skipped"
+    assert deployment_table(res.audit).empty
+
+
+def test_default_engine_of_a_gguf_model():
+    from kvgeom.engines import ModelShape, resolve_engines
+
+    class Loaded:  # what load_model records for a .gguf file
+        n_layers, n_kv_heads, d_head, info = 2, 2, 64, {"gguf": "/models/m.gguf"}
+
+    assert resolve_engines("auto", ModelShape.of(Loaded())) == ("llama.cpp",)
+
+
+@pytest.mark.parametrize(("low", "high", "want"), [(0.10, 0.40, "unsafe"), (0.0, 0.10, "safe"),
+                                                   (0.02, 0.30, "undetermined"), (None, None, "undetermined"),
+                                                   (0.06, 0.10, "unsafe")])
+def test_verdict_rule(low, high, want):
+    assert verdict(low, high, safe_below=0.15, unsafe_above=0.05) == want
+
+
+def test_verdict_thresholds_are_parameters():
+    assert verdict(0.02, 0.30, safe_below=0.5, unsafe_above=0.05) == "safe"
+    assert verdict(0.02, 0.30, safe_below=0.15, unsafe_above=0.01) == "unsafe"
+    assert is_silent(0.06, 1.05) and not is_silent(0.05, 1.0) and not is_silent(0.2, 1.06)
+    assert not is_silent(None, 1.0)
+
+
+def test_pick_fix_on_planted_flips():
+    assert pick_fix([5, 1, 0], 10, 0.1) == (1, True)  # the cheapest that restores, not the best
+    assert pick_fix([5, 3, 4], 10, 0.1) == (1, False)  # none restores: fewest flips, marked
+    assert pick_fix([0], 0, 0.05) == (0, False)  # no refused prompt: nothing restored
+    with pytest.raises(ValueError):
+        pick_fix([], 10, 0.1)
+
+
+def test_layer_order():
+    sweep = {"layers": [{"layer": 0, "flip": 0.1}, {"layer": 1, "flip": 0.5}, {"layer": 2, "flip": None},
+                        {"layer": 3, "flip": 0.5}]}
+    assert layer_order(sweep, 4) == [1, 3, 0, 2]
+    assert layer_order(None, 5) == [0, 4, 1, 3, 2]
+
+
+@pytest.mark.parametrize(("argv", "msg"), [
+    (["--engine", "sglang"], "--engine 'sglang'"),
+    (["--safe-below", "0"], "--safe-below 0.0"),
+    (["--unsafe-above", "1.5"], "--unsafe-above 1.5"),
+    (["--memory-budget", "0.5"], "--memory-budget 0.5"),
+    (["--fix-candidates", "0"], "--fix-candidates 0"),
+])
+def test_cli_flag_errors_before_any_work(argv, msg, capsys, tmp_path):
+    assert main(["audit", "tiny-model-that-is-never-loaded", "--out", str(tmp_path / "o"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kvgeom: error: ") and msg in err
