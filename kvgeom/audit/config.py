@@ -48,6 +48,11 @@ class AuditConfig:
     time from the harmful pool (plus the ``pool`` sources; never a held-out prompt) until the label is stated or
     ``max_calib`` prompts / ``max_minutes`` are spent (:mod:`kvgeom.audit.adaptive`). ``sensitivity_prompts``: the
     geometry (a host-side float64 cost growing with the prompts) uses the first this many calibration prompts.
+
+    Screening (issue #19, off by default: :mod:`kvgeom.predict.screen`): with ``screen``, the layer sweep decodes
+    only the rows whose prefill-only refusal margin under the plan (:func:`kvgeom.predict.flip_signals`,
+    ``margin_plan``) is below ``screen_skip_above`` (the rest are assumed to stay refused), and decodes a random
+    ``screen_check_frac`` of the skipped rows anyway to measure the screen's error.
     """
 
     model: str = DEFAULT_MODEL
@@ -85,6 +90,9 @@ class AuditConfig:
     grow_step: int = 20
     max_calib: int = 400
     max_minutes: float = 30.0
+    screen: bool = False
+    screen_skip_above: float = 4.0
+    screen_check_frac: float = 0.25
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -132,7 +140,8 @@ def split_prompts(cfg: AuditConfig) -> tuple[PromptSet, PromptSet]:
 OPTIONS = {"n_calib": "--calib", "max_new_tokens": "--max-new-tokens", "seed": "--seed", "scheme": "--scheme",
            "label_confidence": "--label-confidence", "n_resamples": "--n-resamples",
            "min_recovery_gap": "--min-recovery-gap", "grow_step": "--grow-step", "max_calib": "--max-calib",
-           "max_minutes": "--max-minutes", "judge": "--judge", "pool": "--pool"}
+           "max_minutes": "--max-minutes", "judge": "--judge", "pool": "--pool", "screen": "--screen",
+           "screen_skip_above": "--screen-skip-above", "screen_check_frac": "--screen-check-frac"}
 
 #: (setting, lowest, highest or None, what it is): the whole-number settings and their ranges
 INT_RANGES = (
@@ -159,6 +168,8 @@ FLOAT_RANGES = (
     ("pcr_min_p", 0.0, False, 1.0, True, "how often a layer must be critical for PCR to run there"),
     ("min_recovery_gap", 0.0, True, 1.0, True, "a refusal-rate difference"),
     ("max_minutes", 0.0, False, math.inf, True, "--until-stable budget: minutes"),
+    ("screen_check_frac", 0.0, True, 1.0, True, "--screen: the share of skipped rows decoded anyway"),
+    ("screen_skip_above", -math.inf, False, math.inf, False, "--screen: a refusal log-odds threshold"),
 )
 
 
@@ -238,6 +249,9 @@ def check_config(cfg: AuditConfig) -> None:
     if cfg.site not in ("k", "rot_k"):
         raise AuditError(f"site must be 'k' (pre-RoPE keys, the default) or 'rot_k' (post-RoPE), got {cfg.site!r}")
     check_numbers(cfg)
+    if cfg.screen and not cfg.refused_only:
+        raise AuditError("--screen assumes a skipped row stays refused, which holds only for prompts refused at "
+                         "full precision: keep refused_only=True (the default) or drop --screen")
     try:
         split_prompts(cfg)
         load_prompts(cfg.borderline)
