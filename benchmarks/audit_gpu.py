@@ -135,6 +135,11 @@ def main() -> None:
                     "(the rest, sampled to 40, are held out): a powered audit, e.g. --calib 130")
     ap.add_argument("--agreement", action="store_true", help="also run the calibration-vs-held-out stage")
     ap.add_argument("--until-stable", action="store_true", help="grow the calibration set until the label is stated")
+    ap.add_argument("--screen", action="store_true", help="audit with --screen (issue #19: the flip-rate stages "
+                    "decode only the rows the prefill screen keeps)")
+    ap.add_argument("--screen-skip-above", type=float, default=None, help="--screen threshold (default: the config's)")
+    ap.add_argument("--flip-prediction", action="store_true", help="also run the flip_prediction stage (signals "
+                    "of every decoded row, validation)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -168,6 +173,10 @@ def main() -> None:
         kw.update(harmful=path, n_calib=args.calib, n_heldout=40)
     if args.until_stable:
         kw.update(until_stable=True)
+    if args.screen:
+        kw.update(screen=True)
+        if args.screen_skip_above is not None:
+            kw.update(screen_skip_above=args.screen_skip_above)
     cfg = AuditConfig(**kw)
     prompts = load_prompts("calibration").prompts
     lengths = [len(model.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in model.format_chat(prompts)]
@@ -181,7 +190,8 @@ def main() -> None:
 
     from kvgeom.audit import default_stages
 
-    stages = default_stages() + (("agreement",) if args.agreement else ())
+    stages = default_stages() + (("agreement",) if args.agreement else ()) + \
+        (("flip_prediction",) if args.flip_prediction else ())
     res = run_audit(cfg, args.out, model=model, judge=CountingJudge(), stages=stages)
     sync(model)
     audit_s = time.perf_counter() - t1
@@ -194,7 +204,9 @@ def main() -> None:
         "n_layers": model.n_layers, "prompt_tokens_mean": sum(lengths) / len(lengths),
         "build_s": build_s, "audit_s": audit_s, "total_s": build_s + audit_s,
         "stage_s": {k: round(v, 3) for k, v in res.timings.items()}, "rows_judged": n_rows,
-        "rows_generated_by_kvgeom": CountingJudge.rows,
+        "rows_generated_by_kvgeom": CountingJudge.rows, "screen": bool(args.screen),
+        "screen_rows": {name: {k: v for k, v in (res.audit["stages"].get(name) or {}).get("screen", {}).items()
+                               if k != "skipped_rows"} for name in ("layer_sweep", "channel_ablation", "pcr")},
         "label": res.audit["stages"]["label"]["label"],
         "point_label": res.audit["stages"]["label"].get("point_label"),
         "label_confidence": {k: (res.audit["stages"]["label"].get("confidence") or {}).get(k)
