@@ -8,8 +8,15 @@ screening which rows an audit needs to decode (issue #19).
   is assumed to be, with a random check of skipped rows.
 """
 
-from .signals import (COMPLIANCE_OPENINGS, REFUSAL_OPENINGS, SIGNALS, FlipReference, flip_reference, flip_signals,
-                      opening_tokens)
+from .signals import (
+                      COMPLIANCE_OPENINGS,
+                      REFUSAL_OPENINGS,
+                      SIGNALS,
+                      FlipReference,
+                      flip_reference,
+                      flip_signals,
+                      opening_tokens,
+)
 
 __all__ = ["COMPLIANCE_OPENINGS", "REFUSAL_OPENINGS", "SIGNALS", "FlipReference", "flip_reference", "flip_signals",
            "opening_tokens"]

@@ -4,7 +4,8 @@ Input: one row per (prompt, configuration) with the signals of :func:`kvgeom.pre
 ``flipped`` (refused at full precision, not refused under the plan: generated and judged), ``prompt_id``,
 ``source`` (the stage that decoded it) and ``config`` (the plan label).
 
-* **Per-signal AUROC** (Mann-Whitney, equal to scikit-learn's ``roc_auc_score``) of ``SIGN[s] * signal`` against ``flipped``, with a
+* **Per-signal AUROC** (Mann-Whitney, equal to scikit-learn's ``roc_auc_score``) of ``SIGN[s] * signal``
+  against ``flipped``, with a
   percentile bootstrap CI that resamples *prompts* (all rows of a drawn prompt go in together: rows of one
   prompt are not independent; :func:`kvgeom.stats.bootstrap_ci`). A resample with one class only is dropped.
 * **Combined model**: a scikit-learn logistic regression (median imputation, standardised features, ``C=1``)
@@ -118,9 +119,7 @@ def roc_points(y: np.ndarray, score: np.ndarray) -> dict:
 
 
 def _spearman(pred: np.ndarray, meas: np.ndarray, n_resamples: int, seed: int) -> dict:
-    from scipy.stats import spearmanr
-
-    from scipy.stats import rankdata
+    from scipy.stats import rankdata, spearmanr
 
     def rho(i: np.ndarray) -> float:
         a, b = pred[i], meas[i]

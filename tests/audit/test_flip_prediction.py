@@ -53,7 +53,8 @@ def test_screen_skips_records_and_with_no_skip_equals_the_plain_sweep(run, tmp_p
     ls = none.audit["stages"]["layer_sweep"]
     assert ls["verdicts"] == plain["verdicts"] and ls["screen"]["skipped"] == 0
     every = run_audit(AuditConfig(**SMALL, screen=True, screen_skip_above=-1e9, screen_check_frac=0.5),
-                      tmp_path / "a", model=get_tiny("llama"), judge=ChecksumJudge(), stages=("baseline", "layer_sweep"))
+                      tmp_path / "a", model=get_tiny("llama"), judge=ChecksumJudge(),
+                      stages=("baseline", "layer_sweep"))
     sc = every.audit["stages"]["layer_sweep"]["screen"]
     assert sc["skipped"] == sc["n_rows"] == len(sc["skipped_rows"]) and 0 < sc["checked"] < sc["n_rows"]
     for row in sc["skipped_rows"]:

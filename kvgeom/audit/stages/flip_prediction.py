@@ -121,7 +121,7 @@ def render(stage: Mapping[str, Any], stages: Mapping[str, Any]) -> str:
 
 STAGE = register_stage(Stage(
     name="flip_prediction", order=105, run=run, requires=("baseline", "layer_sweep"), optional=("bit_sweep",),
-    frame=frame, default=False, doc="prefill-only flip signals validated against the decoded verdicts (AUROC, Spearman)",
+    frame=frame, default=False, doc="prefill-only flip signals validated against the decoded verdicts",
     section=Section("flip-prediction", "Predicting flips from one forward pass",
                     "Each signal is computed from prefill passes only (no decoding) for every row the audit "
                     "decoded, and scored against the generated verdict: ROC curves with AUROC and 95% prompt-"
