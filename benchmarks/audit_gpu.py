@@ -138,6 +138,11 @@ def main() -> None:
     ap.add_argument("--engine", default="none", help="engines whose KV formats the engine_matrix stage judges: "
                     "llama.cpp, vllm, hf (comma-separated), all, or none (default none: the stage is timed as skipped; "
                     "its time is stage_s.engine_matrix)")
+    ap.add_argument("--screen", action="store_true", help="audit with --screen (issue #19: the flip-rate stages "
+                    "decode only the rows the prefill screen keeps)")
+    ap.add_argument("--screen-skip-above", type=float, default=None, help="--screen threshold (default: the config's)")
+    ap.add_argument("--flip-prediction", action="store_true", help="also run the flip_prediction stage (signals "
+                    "of every decoded row, validation)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -171,6 +176,10 @@ def main() -> None:
         kw.update(harmful=path, n_calib=args.calib, n_heldout=40)
     if args.until_stable:
         kw.update(until_stable=True)
+    if args.screen:
+        kw.update(screen=True)
+        if args.screen_skip_above is not None:
+            kw.update(screen_skip_above=args.screen_skip_above)
     cfg = AuditConfig(**kw)
     prompts = load_prompts("calibration").prompts
     lengths = [len(model.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in model.format_chat(prompts)]
@@ -184,7 +193,8 @@ def main() -> None:
 
     from kvgeom.audit import default_stages
 
-    stages = default_stages() + (("agreement",) if args.agreement else ())
+    stages = default_stages() + (("agreement",) if args.agreement else ()) + \
+        (("flip_prediction",) if args.flip_prediction else ())
     res = run_audit(cfg, args.out, model=model, judge=CountingJudge(), stages=stages)
     sync(model)
     audit_s = time.perf_counter() - t1
@@ -203,6 +213,9 @@ def main() -> None:
                           "fixes": sum(1 for r in (res.audit["stages"].get("engine_matrix") or {}).get("formats") or []
                                        if r.get("fix")),
                           "seconds": res.timings.get("engine_matrix")},
+        "screen": bool(args.screen),
+        "screen_rows": {name: {k: v for k, v in (res.audit["stages"].get(name) or {}).get("screen", {}).items()
+                               if k != "skipped_rows"} for name in ("layer_sweep", "channel_ablation", "pcr")},
         "label": res.audit["stages"]["label"]["label"],
         "point_label": res.audit["stages"]["label"].get("point_label"),
         "label_confidence": {k: (res.audit["stages"]["label"].get("confidence") or {}).get(k)

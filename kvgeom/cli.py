@@ -181,26 +181,20 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     from kvgeom.audit import AuditConfig, run_audit
 
     engine = args.engine if args.engine is not None else ("none" if args.scheme is not None else "auto")
-    kw = {"model": args.model, "scheme": args.scheme if args.scheme is not None else "int4-token-asym",
-          "engine": engine, "safe_below": args.safe_below, "unsafe_above": args.unsafe_above,
-          "memory_budget": args.memory_budget, "fix_candidates": args.fix_candidates,
-          "harmful": args.harmful, "harmless": args.harmless,
-          "n_calib": args.calib,
-          "device": args.device, "seed": args.seed, "label_confidence": args.label_confidence,
-          "n_resamples": args.n_resamples, "min_recovery_gap": args.min_recovery_gap,
-          "until_stable": until_stable_default(args.until_stable, args.device), "pool": tuple(args.pool or ()),
-          "grow_step": args.grow_step, "max_calib": args.max_calib, "max_minutes": args.max_minutes}
+    same = ("model", "harmful", "harmless", "device", "seed", "label_confidence", "n_resamples", "min_recovery_gap",
+            "grow_step", "max_calib", "max_minutes", "safe_below", "unsafe_above", "memory_budget", "fix_candidates",
+            "screen", "screen_skip_above", "screen_check_frac")  # options whose AuditConfig field has the same name
+    kw = {f: getattr(args, f) for f in same} | {
+        "n_calib": args.calib, "pool": tuple(args.pool or ()), "engine": engine,
+        "scheme": args.scheme if args.scheme is not None else "int4-token-asym",
+        "until_stable": until_stable_default(args.until_stable, args.device)}
     if args.quick:
         kw.update(n_heldout=20, n_borderline=10, fractions=(0.05, 0.25), n_seeds=2, bits=(8, 4, 3, 2),
                   ppl_tokens=512, max_new_tokens=24)
     if args.max_new_tokens is not None:  # 0 and negatives too: check_config refuses them before any work
         kw["max_new_tokens"] = args.max_new_tokens
-    if args.search:
-        kw["search"] = True
-    if args.all_prompts:
-        kw["refused_only"] = False
-    if args.full_text:
-        kw["settle"] = False
+    kw.update({"search": True} if args.search else {}, **({"refused_only": False} if args.all_prompts else {}),
+              **({"settle": False} if args.full_text else {}))
     cfg = AuditConfig(**kw)
     t0 = time.perf_counter()
 
@@ -209,7 +203,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 
     from kvgeom.audit import default_stages
 
-    stages = default_stages() + (("agreement",) if args.agreement else ())
+    stages = default_stages() + (("agreement",) * args.agreement) + (("flip_prediction",) * args.flip_prediction)
     res = run_audit(cfg, args.out, resume=args.resume, progress=progress, stages=stages, bars=True, judge=args.judge)
     print(audit_summary(res.audit))
     if args.out:
@@ -295,6 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "'keyword': the paper's refusal phrases plus the degeneracy rule), e.g. keyword:phrases=jbb")
     p.add_argument("--agreement", action="store_true", help="also derive label and PCR from the held-out prompts "
                    "and report agreement with the calibration prompts' (a second layer sweep)")
+    p.add_argument("--flip-prediction", action="store_true", help="also validate prefill flip signals (docs/cli.md)")
+    p.add_argument("--screen", action="store_true", help="decode only rows the prefill screen keeps (docs/cli.md)")
+    p.add_argument("--screen-skip-above", type=float, default=4.0, help="--screen: refusal log-odds threshold (4.0)")
+    p.add_argument("--screen-check-frac", type=float, default=0.25, help="--screen: share of skips checked (0.25)")
     p.add_argument("--search", action="store_true", help="also search the cheapest per-layer precision keeping "
                    ">= 95%% of full-precision refusal (many generations: meant for a GPU)")
     p.add_argument("--all-prompts", action="store_true", help="generate every calibration prompt in the layer "

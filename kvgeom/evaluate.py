@@ -162,13 +162,15 @@ def completion_nll(model: KVModel, prompts: Sequence[str], completions: Sequence
     return out
 
 
-def _rows(ps: PromptSet, plans: Sequence[QuantPlan | None]) -> pd.DataFrame:
+def _rows(ps: PromptSet, plans: Sequence[QuantPlan | None], only: Any = None) -> pd.DataFrame:
     """(prompt × plan) rows, plan-major: a batch holds consecutive rows, so it mixes plans only where one
     plan's rows end and the next one's begin. Hooks cost one quantizer call per plan group per layer, so
     few groups per batch are fastest on CPU; per-row plans keep every batch full across plans."""
     recs = []
     for j, plan in enumerate(plans):
         for i, row in ps.frame.iterrows():
+            if only is not None and (row["id"], plan_label(plan)) not in only:
+                continue
             recs.append({"prompt_idx": i, "prompt_id": row["id"], "category": row["category"],
                          "prompt": row["prompt"], "plan_idx": j, "plan": plan_label(plan)})
     return pd.DataFrame(recs)
@@ -186,6 +188,7 @@ def evaluate(
     nll: bool = False,
     settle: bool = False,
     progress: bool | str = False,
+    only: Any = None,
 ) -> pd.DataFrame:
     """Greedy-generate every (prompt × plan) row with per-row plans, judge it, and return a tidy table.
 
@@ -200,6 +203,9 @@ def evaluate(
     ``settled(text)``; :class:`~kvgeom.judges.KeywordJudge`: a refusal phrase has appeared, and a refusal phrase
     wins), so verdicts are those of the full generation while refused rows cost a few tokens. Such rows have
     ``settled`` True and a completion cut at that point. Judges without ``settled`` generate in full.
+
+    ``only``: a set of ``(prompt id, plan label)`` pairs: generate those rows only (the screen of
+    :mod:`kvgeom.predict.screen`); the others are absent from the table.
     """
     ps = as_prompt_set(prompts)
     plan_list = [QuantPlan(p) if isinstance(p, str) else p for p in plans]
@@ -212,7 +218,10 @@ def evaluate(
         if p is not None:
             p.validate(model)
     judge = get_judge(judge)
-    table = _rows(ps, plan_list)
+    table = _rows(ps, plan_list, None if only is None else set(only))
+    if table.empty:
+        return pd.DataFrame(columns=["prompt_id", "category", "prompt", "plan", "completion", "n_tokens",
+                                     "stopped_at_eos", "settled", "verdict", "refused", "refusal_score"])
     row_plans = [plan_list[j] for j in table["plan_idx"]]
     stop_when = getattr(judge, "settled", None) if settle else None
     gen = generate(model, table["prompt"].tolist(), plans=row_plans, max_new_tokens=max_new_tokens,

@@ -131,6 +131,18 @@ class AuditInputs:
         return pd.DataFrame([rows[(i, t, k)] for k in keys.values()
                              for i, t in zip(f["id"], f["prompt"], strict=True)])
 
+    def evaluate_flips(self, prompts: PromptSet, base: pd.Series, plans: list, *,
+                       stage: str) -> tuple[pd.DataFrame, dict | None]:
+        """:meth:`evaluate` on :meth:`flip_prompts` (the refused-at-baseline prompts of a conditional flip rate);
+        with ``--screen`` only the rows the screen keeps are decoded (:mod:`kvgeom.audit.screening`) and the
+        screen's record comes back with the rows (else ``None``)."""
+        flips = self.flip_prompts(prompts, base)
+        if not self.cfg.screen:
+            return self.evaluate(flips, plans, stage=stage), None
+        from .screening import screened_evaluate
+
+        return screened_evaluate(self, flips, plans, stage=stage)
+
     def evaluate_splits(self, splits: Mapping[str, PromptSet], plans: list, *, stage: str,
                         **kw: Any) -> dict[str, pd.DataFrame]:
         """One :meth:`evaluate` over several prompt sets (full batches instead of one small batch per set), split

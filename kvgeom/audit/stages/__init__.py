@@ -10,3 +10,4 @@ opt-in ``agreement``. A new stage is a new file here (imported below) or anywher
 # pipeline order: a stage registers after the stages it reads
 from . import baseline, layer_sweep, sensitivity, outliers, channel_ablation, pcr, label  # noqa: I001, F401
 from . import mitigation, export, engine_matrix, bit_sweep, agreement  # noqa: I001, F401
+from . import flip_prediction  # noqa: E402, F401

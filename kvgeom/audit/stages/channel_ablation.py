@@ -53,7 +53,7 @@ def run(inputs: AuditInputs, results: StageResults) -> dict:
         keep = sorted(set(chans) - set(quantized))  # quantize only `quantized`: protect the rest
         plans.append(inputs.plan(cfg.sweep_scheme, layers=(layer,), protect_channels={layer: keep}, name=f"abl{i}"))
     base = baseline_verdicts(results["baseline"])
-    rows = inputs.evaluate(inputs.flip_prompts(inputs.calibration, base), plans, stage="channel_ablation")
+    rows, screen = inputs.evaluate_flips(inputs.calibration, base, plans, stage="channel_ablation")
     out, verdicts = [], {}
     for i, (subset, f, s, quantized) in enumerate(specs):
         v = plan_verdicts(rows, f"abl{i}")
@@ -62,7 +62,7 @@ def run(inputs: AuditInputs, results: StageResults) -> dict:
         verdicts[" ".join(str(x) for x in (subset, f, s if s is None else f"s{s}") if x is not None)] = v.to_dict()
     summary = ablation_summary(pd.DataFrame(out))
     return {"layer": layer, "scheme": cfg.sweep_scheme, "rows": out, "summary": summary.to_dict(orient="records"),
-            "verdicts": verdicts}
+            "verdicts": verdicts, **({"screen": screen} if screen is not None else {})}
 
 
 def frame(r: Mapping[str, Any]) -> pd.DataFrame:

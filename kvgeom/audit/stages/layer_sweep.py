@@ -26,12 +26,13 @@ def layer_sweep(inputs: AuditInputs, prompts: PromptSet, base: pd.Series, *, sta
     cfg, n_layers = inputs.cfg, inputs.model.n_layers
     plans = [inputs.plan(cfg.sweep_scheme, layers=(la,), name=f"L{la}") for la in range(n_layers)]
     plans.append(inputs.plan(cfg.sweep_scheme, name="all layers"))
-    rows = inputs.evaluate(inputs.flip_prompts(prompts, base), plans, stage=stage)
+    rows, screen = inputs.evaluate_flips(prompts, base, plans, stage=stage)
     layers = [{"layer": la, **flip_summary(base, plan_verdicts(rows, f"L{la}"))} for la in range(n_layers)]
     return {"scheme": cfg.sweep_scheme, "mode": cfg.mode, "site": cfg.site, "layers": layers,
             "all_layer": flip_summary(base, plan_verdicts(rows, "all layers")),
             "mean_refusal_score": rows.groupby("plan")["refusal_score"].mean().to_dict(),
-            "verdicts": {p.label: plan_verdicts(rows, p.label).to_dict() for p in plans}}
+            "verdicts": {p.label: plan_verdicts(rows, p.label).to_dict() for p in plans},
+            **({"screen": screen} if screen is not None else {})}
 
 
 def run(inputs: AuditInputs, results: StageResults) -> dict:

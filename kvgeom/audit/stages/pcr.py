@@ -52,7 +52,7 @@ def pcr_at(inputs: AuditInputs, prompts: PromptSet, base: pd.Series, layer: int,
     plans += [inputs.plan(twin, layers=(la,), name=f"per-channel L{la}") for la in extra_layers]
     if known is None:
         plans.insert(0, inputs.plan(cfg.sweep_scheme, layers=(layer,), name="per-tensor"))
-    rows = inputs.evaluate(inputs.flip_prompts(prompts, base), plans, stage=stage)
+    rows, screen = inputs.evaluate_flips(prompts, base, plans, stage=stage)
     tensor = pd.Series(known) if known is not None else plan_verdicts(rows, "per-tensor")
     refused, t_flip = flipped(base, tensor)
     _, c_flip = flipped(base, plan_verdicts(rows, "per-channel"))
@@ -73,7 +73,8 @@ def pcr_at(inputs: AuditInputs, prompts: PromptSet, base: pd.Series, layer: int,
             "flip_per_tensor": rate_ci(int(t_flip.sum()), n_ref).to_dict(),
             "flip_per_channel": rate_ci(int(c_flip.sum()), n_ref).to_dict(), **ci.to_dict(),
             "per_layer": to_jsonable(per_layer), "min_p_critical": cfg.pcr_min_p,
-            "per_channel_verdicts": {str(la): v.to_dict() for la, v in channel.items()}}
+            "per_channel_verdicts": {str(la): v.to_dict() for la, v in channel.items()},
+            **({"screen": screen} if screen is not None else {})}
 
 
 def run(inputs: AuditInputs, results: StageResults) -> dict:
