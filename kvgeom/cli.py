@@ -166,10 +166,11 @@ def _fmt_rate(d: dict | None) -> str:
 
 def audit_summary(audit: dict) -> str:
     """The terminal summary of an audit (label, PCR, critical layers, flips, perplexity, fix, timings)."""
+    from kvgeom.audit.page import nonfinite_lines
     from kvgeom.effects import paired_text
 
     st = audit["stages"]
-    lines = [f"kvgeom audit: {audit['model']['name']} under {audit['scheme']}"]
+    lines = [f"kvgeom audit: {audit['model']['name']} under {audit['scheme']}", *nonfinite_lines(audit)]
     if "baseline" in st:
         b = st["baseline"]
         lines.append(f"  full-precision refusal  calibration {_fmt_rate(b['calibration'])}, "

@@ -6,16 +6,17 @@ judge's identity (:func:`kvgeom.judges.judge_identity`) in ``stages/_judge.json`
 written with other settings or another judge, so one audit never mixes two judges' verdicts. Every file is
 written with :func:`kvgeom.io.atomic_write_json` (fsync, rename, the umask's permissions), so a run killed at any
 point leaves each stage file whole or absent; a stage file that does not parse (written by something else, or
-damaged) is recomputed on ``--resume``, never trusted. A run holds ``--out``'s lock (:func:`kvgeom.io.lock_folder`)
-from before its first file to its last: a second audit on the same folder at once is refused, and a crashed one
-leaves no lock. A disk that fills up mid-run stops the audit with one :class:`AuditError` naming the folder, its
-free space and the finished stages (each still whole, so ``--resume`` continues from them). Rows with NaN/inf
-logits are counted per stage (saved with the stage; ``audit.json``'s ``nonfinite``).
-Proved by ``tests/audit/test_audit.py`` (resume equals an uninterrupted run; another judge is refused; files get
-the umask's mode), ``tests/audit/test_faults.py`` (a kill at every stage boundary and in the middle of writing
-every stage, then ``--resume``, gives the uninterrupted run's ``audit.json``; the lock; a full disk; an unreadable
-stage file) and ``tests/audit/test_checks.py`` (bad input refused before the model loads, or right after it and
-before any stage).
+damaged) is recomputed on ``--resume``, never trusted.
+A run holds ``--out``'s lock (:func:`kvgeom.io.lock_folder`) from before its first file to its last: a second audit
+on the same folder at once is refused, and a crashed one leaves no lock (the temporary files a killed run left are
+removed then). A disk that fills up mid-run stops the audit with one :class:`AuditError` naming the folder, its free
+space and the finished stages (each still whole, so ``--resume`` continues from them). Rows with NaN/inf logits are
+counted per stage (saved with the stage; ``audit.json``'s ``nonfinite``).
+Proved by ``tests/audit/test_audit.py`` (resume equals an uninterrupted run; another judge is refused; files get the
+umask's mode), ``tests/audit/test_faults.py`` (a kill at every stage boundary and in the middle of writing every
+stage, then ``--resume``, gives the uninterrupted run's ``audit.json``; the lock; a full disk; an unreadable stage
+file) and ``tests/audit/test_checks.py`` (bad input refused before the model loads, or right after it and before any
+stage).
 """
 
 from __future__ import annotations
@@ -203,6 +204,8 @@ def run_audit(
                 stack.enter_context(lock_folder(d, option="--out"))
             except OutputDirError as err:
                 raise AuditError(str(err)) from None
+            for tmp in [*d.glob(".*.tmp"), *(d / "stages").glob(".*.tmp")]:  # a killed writer's; ours: we hold the lock
+                tmp.unlink(missing_ok=True)
             if resume:
                 _check_resume(d, cfg, judge_id)
         return _run(cfg, d, names, judge_obj, judge_id, resume=resume, model=model, progress=progress, bars=bars)

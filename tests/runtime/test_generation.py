@@ -119,3 +119,30 @@ def test_out_of_memory_backs_off(tiny_llama, monkeypatch):
     monkeypatch.setattr(g, "_generate_batch", real)
     ref = generate(tiny_llama, PROMPTS * 2, max_new_tokens=4, batch_size=8, stop_at_eos=False)
     assert sizes[:3] == [6, 3, 1] and out.tokens == ref.tokens
+
+
+def test_nonfinite_logits_are_flagged_per_row(tiny_llama, monkeypatch):
+    """NaN logits of one row at one step (fp16 overflow, an aggressive scheme) flag that row only."""
+    import math
+
+    import kvgeom.runtime.generation as g
+
+    real = g.forward
+    calls = []
+
+    def poisoned(model, ids, mask, **kw):
+        logits = real(model, ids, mask, **kw)
+        calls.append(kw.get("step", 0))
+        if kw.get("step", 0) == 2:  # row 1's logits at the third step
+            logits = logits.clone()
+            logits[1, -1, 3] = math.nan
+        if kw.get("step", 0) == 1:  # row 2's at the second: +inf
+            logits = logits.clone()
+            logits[2, -1, 0] = math.inf
+        return logits
+
+    monkeypatch.setattr(g, "forward", poisoned)
+    out = generate(tiny_llama, PROMPTS, max_new_tokens=4, stop_at_eos=False)
+    assert out.extra["nonfinite"] == [False, True, True]
+    monkeypatch.setattr(g, "forward", real)
+    assert generate(tiny_llama, PROMPTS, max_new_tokens=4, stop_at_eos=False).extra["nonfinite"] == [False] * 3
