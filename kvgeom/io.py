@@ -100,6 +100,7 @@ def lock_folder(path: str | os.PathLike, *, option: str = "--out", what: str = "
         yield Path(path)
         return
     d = Path(path)
+    d.mkdir(parents=True, exist_ok=True)
     lock = d / LOCK_NAME
     fd = os.open(lock, os.O_RDWR | os.O_CREAT, umask_mode())
     try:
