@@ -10,12 +10,13 @@ from kvgeom.quant import Scheme
 from kvgeom.quant.formats import FORMATS
 from kvgeom.quant.scheme import GGML_TYPES, valid_forms
 
+GRANULARITY = st.sampled_from(["tensor", "token", "head", "channel"]) | st.sampled_from([8, 16, 32, 64, 128]).map(
+    "group{}".format)
+
 #: valid strings of each built-in format, from its grammar (``valid_forms()``) and its rules
 VALID = {
     "cast": st.sampled_from(["none", "fp16", "bf16"]),
-    "int": st.builds("int{}-{}-{}".format, st.integers(2, 8),
-                     st.sampled_from(["tensor", "token", "head", "channel"]) | st.sampled_from([8, 16, 32, 64, 128]).map(
-                         "group{}".format), st.sampled_from(["sym", "asym"])),
+    "int": st.builds("int{}-{}-{}".format, st.integers(2, 8), GRANULARITY, st.sampled_from(["sym", "asym"])),
     "ggml": st.builds("{}{}".format, st.sampled_from(GGML_TYPES), st.sampled_from(["", "+rot"])),
     "fp8": st.builds("fp8_{}{}".format, st.sampled_from(["e4m3", "e5m2"]), st.sampled_from(["", "@amax"])),
     "kivi": st.builds(lambda b, g, k, show_g, show_r: f"kivi{b}" + (f"-g{g}" if show_g else "")
