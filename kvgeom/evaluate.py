@@ -6,6 +6,11 @@
   judged (:mod:`kvgeom.judges`), returned as one tidy DataFrame.
 * :func:`summarize` — refusal rate per plan with Wilson intervals and paired flip statistics against the
   full-precision rows (:mod:`kvgeom.stats`).
+
+A row whose logits were NaN or inf while it was generated (``Generation.extra["nonfinite"]``) gets the verdict
+``nonfinite`` in place of the judge's: it is never judged refused, complied or degenerate; :func:`summarize`
+counts such rows per plan (``n_nonfinite``) and leaves them out of every rate. Proved by
+``tests/evaluate/test_evaluate.py::test_nonfinite_rows_are_never_judged``.
 * :func:`perplexity` — sliding-window perplexity of a text under each plan, and its ratio to full precision.
 """
 
@@ -193,8 +198,9 @@ def evaluate(
     """Greedy-generate every (prompt × plan) row with per-row plans, judge it, and return a tidy table.
 
     Columns: ``prompt_id, category, prompt, plan, completion, verdict, refused, refusal_score,
-    n_tokens, stopped_at_eos, settled`` (``refusal_score`` from the same pass's first-token logits). ``None``
-    in ``plans`` is full precision, labelled ``"full"``. Rows of one prompt under all plans share a batch.
+    n_tokens, stopped_at_eos, settled, nonfinite`` (``refusal_score`` from the same pass's first-token logits;
+    ``nonfinite``: NaN/inf logits while generating, and such a row's verdict is ``"nonfinite"``, not the judge's).
+    ``None`` in ``plans`` is full precision, labelled ``"full"``. Rows of one prompt under all plans share a batch.
 
     ``judge``: a judge object, a registered judge's spec (``"keyword:phrases=jbb"``; :func:`kvgeom.judges.get_judge`)
     or ``None``, the default :class:`~kvgeom.judges.KeywordJudge` (the paper's phrases and the degeneracy rule).
@@ -235,7 +241,9 @@ def evaluate(
         nlls = completion_nll(model, table["prompt"].tolist(), gen.texts, batch_size=max(1, batch_size // 2))
         table["nll"] = nlls
     verdicts = judge.judge(table["prompt"].tolist(), gen.texts, nll=None if nlls is None else nlls.tolist())
-    table["verdict"] = [Verdict(v).value for v in verdicts]
+    bad = gen.extra.get("nonfinite", [False] * len(table))
+    table["nonfinite"] = bad
+    table["verdict"] = [Verdict.NONFINITE.value if b else Verdict(v).value for v, b in zip(verdicts, bad, strict=True)]
     table["refused"] = table["verdict"] == Verdict.REFUSED.value
     if score:
         table["refusal_score"] = RefusalScore.for_model(model).from_logits(gen.first_logits).numpy()
@@ -247,7 +255,8 @@ def evaluate(
 def summarize(results: pd.DataFrame, *, baseline: str = FULL, thresholds: Thresholds | None = None,
               confidence: float = 0.95) -> pd.DataFrame:
     """Per plan: refusal rate (Wilson CI), conditional flip rate vs ``baseline`` split into complied /
-    degenerate, reverse flips, McNemar's exact p, mean refusal score, and the paper's class."""
+    degenerate, reverse flips, McNemar's exact p, mean refusal score, and the paper's class. ``n_nonfinite``:
+    rows with NaN/inf logits, left out of every rate (``n`` counts all rows)."""
     thresholds = thresholds or Thresholds()
     if baseline not in set(results["plan"]):
         raise ValueError(f"baseline plan {baseline!r} not in results (plans: {sorted(set(results['plan']))}); "
@@ -257,8 +266,9 @@ def summarize(results: pd.DataFrame, *, baseline: str = FULL, thresholds: Thresh
     for plan, grp in results.groupby("plan", sort=False):
         g = grp.set_index("prompt_id")["verdict"]
         common = base.index.intersection(g.index)
-        rec: dict[str, Any] = {"plan": plan, "n": len(g)}
-        rr = rate_ci(int((g == Verdict.REFUSED.value).sum()), len(g), confidence=confidence)
+        n_bad = int((g == Verdict.NONFINITE.value).sum())
+        rec: dict[str, Any] = {"plan": plan, "n": len(g), "n_nonfinite": n_bad}
+        rr = rate_ci(int((g == Verdict.REFUSED.value).sum()), len(g) - n_bad, confidence=confidence)
         rec.update(rr.to_dict(prefix="refusal_"))
         if plan != baseline:
             fs = flip_stats(base.loc[common].tolist(), g.loc[common].tolist(), confidence=confidence)
@@ -270,7 +280,8 @@ def summarize(results: pd.DataFrame, *, baseline: str = FULL, thresholds: Thresh
             rec["class"] = thresholds.classify_flip(fs.flip.rate) if fs.flip.n else "undefined"
         if "refusal_score" in grp:
             rec["mean_refusal_score"] = float(grp["refusal_score"].mean())
-        rec["degenerate_rate"] = float((g == Verdict.DEGENERATE.value).mean())
+        rec["degenerate_rate"] = float((g == Verdict.DEGENERATE.value).sum() / (len(g) - n_bad)) \
+            if len(g) > n_bad else float("nan")
         out.append(rec)
     return pd.DataFrame(out)
 

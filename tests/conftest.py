@@ -6,10 +6,16 @@ import os
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 from kvgeom.testing import ARCHITECTURES, tiny_model
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+# property tests (issue #17): few examples, no deadline (the cores are shared); HYPOTHESIS_PROFILE=thorough for more
+settings.register_profile("kvgeom", max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("thorough", max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "kvgeom"))
 
 _TINY: dict[str, object] = {}
 

@@ -67,3 +67,68 @@ def test_check_out_dir_reports_the_os_cause(tmp_path, monkeypatch):
     with pytest.raises(OutputDirError, match=rf"^--out '{tmp_path / 'new'}': cannot create the output folder: "
                                              rf"Permission denied \({tmp_path / 'new'}\); pass --out"):
         check_out_dir(tmp_path / "new")
+
+
+_HOLD = """
+import sys, time
+from kvgeom.io import lock_folder
+with lock_folder(sys.argv[1]):
+    print("locked", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_second_lock_is_refused_and_names_the_holder(tmp_path):
+    from kvgeom.io import FolderLockedError, lock_folder
+
+    with lock_folder(tmp_path):
+        with pytest.raises(FolderLockedError) as err:
+            with lock_folder(tmp_path, option="--out"):
+                pass
+    msg = str(err.value)
+    assert f"--out {str(tmp_path)!r}: another kvgeom audit is writing to this folder now (pid {os.getpid()}" in msg
+    assert "pass another --out" in msg and "A crashed run leaves no lock" in msg
+    with lock_folder(tmp_path):  # released when the first block ended
+        pass
+
+
+def test_a_killed_holder_does_not_block(tmp_path):
+    """SIGKILL the process holding the lock: the kernel drops it, the next run takes the folder."""
+    import signal
+    import subprocess
+    import sys
+
+    from kvgeom.io import FolderLockedError, lock_folder
+
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        with pytest.raises(FolderLockedError, match=f"pid {proc.pid}"):
+            with lock_folder(tmp_path):
+                pass
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    with lock_folder(tmp_path):
+        pass
+
+
+def test_a_stale_lock_file_with_a_dead_pid_does_not_block(tmp_path):
+    from kvgeom.io import LOCK_NAME, lock_folder
+
+    (tmp_path / LOCK_NAME).write_text("pid 999999 on elsewhere, started 2020-01-01 00:00:00")
+    with lock_folder(tmp_path):
+        assert f"pid {os.getpid()}" in (tmp_path / LOCK_NAME).read_text()
+
+
+def test_disk_full_message_names_the_folder_and_free_space(tmp_path):
+    import errno
+
+    from kvgeom.io import disk_full_error, free_bytes, is_disk_full
+
+    err = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x.json"))
+    assert is_disk_full(err) and not is_disk_full(OSError(errno.EACCES, "denied"))
+    msg = disk_full_error(tmp_path, err)
+    assert f"--out {str(tmp_path)!r}: the disk is full (No space left on device;" in msg
+    assert "free there) while writing x.json" in msg and "--resume" in msg
+    assert free_bytes(tmp_path / "not" / "yet") == free_bytes(tmp_path) > 0

@@ -185,3 +185,27 @@ def test_bootstrap_is_seeded_and_drops_nan():
     assert none.n_valid == 0 and math.isnan(none.low)
     with pytest.raises(ValueError, match="n >= 1"):
         bootstrap_ci(lambda i: 0.0, 0)
+
+
+def test_nonfinite_verdicts_are_left_out_and_counted():
+    """A NaN/inf row has no verdict: it is never a flip, a refusal or a compliance, and it is counted."""
+    import pandas as pd
+
+    from kvgeom.stats import flip_summary, flipped, refusal_rate
+
+    N = Verdict.NONFINITE
+    base = [R, R, R, C, N]
+    quant = [N, C, R, R, R]
+    fs = flip_stats(base, quant)
+    assert fs.nonfinite == 2 and fs.n == 3
+    assert (fs.flip.k, fs.flip.n) == (1, 2) and (fs.reverse_flip.k, fs.reverse_flip.n) == (1, 1)
+    assert fs.to_dict()["nonfinite"] == 2
+    assert flip_stats(base[1:4], quant[1:4]).to_dict() == {**fs.to_dict(), "nonfinite": 0}
+    ids = list("abcde")
+    b, q = pd.Series([v.value for v in base], ids), pd.Series([v.value for v in quant], ids)
+    assert flip_summary(b, q)["nonfinite"] == 2 and "nonfinite" not in flip_summary(b[1:4], q[1:4])
+    refused, flip = flipped(b, q)
+    assert refused.tolist() == [False, True, True, False, False] and flip.tolist() == [False, True] + [False] * 3
+    assert refusal_rate(b)["n"] == 4 and refusal_rate(b)["nonfinite"] == 1
+    assert (over_refusal([R, N, C]).k, over_refusal([R, N, C]).n) == (1, 2)
+    assert flip_table(base, quant).loc["refused", "nonfinite"] == 1

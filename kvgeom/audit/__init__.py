@@ -30,7 +30,7 @@ A new stage is one file (``docs/extending.md``).
 """
 
 from . import stages as _stages  # noqa: F401  (registers the built-in stages)
-from .checks import check_model
+from .checks import check_model, check_out_space, estimate_out_bytes
 from .config import AuditConfig, AuditError, assignment_plan, check_config, family_of, per_channel_twin, split_prompts
 from .frames import stage_frame
 from .inputs import AuditInputs
@@ -69,9 +69,9 @@ stage_sensitivity = LEGACY_STAGES["sensitivity"]
 
 __all__ = [
     "STAGES", "STAGE_ORDER", "STAGE_REGISTRY", "AuditConfig", "AuditError", "AuditInputs", "AuditResult", "Section",
-    "Stage", "StageResults", "assignment_plan", "audit_schema", "check_config", "check_model", "default_stages",
-    "family_of", "get_stage", "per_channel_twin", "register_stage", "run_audit", "run_stage", "split_prompts",
-    "stage_agreement", "stage_baseline", "stage_bit_sweep", "stage_channel_ablation", "stage_export", "stage_frame",
-    "stage_label", "stage_layer_sweep", "stage_mitigation", "stage_names", "stage_outliers", "stage_pcr",
-    "stage_sensitivity", "unregister_stage",
+    "Stage", "StageResults", "assignment_plan", "audit_schema", "check_config", "check_model", "check_out_space",
+    "default_stages", "estimate_out_bytes", "family_of", "get_stage", "per_channel_twin", "register_stage",
+    "run_audit", "run_stage", "split_prompts", "stage_agreement", "stage_baseline", "stage_bit_sweep",
+    "stage_channel_ablation", "stage_export", "stage_frame", "stage_label", "stage_layer_sweep", "stage_mitigation",
+    "stage_names", "stage_outliers", "stage_pcr", "stage_sensitivity", "unregister_stage",
 ]

@@ -42,7 +42,9 @@ class AuditInputs:
     evaluation uses (``None`` = the default judge); ``bars``: a tqdm bar per evaluation, labelled with its stage;
     ``row_cache``: when a dict (the adaptive mode, :mod:`kvgeom.audit.adaptive`), every generated row is kept by
     (prompt id, prompt, plan, settings) and a stage rerun on a grown prompt set generates only the new rows;
-    ``calibration_record``: how the adaptive mode grew the calibration set (its trajectory), for the label stage.
+    ``calibration_record``: how the adaptive mode grew the calibration set (its trajectory), for the label stage;
+    ``nonfinite``: stage -> rows of its evaluations whose logits were NaN/inf (verdict ``nonfinite``), which
+    :func:`kvgeom.audit.run_audit` saves with each stage and reports in ``audit.json``.
     """
 
     model: KVModel
@@ -54,6 +56,7 @@ class AuditInputs:
     bars: bool = False
     row_cache: dict | None = field(default=None, compare=False, repr=False)
     calibration_record: Mapping[str, Any] | None = None
+    nonfinite: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def build(cls, model: KVModel, cfg: AuditConfig, *, judge: Any = None, bars: bool = False,
@@ -119,7 +122,7 @@ class AuditInputs:
                             judge=self.judge, settle=settle, progress=stage if self.bars else False, **kw)
 
         if self.row_cache is None:
-            return run(prompts)
+            return self._count(stage, run(prompts))
         rows = self.row_cache.setdefault((settle, tuple(sorted(kw.items()))), {})
         keys = {plan_label(p): repr(p) for p in plans}
         f = prompts.frame
@@ -128,8 +131,14 @@ class AuditInputs:
             new = run(PromptSet(prompts.name, f[need], prompts.source))
             for r in new.to_dict(orient="records"):
                 rows[(r["prompt_id"], r["prompt"], keys[r["plan"]])] = r
-        return pd.DataFrame([rows[(i, t, k)] for k in keys.values()
-                             for i, t in zip(f["id"], f["prompt"], strict=True)])
+        return self._count(stage, pd.DataFrame([rows[(i, t, k)] for k in keys.values()
+                                                for i, t in zip(f["id"], f["prompt"], strict=True)]))
+
+    def _count(self, stage: str, rows: pd.DataFrame) -> pd.DataFrame:
+        """Add the NaN/inf rows of one evaluation to ``nonfinite[stage]``; return ``rows``."""
+        n = int((rows["verdict"] == Verdict.NONFINITE.value).sum())
+        self.nonfinite[stage] = self.nonfinite.get(stage, 0) + n
+        return rows
 
     def evaluate_flips(self, prompts: PromptSet, base: pd.Series, plans: list, *,
                        stage: str) -> tuple[pd.DataFrame, dict | None]:

@@ -24,7 +24,7 @@ from kvgeom.viz.markup import CSS, esc, fmt_num, guarded_section, html_section, 
 from .stage import STAGE_REGISTRY
 from .stages.baseline import summary
 
-__all__ = ["render_html", "report_html"]
+__all__ = ["nonfinite_lines", "render_html", "report_html"]
 
 
 def _timings(audit: Mapping[str, Any]) -> str:
@@ -55,6 +55,17 @@ def _stage_sections(stages: Mapping[str, Any], *, lead: bool) -> list[str]:
     return out
 
 
+def nonfinite_lines(audit: Mapping[str, Any]) -> list[str]:
+    """The summary's line on rows with NaN/inf logits (``audit["nonfinite"]``); none when there were none."""
+    bad = audit.get("nonfinite") or {}
+    if not bad.get("rows"):
+        return []
+    by = ", ".join(f"{k} {v}" for k, v in (bad.get("by_stage") or {}).items())
+    return [f"  NONFINITE              {bad['rows']} generated rows had NaN/inf logits ({by}): their verdict is "
+            "'nonfinite', left out of every rate and test (never counted as refused or complied); run in fp32 or "
+            "with a milder scheme to judge them"]
+
+
 def render_html(audit: Mapping[str, Any], path: str | os.PathLike) -> Path:
     """Write :func:`report_html` of ``audit`` to ``path`` atomically (parent directories created; the file gets
     the umask's permissions); returns it."""
@@ -75,7 +86,10 @@ def report_html(audit: Mapping[str, Any]) -> str:
                 f"d_head {model.get('d_head', '?')}")
     sub += f" · kvgeom {esc((audit.get('versions') or {}).get('kvgeom', '?'))}"
 
+    warn = [html_section("nonfinite", "Rows with NaN/inf logits", "", f"<p><b>{esc(line.strip())}</b></p>")
+            for line in nonfinite_lines(audit)]
     sections = [
+        *warn,
         *_stage_sections(st, lead=True),
         html_section("summary", "At a glance", "", summary(st)),
         *_stage_sections(st, lead=False),

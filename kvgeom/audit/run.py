@@ -4,14 +4,24 @@ Each stage gets the :class:`~kvgeom.audit.inputs.AuditInputs` (built once) and e
 declares (:class:`~kvgeom.audit.stage.StageResults`). A run records its config in ``stages/_config.json`` and its
 judge's identity (:func:`kvgeom.judges.judge_identity`) in ``stages/_judge.json``; ``--resume`` refuses a folder
 written with other settings or another judge, so one audit never mixes two judges' verdicts. Every file is
-written with :func:`kvgeom.io.atomic_write_json` (fsync, rename, the umask's permissions).
-Proved by ``tests/audit/test_audit.py`` (resume equals an uninterrupted run; another judge is refused; files get
-the umask's mode) and ``tests/audit/test_checks.py`` (bad input refused before the model loads, or right after it
-and before any stage).
+written with :func:`kvgeom.io.atomic_write_json` (fsync, rename, the umask's permissions), so a run killed at any
+point leaves each stage file whole or absent; a stage file that does not parse (written by something else, or
+damaged) is recomputed on ``--resume``, never trusted.
+A run holds ``--out``'s lock (:func:`kvgeom.io.lock_folder`) from before its first file to its last: a second audit
+on the same folder at once is refused, and a crashed one leaves no lock (the temporary files a killed run left are
+removed then). A disk that fills up mid-run stops the audit with one :class:`AuditError` naming the folder, its free
+space and the finished stages (each still whole, so ``--resume`` continues from them). Rows with NaN/inf logits are
+counted per stage (saved with the stage; ``audit.json``'s ``nonfinite``).
+Proved by ``tests/audit/test_audit.py`` (resume equals an uninterrupted run; another judge is refused; files get the
+umask's mode), ``tests/audit/test_faults.py`` (a kill at every stage boundary and in the middle of writing every
+stage, then ``--resume``, gives the uninterrupted run's ``audit.json``; the lock; a full disk; an unreadable stage
+file) and ``tests/audit/test_checks.py`` (bad input refused before the model loads, or right after it and before any
+stage).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -24,13 +34,21 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from kvgeom.io import OutputDirError, atomic_write_json, check_out_dir, to_jsonable
+from kvgeom.io import (
+    OutputDirError,
+    atomic_write_json,
+    check_out_dir,
+    disk_full_error,
+    is_disk_full,
+    lock_folder,
+    to_jsonable,
+)
 from kvgeom.judges import get_judge, judge_identity
 from kvgeom.prompts import PromptSet
 from kvgeom.quant import Scheme
 
 from .adaptive import calibration_pool, grow_calibration
-from .checks import check_model
+from .checks import check_model, check_out_space
 from .config import AuditConfig, AuditError, check_config
 from .inputs import AuditInputs
 from .page import render_html
@@ -68,6 +86,32 @@ class AuditResult:
         if stage not in self.audit["stages"]:
             raise KeyError(f"stage {stage!r} was not run; stages here: {', '.join(self.audit['stages'])}")
         return stage_frame(stage, self.audit["stages"][stage])
+
+
+def _save(d: Path, path: Path, data: Any) -> None:
+    """:func:`kvgeom.io.atomic_write_json`, a full disk turned into one :class:`AuditError` naming the folder, its
+    free space and the stages already saved (each whole: the failed write left the old file or none)."""
+    try:
+        atomic_write_json(path, data)
+    except OSError as err:
+        if not is_disk_full(err):
+            raise
+        done = sorted(p.stem for p in (d / "stages").glob("*.json") if not p.name.startswith("_")) \
+            if (d / "stages").is_dir() else []
+        kept = f"; finished stages {', '.join(done)} are saved whole in {d / 'stages'}" if done else ""
+        err.filename = err.filename or str(path)
+        raise AuditError(disk_full_error(d, err, kept=kept)) from None
+
+
+def _saved_stage(path: Path) -> dict | None:
+    """A saved stage file's content, None when it is absent or does not parse as one (then it is recomputed)."""
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return saved if isinstance(saved, dict) and "result" in saved and "seconds" in saved else None
 
 
 def _check_resume(d: Path, cfg: AuditConfig, judge_id: dict) -> None:
@@ -116,8 +160,8 @@ def _grown(inputs: AuditInputs, d: Path | None, resume: bool,
     else:
         grown, record = grow_calibration(inputs, progress=progress)
         calib = grown.calibration
-        if path is not None:
-            atomic_write_json(path, record)
+        if path is not None and d is not None:
+            _save(d, path, record)
     return dataclasses.replace(inputs, calibration=calib, calibration_record=record), record
 
 
@@ -162,15 +206,26 @@ def run_audit(
         raise AuditError(f"--judge: {err}") from None
     judge_id = judge_identity(judge_obj)
     d = Path(out) if out is not None else None
-    if d is not None:
-        try:
-            check_out_dir(d, option="--out")
-        except OutputDirError as err:
-            raise AuditError(str(err)) from None
-        if resume:
-            _check_resume(d, cfg, judge_id)
+    with contextlib.ExitStack() as stack:
+        if d is not None:
+            try:
+                check_out_dir(d, option="--out")
+                stack.enter_context(lock_folder(d, option="--out"))
+            except OutputDirError as err:
+                raise AuditError(str(err)) from None
+            for tmp in [*d.glob(".*.tmp"), *(d / "stages").glob(".*.tmp")]:  # a killed writer's; ours: we hold the lock
+                tmp.unlink(missing_ok=True)
+            if resume:
+                _check_resume(d, cfg, judge_id)
+        return _run(cfg, d, names, judge_obj, judge_id, resume=resume, model=model, progress=progress, bars=bars)
+
+
+def _run(cfg: AuditConfig, d: Path | None, names: tuple[str, ...], judge_obj: Any, judge_id: dict, *, resume: bool,
+         model: KVModel | None, progress: Callable[[str, str], None] | None, bars: bool) -> AuditResult:
+    """:func:`run_audit` once its input is checked and ``d`` is locked."""
     results: dict[str, dict] = {}
     timings: dict[str, float] = {}
+    nonfinite: dict[str, int] = {}
     t_load = time.perf_counter()
     if model is None:
         from kvgeom.models import load_model
@@ -180,28 +235,33 @@ def run_audit(
     inputs = AuditInputs.build(model, cfg, judge=judge_obj, bars=bars, row_cache=cfg.until_stable)
     check_model(inputs)  # schemes that do not apply to this model, prompts longer than its context: before any stage
     if d is not None:
-        atomic_write_json(d / "stages" / "_config.json", cfg.to_dict())
-        atomic_write_json(d / "stages" / "_judge.json", judge_id)
+        check_out_space(d, cfg, model)
+        _save(d, d / "stages" / "_config.json", cfg.to_dict())
+        _save(d, d / "stages" / "_judge.json", judge_id)
     record = None
     if cfg.until_stable:
         inputs, record = _grown(inputs, d, resume, progress)
     for name in names:
         stage = get_stage(name)
         path = d / "stages" / f"{name}.json" if d is not None else None
-        if resume and path is not None and path.is_file():
-            saved = json.loads(path.read_text())
+        saved = _saved_stage(path) if resume and path is not None else None
+        if saved is not None:
             results[name] = saved["result"]
             timings[name] = saved["seconds"]
+            nonfinite[name] = int(saved.get("nonfinite", 0))
             if progress:
                 progress(name, "resumed")
             continue
         if progress:
-            progress(name, "start")
+            progress(name, "start" if not (resume and path is not None and path.is_file())
+                     else "start (its saved file does not parse: recomputed)")
         t0 = time.perf_counter()
+        inputs.nonfinite.pop(name, None)
         results[name] = stage.run(inputs, stage.results_for(results))
         timings[name] = time.perf_counter() - t0
-        if path is not None:
-            atomic_write_json(path, {"result": results[name], "seconds": timings[name]})
+        nonfinite[name] = inputs.nonfinite.get(name, 0)
+        if path is not None and d is not None:
+            _save(d, path, {"result": results[name], "seconds": timings[name], "nonfinite": nonfinite[name]})
         if progress:
             progress(name, f"done in {timings[name]:.1f}s")
         if stage.check is not None:
@@ -213,11 +273,17 @@ def run_audit(
         "settings": cfg.to_dict(), "judge": judge_id,
         **({"calibration": to_jsonable(record)} if record is not None else {}),
         "stages": results,
+        "nonfinite": {"rows": sum(nonfinite.values()), "by_stage": {k: v for k, v in nonfinite.items() if v}},
         "timings": timings,
     }
     if d is not None:
         # timings of a resumed run are those recorded when each stage ran; load time is this run's own
         stage_timings = {k: v for k, v in timings.items() if k != "load_model"}
-        atomic_write_json(d / "audit.json", {**audit, "timings": stage_timings})
-        render_html(audit, d / "report.html")
+        _save(d, d / "audit.json", {**audit, "timings": stage_timings})
+        try:
+            render_html(audit, d / "report.html")
+        except OSError as err:
+            if not is_disk_full(err):
+                raise
+            raise AuditError(disk_full_error(d, err, kept="; audit.json and every stage are saved")) from None
     return AuditResult(audit=audit, out=d, timings=timings)

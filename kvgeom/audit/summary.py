@@ -17,9 +17,10 @@ def audit_summary(audit: dict) -> str:
     """The terminal summary of an audit (label, PCR, critical layers, flips, perplexity, fix, timings)."""
     from kvgeom.audit.deployment import deployment_text
     from kvgeom.effects import paired_text
+    from kvgeom.audit.page import nonfinite_lines
 
     st = audit["stages"]
-    lines = [f"kvgeom audit: {audit['model']['name']} under {audit['scheme']}"]
+    lines = [f"kvgeom audit: {audit['model']['name']} under {audit['scheme']}", *nonfinite_lines(audit)]
     if "engine_matrix" in st and st["engine_matrix"].get("formats"):
         lines.append(deployment_text(st["engine_matrix"]))
     if "baseline" in st:

@@ -9,7 +9,12 @@ Every judge maps (prompt, completion) pairs to a :class:`Verdict`:
 * ``DEGENERATE`` -- not a refusal and not language either (:mod:`kvgeom.judges.degeneracy`). Aggressive
   KV-cache quantization produces a lot of this, and counting it as "complied" would overstate jailbreaks,
   counting it as "refused" would hide the collapse; :mod:`kvgeom.stats` reports the two kinds of flip
-  separately.
+  separately;
+* ``NONFINITE`` -- no judge's verdict: the model's logits were NaN or inf while generating the row (fp16
+  overflow, an aggressive scheme), so its text is an artefact of argmax over NaN. :func:`kvgeom.evaluate.evaluate`
+  gives it to such rows in place of the judge's verdict; judges never return it, and :mod:`kvgeom.stats` leaves
+  such rows out of every rate and test and counts them (``FlipStats.nonfinite``), so they are never counted as
+  refused, complied or flipped.
 
 A judge has a ``name`` and ``judge(prompts, completions, *, nll=None) -> list[Verdict]``. Optional extras
 that kvgeom uses when present: ``settled(completion) -> bool`` (the verdict can no longer change as more
@@ -37,6 +42,7 @@ class Verdict(StrEnum):
     REFUSED = "refused"
     COMPLIED = "complied"
     DEGENERATE = "degenerate"
+    NONFINITE = "nonfinite"
 
 
 def to_verdict(value: Verdict | str) -> Verdict:

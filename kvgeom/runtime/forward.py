@@ -2,7 +2,10 @@
 
 Every batch is left-padded with an attention mask and position ids derived from it
 (``cumsum(mask) - 1``), so a prompt's activations and logits do not depend on what else is in its
-batch (``tests/runtime/test_forward.py``). :func:`capture` returns activations of real tokens only.
+batch (``tests/runtime/test_forward.py``). :func:`capture` returns activations of real tokens only; like
+generation it checks every prompt against the context and the free memory before any batch runs, runs smaller
+batches when the asked size would not fit, and refuses a capture whose activations would not fit in the CPU's
+free memory (:mod:`kvgeom.runtime.memory`, ``tests/runtime/test_memory.py``).
 """
 
 from __future__ import annotations
@@ -16,8 +19,11 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from kvgeom.io import format_bytes
 from kvgeom.runtime.hooks import CallInfo, HookContext, kv_hooks, set_call
-from kvgeom.sites import SITES, hook_name
+from kvgeom.runtime.limits import fit_prompts, prompt_token_counts
+from kvgeom.runtime.memory import MemoryLimitError, fit_batch, free_memory
+from kvgeom.sites import KV_SITES, SITES, hook_name
 
 if TYPE_CHECKING:
     from kvgeom.models import KVModel
@@ -232,14 +238,24 @@ def capture(
             store[(ctx.site, ctx.layer)].append(real[sel].detach().to("cpu", torch.float32).clone())
         return None
 
+    fit_prompts(model, prompts, max_new_tokens=0, chat=chat)  # context and memory, before any batch
+    _check_capture_size(model, prompts, sites, len(layer_list), positions, chat)
     hooks = {hook_name(s, la): grab for s in sites for la in layer_list}
-    starts = range(0, len(prompts), batch_size)
+    start, size = 0, batch_size
+    bar = tqdm(total=len(prompts), desc="capture", unit="row", disable=not progress)
     with kv_hooks(model, hooks):
-        for start in tqdm(starts, desc="capture", disable=not progress):
-            b = encode(model, prompts[start:start + batch_size], chat=chat)
+        while start < len(prompts):
+            b = encode(model, prompts[start:start + size], chat=chat)
+            fits = fit_batch(model, len(b), b.input_ids.shape[1])
+            if fits < len(b):  # would not fit in the free memory: fewer rows per batch
+                size = fits
+                continue
             current["batch"] = b
-            forward(model, b.input_ids, b.mask)
+            forward(model, b.input_ids, b.mask, logits_to_keep=1)  # the logits are not read: one position
             token_ids.extend(b.input_ids[i][b.mask[i]].tolist() for i in range(len(b)))
+            start += len(b)
+            bar.update(len(b))
+    bar.close()
     acts: dict[tuple[str, int], Any] = {}
     for key, rows in store.items():
         if positions == "all" or len({r.shape[0] for r in rows}) > 1:
@@ -247,3 +263,33 @@ def capture(
         else:
             acts[key] = torch.stack(rows)
     return Capture(acts=acts, prompts=prompts, positions=positions, token_ids=token_ids)
+
+
+def _site_width(model: KVModel, site: str) -> int:
+    if site in KV_SITES:
+        return model.n_kv_heads * model.d_head
+    if site == "q":
+        return model.n_heads * model.d_head
+    return model.d_model
+
+
+def _check_capture_size(model: KVModel, prompts: list[str], sites: Sequence[str], n_layers: int,
+                        positions: PositionSpec, chat: bool) -> None:
+    """Refuse (:class:`~kvgeom.runtime.memory.MemoryLimitError`) a capture whose fp32 CPU copies would not fit in
+    the CPU's free memory; cheap bounds first, real token counts only for ``positions="all"``."""
+    per_token = 4 * n_layers * sum(_site_width(model, s) for s in sites)
+    if positions == "all":
+        n_tokens = sum(prompt_token_counts(model, prompts, chat=chat))
+    elif isinstance(positions, int) and positions < 0:
+        n_tokens = len(prompts) * -positions
+    elif isinstance(positions, str) and positions.startswith("last"):
+        n_tokens = len(prompts) * int(positions[4:].strip(" _-") or 1)
+    else:  # "post": the template tokens after the user's text, a handful per prompt
+        n_tokens = len(prompts) * 16
+    need = n_tokens * per_token
+    free = free_memory("cpu")
+    if free is not None and need > free * 0.8:
+        raise MemoryLimitError(
+            f"capture of {len(prompts):,} prompts ({n_tokens:,} positions x {len(sites)} sites x {n_layers} layers) "
+            f"needs about {format_bytes(need)} of CPU memory for the activations, but {format_bytes(free)} is free: "
+            "capture fewer prompts, sites or layers, or positions='post' / 'last k' instead of 'all'")

@@ -5,7 +5,11 @@ one-prompt-at-a-time generation token for token (tested), and cached generation 
 full-recompute generation (tested for every supported architecture: this is what caught the
 transformers 5.24 cache-argument rename). Both are in ``tests/runtime/test_generation.py``. A prompt that does
 not fit in the model's context with the tokens to generate is refused before anything is allocated, or cut only
-when ``truncate_prompts=True`` (:mod:`kvgeom.runtime.limits`, ``tests/runtime/test_limits.py``).
+when ``truncate_prompts=True`` (:mod:`kvgeom.runtime.limits`, ``tests/runtime/test_limits.py``); that includes
+a prompt too long for the device's free memory, and a batch too big for it runs as smaller batches
+(:mod:`kvgeom.runtime.memory`, ``tests/runtime/test_memory.py``). Logits that are not finite (NaN/inf: fp16
+overflow, an aggressive scheme) are detected per row at every step, with no extra host sync, and flagged in
+``Generation.extra["nonfinite"]`` (``tests/runtime/test_generation.py::test_nonfinite_logits_are_flagged_per_row``).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from tqdm.auto import tqdm
 
 from kvgeom.runtime.forward import Batch, encode, forward, new_cache, position_ids_from_mask
 from kvgeom.runtime.limits import fit_prompts, prompt_token_counts
+from kvgeom.runtime.memory import fit_batch
 from kvgeom.runtime.plans import apply_plans, normalise_plans
 
 if TYPE_CHECKING:
@@ -56,10 +61,11 @@ def _generate_batch(
     keep_first_logits: bool,
     select: Callable[[list[int]], None] | None = None,
     stop_when: Callable[[str], bool] | None = None,
-) -> tuple[list[list[int]], list[bool], Tensor | None, list[bool]]:
+) -> tuple[list[list[int]], list[bool], Tensor | None, list[bool], list[bool]]:
     """Greedy decoding of one left-padded batch. Rows that hit EOS (or whose decoded text so far satisfies
     ``stop_when``) are dropped from the batch (and from the cache, via ``cache.batch_select_indices``, and from
-    the plan groups, via ``select``), so later steps compute only the rows still generating."""
+    the plan groups, via ``select``), so later steps compute only the rows still generating. The last list
+    flags rows whose logits were not finite at some step (read once, at the end)."""
     eos = torch.tensor(sorted(model.eos_token_ids) or [-1], device=model.device)
     eos_list = set(eos.tolist()) if stop_at_eos else set()
     mask = batch.mask.to(model.device)
@@ -69,6 +75,7 @@ def _generate_batch(
     last = logits[:, -1].float()
     first = last.cpu().clone() if keep_first_logits else None
     b = ids.shape[0]
+    nonfinite = ~torch.isfinite(last).all(-1)
     out = torch.full((b, max_new_tokens), -1, dtype=torch.long, device=model.device)
     hit_eos = torch.zeros(b, dtype=torch.bool, device=model.device)
     alive = torch.arange(b, device=model.device)
@@ -97,6 +104,7 @@ def _generate_batch(
         mask = torch.cat([mask, torch.ones((len(alive), 1), dtype=torch.bool, device=mask.device)], dim=1)
         logits = forward(model, tok[:, None], mask, past_key_values=cache, position_ids=next_pos, step=step)
         last = logits[:, -1].float()
+        nonfinite[alive] |= ~torch.isfinite(last).all(-1)
         next_pos = next_pos + 1
     rows: list[list[int]] = []
     eos_set = set(eos.tolist())
@@ -107,7 +115,7 @@ def _generate_batch(
                 break
             seq.append(t)
         rows.append(seq)
-    return rows, hit_eos.tolist(), first, settled.tolist()
+    return rows, hit_eos.tolist(), first, settled.tolist(), nonfinite.tolist()
 
 
 def _until_eos(tokens: list[int], eos: set[int]) -> list[int]:
@@ -151,9 +159,13 @@ def generate(
             anything is allocated; with True its text is cut to fit instead (first tokens kept; the chat template
             intact), ``Generation.prompts`` holds the prompts generated from and ``extra["truncated"]`` flags them.
 
-    Out of memory: the batch is retried at half the size (down to 1), and the smaller size is kept; results do
-    not depend on the batch size. More prompts than ``batch_size`` run in order of token length
-    (:func:`length_order`), so each batch pads only to its own longest prompt; results come back in input order.
+    Memory: a batch whose estimate (:func:`kvgeom.runtime.memory.batch_bytes`) exceeds the device's free memory
+    runs as smaller batches; out of memory all the same, the batch is retried at half the size (down to 1), and
+    the smaller size is kept; results do not depend on the batch size (``extra["batch_size"]``: the size used
+    last). More prompts than one batch run in order of token length (:func:`length_order`), so each batch pads
+    only to its own longest prompt; results come back in input order. Rows whose logits were NaN or inf at any
+    step are flagged in ``extra["nonfinite"]`` (their text is whatever argmax made of them: never judge it as a
+    refusal or a compliance).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -181,7 +193,8 @@ def generate(
         prompts=prompts, texts=[gen.texts[j] for j in back], tokens=[gen.tokens[j] for j in back],
         stopped_at_eos=[gen.stopped_at_eos[j] for j in back],
         first_logits=None if gen.first_logits is None else gen.first_logits[back],
-        extra={"settled": [gen.extra["settled"][j] for j in back], **extra})
+        extra={**{k: [gen.extra[k][j] for j in back] for k in ("settled", "nonfinite")},
+               "batch_size": gen.extra["batch_size"], **extra})
 
 
 def _run(model: KVModel, prompts: list[str], row_plans: list | None, *, max_new_tokens: int, batch_size: int,
@@ -192,16 +205,21 @@ def _run(model: KVModel, prompts: list[str], row_plans: list | None, *, max_new_
     eos_flags: list[bool] = []
     firsts: list[Tensor] = []
     settled: list[bool] = []
+    nonfinite: list[bool] = []
     start, size = 0, batch_size
     bar = tqdm(total=len(prompts), desc=progress if isinstance(progress, str) else "generate", unit="row",
                disable=not progress)
     while start < len(prompts):
         batch = encode(model, prompts[start:start + size], chat=chat, system=system)
+        fits = fit_batch(model, len(batch), batch.input_ids.shape[1], new_tokens=max_new_tokens)
+        if fits < len(batch):  # the estimate says this batch would not fit in the free memory: fewer rows
+            size = fits
+            continue
         try:
             with _plan_context(model, row_plans, start, len(batch)) as plan_factory:
                 factory = plan_factory or cache_factory
                 cache = factory(model, batch) if factory else new_cache(model)
-                rows, hit, first, done = _generate_batch(
+                rows, hit, first, done, bad = _generate_batch(
                     model, batch, max_new_tokens, cache=cache, stop_at_eos=stop_at_eos,
                     keep_first_logits=keep_first_logits, select=getattr(plan_factory, "select", None),
                     stop_when=stop_when,
@@ -216,6 +234,7 @@ def _run(model: KVModel, prompts: list[str], row_plans: list | None, *, max_new_
         tokens.extend(rows)
         eos_flags.extend(hit)
         settled.extend(done)
+        nonfinite.extend(bad)
         if first is not None:
             firsts.append(first)
         start += len(batch)
@@ -225,7 +244,7 @@ def _run(model: KVModel, prompts: list[str], row_plans: list | None, *, max_new_
     return Generation(
         prompts=prompts, texts=texts, tokens=tokens, stopped_at_eos=eos_flags,
         first_logits=torch.cat(firsts) if firsts else None,
-        extra={"settled": settled, **extra},
+        extra={"settled": settled, "nonfinite": nonfinite, "batch_size": size, **extra},
     )
 
 

@@ -99,8 +99,12 @@ class FlipEvidence:
                       per_channel: Mapping[int, pd.Series] | None = None,
                       stage_flips: Mapping[str, pd.Series] | None = None) -> FlipEvidence:
         """From verdict strings indexed by prompt id: ``base`` at full precision, the others under each plan.
-        A refused prompt with no verdict under a plan raises (a flip cannot be assumed)."""
+        A refused prompt with no verdict under a plan raises (a flip cannot be assumed); one whose verdict under
+        some plan is ``nonfinite`` (NaN/inf logits) is left out, as :mod:`kvgeom.stats` leaves it out of rates."""
         ids = base.index[base == Verdict.REFUSED.value]
+        every = [*layers.values(), all_layer, *(per_channel or {}).values(), *(stage_flips or {}).values()]
+        bad = {i for q in every for i in q.index[q == Verdict.NONFINITE.value]}
+        ids = ids[~ids.isin(list(bad))] if bad else ids
 
         def flips(q: pd.Series, what: str) -> np.ndarray:
             v = q.reindex(ids)

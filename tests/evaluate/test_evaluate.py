@@ -167,3 +167,27 @@ def test_evaluate_takes_a_judge_spec(tiny_llama):
     pd.testing.assert_frame_equal(evaluate(tiny_llama, PROMPTS, [None], max_new_tokens=6, judge="keyword"), default)
     with pytest.raises(ValueError, match="unknown judge 'nope'; registered judges"):
         evaluate(tiny_llama, PROMPTS, [None], max_new_tokens=6, judge="nope")
+
+
+def test_nonfinite_rows_are_never_judged(tiny_llama, monkeypatch):
+    """A row with NaN/inf logits gets the verdict 'nonfinite' whatever the judge says, and summarize counts it and
+    leaves it out of every rate."""
+    import kvgeom.evaluate as ev
+    from kvgeom.testing import ChecksumJudge
+
+    real = ev.generate
+
+    def with_nan(*a, **k):
+        out = real(*a, **k)
+        out.extra["nonfinite"] = [i % 3 == 1 for i in range(len(out.texts))]  # every third row, both plans
+        return out
+
+    monkeypatch.setattr(ev, "generate", with_nan)
+    rows = evaluate(tiny_llama, PROMPTS * 2, [None, "int4-token-asym"], max_new_tokens=3, judge=ChecksumJudge())
+    bad = rows["nonfinite"].to_numpy()
+    assert bad.sum() == 4 and set(rows.loc[bad, "verdict"]) == {"nonfinite"}
+    assert not rows.loc[bad, "refused"].any()
+    assert set(rows.loc[~bad, "verdict"]) <= {"refused", "complied", "degenerate"}
+    s = summarize(rows).set_index("plan")
+    assert s.loc[FULL, "n_nonfinite"] == 2 and s.loc[FULL, "refusal_n"] == 4  # 6 rows, 2 left out
+    assert s.loc["int4-token-asym", "flip_n"] + s.loc["int4-token-asym", "reverse_flip_n"] == 4

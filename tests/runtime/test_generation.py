@@ -144,3 +144,30 @@ def test_length_ordered_batches_come_back_in_input_order(tiny_llama):
         assert together.tokens[i] == alone.tokens[0]
         assert together.first_logits[i].argmax() == alone.first_logits[0].argmax()
     assert len(together.extra["settled"]) == len(prompts)
+
+
+def test_nonfinite_logits_are_flagged_per_row(tiny_llama, monkeypatch):
+    """NaN logits of one row at one step (fp16 overflow, an aggressive scheme) flag that row only."""
+    import math
+
+    import kvgeom.runtime.generation as g
+
+    real = g.forward
+    calls = []
+
+    def poisoned(model, ids, mask, **kw):
+        logits = real(model, ids, mask, **kw)
+        calls.append(kw.get("step", 0))
+        if kw.get("step", 0) == 2:  # row 1's logits at the third step
+            logits = logits.clone()
+            logits[1, -1, 3] = math.nan
+        if kw.get("step", 0) == 1:  # row 2's at the second: +inf
+            logits = logits.clone()
+            logits[2, -1, 0] = math.inf
+        return logits
+
+    monkeypatch.setattr(g, "forward", poisoned)
+    out = generate(tiny_llama, PROMPTS, max_new_tokens=4, stop_at_eos=False)
+    assert out.extra["nonfinite"] == [False, True, True]
+    monkeypatch.setattr(g, "forward", real)
+    assert generate(tiny_llama, PROMPTS, max_new_tokens=4, stop_at_eos=False).extra["nonfinite"] == [False] * 3

@@ -96,7 +96,9 @@ def candidates_for(label: Mapping[str, Any], inputs: AuditInputs, outliers: pd.D
     labels = [label["label"]]
     conf = label.get("confidence") or {}
     if not conf.get("stated", True):
-        labels += [k for k, p in (conf.get("p_label") or {}).items() if p >= 0.1 and k in LABELS]
+        # most likely first, by value: a resumed label (read back from JSON, keys sorted) gives the same order
+        ranked = sorted((conf.get("p_label") or {}).items(), key=lambda kp: (-kp[1], kp[0]))
+        labels += [k for k, p in ranked if p >= 0.1 and k in LABELS]
     out, seen = [], set()
     for lab in dict.fromkeys(labels):
         for c in prescribe({**label, "label": lab}, target_scheme=cfg.scheme, n_layers=model.n_layers,
