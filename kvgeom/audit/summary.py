@@ -16,8 +16,8 @@ def _fmt_rate(d: dict | None) -> str:
 def audit_summary(audit: dict) -> str:
     """The terminal summary of an audit (label, PCR, critical layers, flips, perplexity, fix, timings)."""
     from kvgeom.audit.deployment import deployment_text
-    from kvgeom.effects import paired_text
     from kvgeom.audit.page import nonfinite_lines
+    from kvgeom.effects import paired_text
 
     st = audit["stages"]
     lines = [f"kvgeom audit: {audit['model']['name']} under {audit['scheme']}", *nonfinite_lines(audit)]
