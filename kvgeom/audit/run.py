@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from kvgeom.io import OutputDirError, atomic_write_json, check_out_dir, to_jsonable
-from kvgeom.judges import get_judge, judge_identity
+from kvgeom.judges import JudgePanel
 from kvgeom.prompts import PromptSet
 from kvgeom.quant import Scheme
 
@@ -34,6 +34,7 @@ from .checks import check_model
 from .config import AuditConfig, AuditError, check_config
 from .inputs import AuditInputs
 from .page import render_html
+from .rows import judge_rows, load_rows, rows_path, save_rows
 from .stage import STAGE_REGISTRY, default_stages, get_stage
 
 if TYPE_CHECKING:
@@ -60,6 +61,14 @@ class AuditResult:
     audit: dict
     out: Path | None
     timings: dict = field(default_factory=dict)
+    rows_log: dict | None = field(default=None, repr=False)
+
+    @property
+    def rows(self) -> pd.DataFrame:
+        """Every completion of the run with each judge's verdict (``out/rows/*.jsonl``; :mod:`kvgeom.audit.rows`)."""
+        if self.rows_log:
+            return pd.concat([f for frames in self.rows_log.values() for f in frames], ignore_index=True)
+        return load_rows(self.out) if self.out is not None else pd.DataFrame()
 
     def frame(self, stage: str) -> pd.DataFrame:
         """One stage's result as a table (:func:`kvgeom.audit.stage_frame`)."""
@@ -70,7 +79,7 @@ class AuditResult:
         return stage_frame(stage, self.audit["stages"][stage])
 
 
-def _check_resume(d: Path, cfg: AuditConfig, judge_id: dict) -> None:
+def _check_resume(d: Path, cfg: AuditConfig, judge_id: dict, panel_ids: list[dict]) -> None:
     cfg_path = d / "stages" / "_config.json"
     if cfg_path.is_file():
         saved = json.loads(cfg_path.read_text())
@@ -90,6 +99,17 @@ def _check_resume(d: Path, cfg: AuditConfig, judge_id: dict) -> None:
     elif finished:
         raise AuditError(f"--resume: {d} holds finished stages but no record of their judge ({judge_path}; written "
                          "by an older kvgeom): run again without --resume, or with another --out")
+    panel_path = d / "stages" / "_judges.json"
+    saved_panel = json.loads(panel_path.read_text()) if panel_path.is_file() else None
+    if saved_panel is None and finished and len(panel_ids) > 1:
+        raise AuditError(f"--resume: {d} was judged by one judge ({judge_path}; no {panel_path.name}), this run by "
+                         f"{len(panel_ids)}: its finished stages saved no rows for the other judges; resume with "
+                         "--judge set to the first judge alone, or use another --out")
+    if saved_panel is not None and saved_panel != to_jsonable(panel_ids):
+        saved_keys = [j.get("key") for j in saved_panel]
+        raise AuditError(f"--resume: {d} was judged by the judges {saved_keys} ({panel_path}), this run by "
+                         f"{[j['key'] for j in panel_ids]} (names and settings must match): resume with the same "
+                         "--judge list, or use another --out")
 
 
 def _grown(inputs: AuditInputs, d: Path | None, resume: bool,
@@ -148,10 +168,10 @@ def run_audit(
         raise AuditError(f"unknown stages {sorted(unknown)}; valid: {', '.join(STAGE_REGISTRY)}")
     names = tuple(sorted(names, key=lambda s: STAGE_REGISTRY[s].order))
     try:
-        judge_obj = get_judge(judge)
+        panel = JudgePanel.from_spec(judge)
+        judge_id, panel_ids = panel.identity(), panel.identities()
     except (KeyError, ValueError, TypeError) as err:
         raise AuditError(f"--judge: {err}") from None
-    judge_id = judge_identity(judge_obj)
     d = Path(out) if out is not None else None
     if d is not None:
         try:
@@ -159,7 +179,7 @@ def run_audit(
         except OutputDirError as err:
             raise AuditError(str(err)) from None
         if resume:
-            _check_resume(d, cfg, judge_id)
+            _check_resume(d, cfg, judge_id, panel_ids)
     results: dict[str, dict] = {}
     timings: dict[str, float] = {}
     t_load = time.perf_counter()
@@ -168,11 +188,12 @@ def run_audit(
 
         model = load_model(cfg.model, device=cfg.device)
     timings["load_model"] = time.perf_counter() - t_load
-    inputs = AuditInputs.build(model, cfg, judge=judge_obj, bars=bars, row_cache=cfg.until_stable)
+    inputs = AuditInputs.build(model, cfg, judge=panel, bars=bars, row_cache=cfg.until_stable)
     check_model(inputs)  # schemes that do not apply to this model, prompts longer than its context: before any stage
     if d is not None:
         atomic_write_json(d / "stages" / "_config.json", cfg.to_dict())
         atomic_write_json(d / "stages" / "_judge.json", judge_id)
+        atomic_write_json(d / "stages" / "_judges.json", panel_ids)
     record = None
     if cfg.until_stable:
         inputs, record = _grown(inputs, d, resume, progress)
@@ -183,6 +204,8 @@ def run_audit(
             saved = json.loads(path.read_text())
             results[name] = saved["result"]
             timings[name] = saved["seconds"]
+            if rows_path(d, name).is_file():
+                inputs.rows_log[name] = [load_rows(d, [name])]
             if progress:
                 progress(name, "resumed")
             continue
@@ -191,6 +214,10 @@ def run_audit(
         t0 = time.perf_counter()
         results[name] = stage.run(inputs, stage.results_for(results))
         timings[name] = time.perf_counter() - t0
+        if inputs.rows_log.get(name):  # every judge's verdict on this stage's completions
+            inputs.rows_log[name] = [judge_rows(inputs.rows_log[name], panel)]
+            if d is not None:
+                save_rows(d, name, inputs.rows_log[name][0])
         if path is not None:
             atomic_write_json(path, {"result": results[name], "seconds": timings[name]})
         if progress:
@@ -201,7 +228,7 @@ def run_audit(
         "schema_version": 1,
         "model": {"name": cfg.model, **{k: v for k, v in model.describe().items() if k != "name"}},
         "scheme": str(Scheme.parse(cfg.scheme)), "versions": _versions(), "seed": cfg.seed,
-        "settings": cfg.to_dict(), "judge": judge_id,
+        "settings": cfg.to_dict(), "judge": judge_id, "judges": panel_ids,
         **({"calibration": to_jsonable(record)} if record is not None else {}),
         "stages": results,
         "timings": timings,
@@ -211,4 +238,4 @@ def run_audit(
         stage_timings = {k: v for k, v in timings.items() if k != "load_model"}
         atomic_write_json(d / "audit.json", {**audit, "timings": stage_timings})
         render_html(audit, d / "report.html")
-    return AuditResult(audit=audit, out=d, timings=timings)
+    return AuditResult(audit=audit, out=d, timings=timings, rows_log=inputs.rows_log)
