@@ -34,6 +34,8 @@ from kvgeom.judges.registry import (
     parse_judge_spec,
     register_judge,
 )
+from kvgeom.judges import harmbench, llama_guard, strongreject, wildguard  # noqa: F401  (registers them)
+from kvgeom.judges.hf import GeneratingClassifier, JudgeWeightsMissing, MalformedAnswers
 from kvgeom.judges.panel import JUDGE_HELP, JudgePanel, add_judge_argument, judge_keys, rejudge
 from kvgeom.judges.text import normalize_text, strip_rule_lines, tokenize
 
@@ -49,6 +51,9 @@ __all__ = [
     "JUDGES",
     "PHRASE_LISTS",
     "DegeneracyRule",
+    "GeneratingClassifier",
+    "JudgeWeightsMissing",
+    "MalformedAnswers",
     "Judge",
     "KeywordJudge",
     "Verdict",

@@ -141,10 +141,11 @@ def rejudge(judges: JudgePanel | Sequence[Any] | str, prompts: Sequence[str], co
     out = pd.DataFrame(index=range(len(cs)))
     for key, judge in zip(panel.keys, panel.judges, strict=True):
         table = _rows_of(judge, ps, cs, nl)
-        out[f"verdict:{key}"] = [None if v is None or (isinstance(v, float) and v != v) else to_verdict(v).value
-                                 for v in table["verdict"]]
-        out[f"error:{key}"] = table["error"].tolist()
+        out[f"verdict:{key}"] = pd.Series([None if v is None or (isinstance(v, float) and v != v)
+                                           else to_verdict(v).value for v in table["verdict"]], dtype=object)
+        out[f"error:{key}"] = pd.Series([None if e is None or (isinstance(e, float) and e != e) else str(e)
+                                         for e in table["error"]], dtype=object)
         for col in table.columns:
             if col not in ("verdict", "error"):
-                out[f"{key}:{col}"] = table[col].tolist()
+                out[f"{key}:{col}"] = pd.Series(table[col].tolist(), dtype=object)
     return out

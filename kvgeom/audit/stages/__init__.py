@@ -2,10 +2,11 @@
 
 Importing this package registers them in pipeline order: ``baseline`` → ``layer_sweep`` → ``sensitivity`` →
 ``outliers`` → ``channel_ablation`` → ``pcr`` → ``label`` → ``mitigation`` → ``export`` → ``bit_sweep``, plus the
-opt-in ``agreement``. A new stage is a new file here (imported below) or anywhere else that calls
+opt-in ``agreement`` and, last, ``judges`` (agreement of the ``--judge`` list; skipped with one judge).
+A new stage is a new file here (imported below) or anywhere else that calls
 ``register_stage`` (``docs/extending.md``).
 """
 
 # pipeline order: a stage registers after the stages it reads
 from . import baseline, layer_sweep, sensitivity, outliers, channel_ablation, pcr, label  # noqa: I001, F401
-from . import mitigation, export, bit_sweep, agreement  # noqa: I001, F401
+from . import mitigation, export, bit_sweep, agreement, judges  # noqa: I001, F401
