@@ -208,7 +208,7 @@ def compare_run(run_dir: str | os.PathLike, judges: str | Sequence[Any] | None =
     if judges is None:
         return compare_judges(rows, n_resamples=n_resamples, seed=seed)
     panel = JudgePanel.from_spec(judges)
-    nll = rows["nll"].tolist() if "nll" in rows and rows["nll"].notna().all() else None
+    nll = pd.to_numeric(rows["nll"], errors="coerce").tolist() if "nll" in rows else None  # NaN where unknown
     judged = rejudge(panel, rows["prompt"].astype(str).tolist(), rows["completion"].astype(str).tolist(), nll=nll)
     base = rows[[c for c in rows.columns if not c.startswith(("verdict:", "error:"))]]
     return compare_judges(pd.concat([base, judged], axis=1), list(panel.keys), n_resamples=n_resamples, seed=seed)
