@@ -170,9 +170,11 @@ def compare_judges(rows: pd.DataFrame, keys: Sequence[str] | None = None, *, n_r
         confusion[k] = pd.crosstab(pd.Categorical(a, categories=LABELS), pd.Categorical(b, categories=LABELS),
                                    rownames=[ref], colnames=[k], dropna=False)
     vcols = [f"verdict:{k}" for k in keys]
-    differ = rows[vcols].astype(object).where(rows[vcols].notna(), "error").nunique(axis=1) > 1
+    shown = rows[vcols].astype(object).where(rows[vcols].notna(), "error")  # a row without a verdict says so
+    differ = shown.nunique(axis=1) > 1
     show = [c for c in ("stage", "split", "prompt_id", "plan", "prompt", "completion") if c in rows]
-    dis = rows.loc[differ, show + vcols].rename(columns={f"verdict:{k}": k for k in keys}).reset_index(drop=True)
+    dis = pd.concat([rows.loc[differ, show], shown.loc[differ]], axis=1)
+    dis = dis.rename(columns={f"verdict:{k}": k for k in keys}).reset_index(drop=True)
     return JudgeComparison(keys=keys, pairs=pd.DataFrame(pairs), confusion=confusion,
                            flips=_flip_table(rows, keys), disagreements=dis, errors=errors, n_rows=len(rows))
 
