@@ -40,7 +40,7 @@ from .stage import STAGE_REGISTRY, default_stages, get_stage
 if TYPE_CHECKING:
     from kvgeom.models import KVModel
 
-__all__ = ["AuditResult", "run_audit"]
+__all__ = ["AuditResult", "load", "run_audit"]
 
 
 def _versions() -> dict:
@@ -70,6 +70,30 @@ class AuditResult:
             return pd.concat([f for frames in self.rows_log.values() for f in frames], ignore_index=True)
         return load_rows(self.out) if self.out is not None else pd.DataFrame()
 
+    def summary(self) -> dict[str, Any]:
+        """The key numbers: model, scheme, label, PCR, critical layer, flips, baseline refusal, judges' kappa."""
+        st = self.audit.get("stages") or {}
+        lab, base = st.get("label") or {}, st.get("baseline") or {}
+        out = {"model": (self.audit.get("model") or {}).get("name"), "scheme": self.audit.get("scheme"),
+               "label": lab.get("label"), "PCR": lab.get("pcr"), "critical layer": lab.get("critical_layer"),
+               "worst single-layer flip": lab.get("worst_layer_flip"), "all-layer flip": lab.get("all_layer_flip"),
+               "refusal at full precision": (base.get("calibration") or {}).get("rate"),
+               "judge": (self.audit.get("judge") or {}).get("name")}
+        for p in (st.get("judges") or {}).get("pairs") or []:
+            out[f"kappa vs {p['judge']}"] = p["kappa"] if p["kappa"] is not None else "undefined"
+        return out
+
+    def _repr_html_(self) -> str:
+        """Jupyter: :meth:`summary` as a table and the layer-sweep figure (:mod:`kvgeom.display`)."""
+        from kvgeom.display import result_html
+
+        from .stages.layer_sweep import figure
+
+        st = self.audit.get("stages") or {}
+        fig = figure(st["layer_sweep"], st) if (st.get("layer_sweep") or {}).get("layers") else None
+        where = f" ({self.out})" if self.out is not None else ""
+        return result_html(f"kvgeom audit{where}", self.summary(), fig)
+
     def frame(self, stage: str) -> pd.DataFrame:
         """One stage's result as a table (:func:`kvgeom.audit.stage_frame`)."""
         from .frames import stage_frame
@@ -77,6 +101,17 @@ class AuditResult:
         if stage not in self.audit["stages"]:
             raise KeyError(f"stage {stage!r} was not run; stages here: {', '.join(self.audit['stages'])}")
         return stage_frame(stage, self.audit["stages"][stage])
+
+
+def load(path: str | os.PathLike) -> AuditResult:
+    """The :class:`AuditResult` of a saved run (``path``: its ``--out`` folder, or its ``audit.json``): the same
+    ``audit`` dict :func:`run_audit` returned (as saved), its folder, its stage timings, its rows on demand."""
+    p = Path(path)
+    f = p / "audit.json" if p.is_dir() else p
+    if not f.is_file():
+        raise AuditError(f"{f} does not exist: pass the --out folder of a finished kvgeom audit")
+    audit = json.loads(f.read_text())
+    return AuditResult(audit=audit, out=f.parent, timings=dict(audit.get("timings") or {}))
 
 
 def _check_resume(d: Path, cfg: AuditConfig, judge_id: dict, panel_ids: list[dict]) -> None:

@@ -58,8 +58,8 @@ METRICS = ("rho_geo", "rho_margin", "rho_margin_random", "rho_causal", "attribut
 
 @dataclass(frozen=True)
 class SensitivityProfile:
-    """Per-layer sensitivity (module doc). ``frame``: one row per layer with each metric, its
-    ``_low``/``_high`` CI, ``_defined`` flag and ``_note``, plus the raw effects (``drop_*``, ``d_nll_*``)."""
+    """Per-layer sensitivity (module doc). ``frame``: one row per layer with each metric, its ``_low``/``_high`` CI,
+    ``_defined`` flag and ``_note``, plus the raw effects (``drop_*``, ``d_nll_*``); shows itself in Jupyter."""
 
     scheme: str
     site: str
@@ -69,6 +69,11 @@ class SensitivityProfile:
 
     def to_frame(self) -> pd.DataFrame:
         return self.frame.copy()
+
+    def _repr_html_(self) -> str:  # the per-layer table and plot_sensitivity (kvgeom.display)
+        from kvgeom.display import result_html
+        cols = [c for c in ("layer", "rho_geo", "rho_geo_low", "rho_geo_high", "rho_margin") if c in self.frame]
+        return result_html(f"Sensitivity: {self.scheme}", self.frame[cols], plot_sensitivity(self), note=self.site)
 
     def max(self, metric: str) -> dict:
         """The layer with the largest defined value of ``metric`` and its CI."""
