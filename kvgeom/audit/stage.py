@@ -60,13 +60,15 @@ class Section:
     stage's own result and the audit's ``stages`` dict (for cross-references, e.g. the critical layer).
 
     ``lead=True`` puts the section first on the page (the diagnosis); the others follow in pipeline order.
-    A section whose stage did not run shows "not run"; one whose data is malformed shows the error in place."""
+    A section whose stage did not run shows "not run" (``hide_unless_ran=True``: is left out, e.g. the judges'
+    section of a one-judge audit); one whose data is malformed shows the error in place."""
 
     id: str
     title: str
     how: str
     render: Callable[[StageResult, Mapping[str, Any]], str]
     lead: bool = False
+    hide_unless_ran: bool = False
 
 
 def _no_frame(result: Mapping[str, Any]) -> pd.DataFrame:

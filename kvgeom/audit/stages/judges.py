@@ -39,7 +39,7 @@ STAGE = register_stage(Stage(
     section=Section("judges", "Would another judge agree?",
                     "Every completion of the audit judged by each judge of --judge (the first decided the numbers "
                     "above): Cohen's kappa with a bootstrap CI over rows, the confusion matrix, the flip rate each "
-                    "judge gives, and the rows they disagree on.", render),
+                    "judge gives, and the rows they disagree on.", render, hide_unless_ran=True),
     schema=obj({"judges": {"type": "array"}, "pairs": {"type": "array"}, "flips": {"type": "array"},
                 "disagreements": {"type": "array"}}),
 ))
