@@ -22,9 +22,12 @@ A new judge is one file that defines it and decorates it with ``@register_judge(
 ``tests/judges/``.
 """
 
+from kvgeom.judges import harmbench, llama_guard, strongreject, wildguard  # noqa: F401  (registers them)
 from kvgeom.judges.base import Judge, Verdict, check_lengths, to_verdict, verdict_frame
 from kvgeom.judges.degeneracy import DegeneracyRule, periodic_share, repeated_ngram_share
+from kvgeom.judges.hf import GeneratingClassifier, JudgeWeightsMissing, MalformedAnswers
 from kvgeom.judges.keyword import FAMILY_A_PHRASES, JBB_PHRASES, PHRASE_LISTS, KeywordJudge
+from kvgeom.judges.panel import JUDGE_HELP, JudgePanel, add_judge_argument, judge_keys, rejudge
 from kvgeom.judges.registry import (
     DEFAULT_JUDGE,
     JUDGES,
@@ -34,9 +37,6 @@ from kvgeom.judges.registry import (
     parse_judge_spec,
     register_judge,
 )
-from kvgeom.judges import harmbench, llama_guard, strongreject, wildguard  # noqa: F401  (registers them)
-from kvgeom.judges.hf import GeneratingClassifier, JudgeWeightsMissing, MalformedAnswers
-from kvgeom.judges.panel import JUDGE_HELP, JudgePanel, add_judge_argument, judge_keys, rejudge
 from kvgeom.judges.text import normalize_text, strip_rule_lines, tokenize
 
 __all__ = [
