@@ -17,7 +17,6 @@ import json
 import time
 
 import torch
-
 from audit_gpu import ARCHS, build, sync  # noqa: E402  (run from benchmarks/ or with it on sys.path)
 
 

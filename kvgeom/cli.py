@@ -2,6 +2,7 @@
 
 ``kvgeom info [MODEL]``: facts of a model (layers, heads, KV heads, d_head, chat template, cache path).
 ``kvgeom models``: registered models, installed or not, hash verified or not.
+``kvgeom judges compare RUN_DIR``: agreement of judges on a run's saved completions (:mod:`kvgeom.judge_cli`).
 Bad input: one ``kvgeom: error:`` line, exit code 2, before any work (docs/cli.md, "Errors before work").
 """
 
@@ -15,7 +16,14 @@ from collections.abc import Sequence
 
 from kvgeom.registry import DEFAULT_MODEL
 
-__all__ = ["main", "model_info"]
+__all__ = ["audit_summary", "main", "model_info"]
+
+
+def audit_summary(audit: dict) -> str:
+    """:func:`kvgeom.audit.summary.audit_summary` (its old place; imported lazily, as the CLI imports the audit)."""
+    from kvgeom.audit.summary import audit_summary as summary
+
+    return summary(audit)
 
 
 def model_info(name_or_path: str = DEFAULT_MODEL, *, device: str = "cpu") -> dict:
@@ -85,22 +93,28 @@ def run_sweep(
     batch_size: int = 64,
     out: str | None = None,
     device: str = "cpu",
+    judge: str | None = None,
 ) -> dict:
     """Load a model, run :func:`kvgeom.bitwidth.bit_sweep`, and write ``summary.csv``, ``rows.csv``,
-    ``sweep.json`` and ``sweep.html`` to ``out`` (what ``kvgeom sweep`` does)."""
+    ``sweep.json`` and ``sweep.html`` to ``out`` (what ``kvgeom sweep`` does). ``judge``: ``"A[,B...]"``
+    (:class:`kvgeom.judges.JudgePanel`): A decides; every judge's verdict is a ``verdict:KEY`` column of
+    ``rows.csv`` (``kvgeom judges compare OUT``)."""
     import platform
     import time
     from pathlib import Path
 
+    import pandas as pd
     import torch
     import transformers
 
     import kvgeom
     from kvgeom.bitwidth import bit_sweep, expand_family, plot_bit_sweep
     from kvgeom.io import check_out_dir
+    from kvgeom.judges import JudgePanel, rejudge
     from kvgeom.models import load_model
     from kvgeom.prompts import load_prompts
 
+    panel = JudgePanel.from_spec(judge)  # bad specs refused before any work
     fams = list(families) + list(cache_families)
     if not fams:
         raise ValueError("no families given: pass --family 'int{b}-token-asym' (and/or --cache-family q4_0)")
@@ -117,13 +131,16 @@ def run_sweep(
     modes = {f: {"mode": "cache", "site": "rot_k"} for f in cache_families}
     summary, rows = bit_sweep(m, fams, bits, prompts=prompts, site=site, modes=modes,
                               max_new_tokens=max_new_tokens, ppl_tokens=ppl_tokens, batch_size=batch_size,
-                              progress=True)
+                              progress=True, judge=panel)
+    rows = pd.concat([rows.reset_index(drop=True), rejudge(panel, rows["prompt"].tolist(),
+                                                           rows["completion"].tolist())], axis=1)
     result = {
         "model": m.describe(),
         "prompts": {"name": prompts.name, "source": prompts.source, "n": len(prompts), "sample_seed": 0 if sample
                     else None, "ids": prompts.ids},
         "families": list(families), "cache_families": list(cache_families), "bits": list(bits),
         "site_forward": site, "max_new_tokens": max_new_tokens, "ppl_tokens": ppl_tokens,
+        "judge": panel.identity(), "judges": panel.identities(),
         "onset_bits": summary.attrs["onset_bits"], "timings": {"load_s": load_s, **summary.attrs["timings"]},
         "versions": {"kvgeom": kvgeom.__version__, "torch": torch.__version__,
                      "transformers": transformers.__version__, "python": platform.python_version()},
@@ -147,7 +164,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     res = run_sweep(args.model, families=args.family or [], cache_families=args.cache_family or [], bits=bits,
                     harmful=args.harmful, limit=args.limit, sample=args.sample, max_new_tokens=args.max_new_tokens,
                     ppl_tokens=args.ppl_tokens, site=args.site, batch_size=args.batch_size, out=args.out,
-                    device=args.device)
+                    device=args.device, judge=args.judge)
     s = res["summary_frame"]
     cols = ["scheme", "bits_per_element", "refusal_rate", "refusal_low", "refusal_high", "flip_rate", "flip_low",
             "flip_high", "flip_to_degenerate_rate", "ppl_ratio", "class"]
@@ -156,13 +173,6 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     if args.out:
         print(f"wrote {args.out}/summary.csv, rows.csv, sweep.json, sweep.html")
     return 0
-
-
-def audit_summary(audit: dict) -> str:
-    """:func:`kvgeom.audit.summary.audit_summary` (imported when called: ``kvgeom info`` stays light)."""
-    from kvgeom.audit.summary import audit_summary as summary
-
-    return summary(audit)
 
 
 def until_stable_default(flag: bool | None, device: str = "auto") -> bool:
@@ -250,6 +260,8 @@ def _cmd_sensitivity(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from kvgeom import __version__
+    from kvgeom.judge_cli import add_judges_parser
+    from kvgeom.judges import add_judge_argument
 
     parser = argparse.ArgumentParser(prog="kvgeom", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"kvgeom {__version__}")
@@ -285,8 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="fewer held-out prompts, fractions, seeds and bits")
     p.add_argument("--resume", action="store_true", help="skip stages already saved in --out (refused when --out "
                    "was written with other settings or another judge)")
-    p.add_argument("--judge", default=None, help="judge spec NAME[:KEY=VALUE...] from the judge registry (default "
-                   "'keyword': the paper's refusal phrases plus the degeneracy rule), e.g. keyword:phrases=jbb")
+    add_judge_argument(p)
     p.add_argument("--agreement", action="store_true", help="also derive label and PCR from the held-out prompts "
                    "and report agreement with the calibration prompts' (a second layer sweep)")
     p.add_argument("--flip-prediction", action="store_true", help="also validate prefill flip signals (docs/cli.md)")
@@ -331,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None, help="directory for summary.csv, rows.csv, sweep.json, sweep.html")
+    add_judge_argument(p)
     p.set_defaults(func=_cmd_sweep)
     p = sub.add_parser("sensitivity", help="per-layer geometric sensitivity of a scheme (rho_geo, rho_margin)")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
@@ -345,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="registered models and their install state")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_models)
+    add_judges_parser(sub)
     return parser
 
 

@@ -211,6 +211,18 @@ class FlipStats:
         out.update({"b": self.b, "c": self.c, "mcnemar_p": self.mcnemar_p})
         return out
 
+    def _repr_html_(self) -> str:
+        """Jupyter: each rate with its Wilson CI and counts, and McNemar's p (:mod:`kvgeom.display`)."""
+        from kvgeom.display import result_html
+
+        rows = [{"rate": name.replace("_", " "), "value": r.rate, "low": r.low, "high": r.high, "k": r.k, "n": r.n}
+                for name, r in (("baseline_refusal", self.baseline_refusal), ("quantized_refusal",
+                                self.quantized_refusal), ("flip", self.flip), ("flip_to_complied",
+                                self.flip_to_complied), ("flip_to_degenerate", self.flip_to_degenerate),
+                                ("reverse_flip", self.reverse_flip))]
+        return result_html(f"Flip statistics ({self.n} prompts; class {self.classify()})", rows,
+                           note=f"McNemar exact p = {self.mcnemar_p:.3g} (b = {self.b}, c = {self.c})")
+
     def classify(self, thresholds: Thresholds | None = None) -> str:
         """The conditional flip rate's class under ``thresholds`` (default: the paper's)."""
         return (thresholds or Thresholds()).classify_flip(self.flip.rate)

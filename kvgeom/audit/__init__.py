@@ -26,7 +26,8 @@ Stages are declared values (:class:`Stage`, :mod:`kvgeom.audit.stage`), one file
 exactly the earlier results it declares, saving each stage's result atomically under ``out/stages/`` as it
 completes; with ``resume=True`` finished stages are loaded instead of recomputed (refused when the settings or
 the judge differ). Generation is greedy, so a resumed run gives the same ``audit.json`` as an uninterrupted one.
-A new stage is one file (``docs/extending.md``).
+A new stage is one file (``docs/extending.md``). :func:`load` reads a saved run back as the same
+:class:`AuditResult`, which shows itself in Jupyter (a table of the key numbers and the layer-sweep figure).
 """
 
 from . import stages as _stages  # noqa: F401  (registers the built-in stages)
@@ -35,7 +36,7 @@ from .config import AuditConfig, AuditError, assignment_plan, check_config, fami
 from .frames import stage_frame
 from .inputs import AuditInputs
 from .legacy import LEGACY_STAGES, run_stage
-from .run import AuditResult, run_audit
+from .run import AuditResult, load, run_audit
 from .schema import audit_schema
 from .stage import (
     STAGE_REGISTRY,
@@ -70,7 +71,7 @@ stage_sensitivity = LEGACY_STAGES["sensitivity"]
 __all__ = [
     "STAGES", "STAGE_ORDER", "STAGE_REGISTRY", "AuditConfig", "AuditError", "AuditInputs", "AuditResult", "Section",
     "Stage", "StageResults", "assignment_plan", "audit_schema", "check_config", "check_model", "check_out_space",
-    "default_stages", "estimate_out_bytes", "family_of", "get_stage", "per_channel_twin", "register_stage",
+    "default_stages", "estimate_out_bytes", "family_of", "get_stage", "load", "per_channel_twin", "register_stage",
     "run_audit", "run_stage", "split_prompts", "stage_agreement", "stage_baseline", "stage_bit_sweep",
     "stage_channel_ablation", "stage_export", "stage_frame", "stage_label", "stage_layer_sweep", "stage_mitigation",
     "stage_names", "stage_outliers", "stage_pcr", "stage_sensitivity", "unregister_stage",

@@ -25,7 +25,11 @@ if TYPE_CHECKING:
     from kvgeom.models import KVModel
     from kvgeom.quant.plan import QuantPlan
 
-__all__ = ["AuditInputs", "plan_verdicts"]
+__all__ = ["ROW_COLUMNS", "AuditInputs", "plan_verdicts"]
+
+#: The columns of an evaluated row that an audit keeps for its judges (``out/rows/STAGE.jsonl``).
+ROW_COLUMNS = ("stage", "split", "prompt_id", "plan", "prompt", "completion", "verdict", "settled", "n_tokens",
+               "stopped_at_eos", "nll")
 
 
 def plan_verdicts(rows: pd.DataFrame, plan: str) -> pd.Series:
@@ -44,7 +48,10 @@ class AuditInputs:
     (prompt id, prompt, plan, settings) and a stage rerun on a grown prompt set generates only the new rows;
     ``calibration_record``: how the adaptive mode grew the calibration set (its trajectory), for the label stage;
     ``nonfinite``: stage -> rows of its evaluations whose logits were NaN/inf (verdict ``nonfinite``), which
-    :func:`kvgeom.audit.run_audit` saves with each stage and reports in ``audit.json``.
+    :func:`kvgeom.audit.run_audit` saves with each stage and reports in ``audit.json``;
+    ``rows_log``: every evaluated row, by stage (:meth:`record`), that :func:`kvgeom.audit.run_audit` saves to
+    ``out/rows/STAGE.jsonl`` with each judge's verdict (:func:`kvgeom.judges.rejudge`) and the ``judges`` stage
+    compares.
     """
 
     model: KVModel
@@ -57,13 +64,15 @@ class AuditInputs:
     row_cache: dict | None = field(default=None, compare=False, repr=False)
     calibration_record: Mapping[str, Any] | None = None
     nonfinite: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
+    rows_log: dict | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def build(cls, model: KVModel, cfg: AuditConfig, *, judge: Any = None, bars: bool = False,
               row_cache: bool = False) -> AuditInputs:
         calib, held = split_prompts(cfg)
         border = load_prompts(cfg.borderline, limit=cfg.n_borderline)
-        return cls(model, cfg, calib, held, border, judge=judge, bars=bars, row_cache={} if row_cache else None)
+        return cls(model, cfg, calib, held, border, judge=judge, bars=bars, row_cache={} if row_cache else None,
+                   rows_log={})
 
     def cached(self, key: tuple, compute: Callable[[], Any]) -> Any:
         """``compute()``, kept under ``key`` when the row cache is on (e.g. the perplexity, which does not depend
@@ -111,6 +120,19 @@ class AuditInputs:
         return PromptSet(prompts.name, keep, prompts.source)
 
     # ---- evaluation --------------------------------------------------------------------------------------
+    def record(self, stage: str, rows: pd.DataFrame) -> None:
+        """Keep ``rows`` (evaluated rows: prompt id, prompt, plan, completion, verdict...) under ``stage`` for the
+        judges (:data:`ROW_COLUMNS`); an id ``split\x1fid`` (:meth:`evaluate_splits`) names its split, any other
+        id is looked up in the calibration, held-out and borderline sets."""
+        if self.rows_log is None or rows is None or not len(rows):
+            return
+        split, _, ids = rows["prompt_id"].astype(str).str.rpartition("\x1f").T.to_numpy()
+        where = {**{i: "borderline" for i in self.borderline.ids}, **{i: "held_out" for i in self.held_out.ids},
+                 **{i: "calibration" for i in self.calibration.ids}}
+        split = [s or where.get(i, "other") for s, i in zip(split, ids, strict=True)]
+        keep = rows.assign(prompt_id=ids, split=split, stage=stage)
+        self.rows_log.setdefault(stage, []).append(keep[[c for c in ROW_COLUMNS if c in keep]])
+
     def evaluate(self, prompts: PromptSet, plans: list, *, stage: str, settle: bool | None = None,
                  **kw: Any) -> pd.DataFrame:
         """:func:`kvgeom.evaluate.evaluate` with the audit's settings (batch size, tokens, judge, settling)."""
@@ -135,7 +157,9 @@ class AuditInputs:
                                                 for i, t in zip(f["id"], f["prompt"], strict=True)]))
 
     def _count(self, stage: str, rows: pd.DataFrame) -> pd.DataFrame:
-        """Add the NaN/inf rows of one evaluation to ``nonfinite[stage]``; return ``rows``."""
+        """Record the rows of one evaluation (:meth:`record`) and add its NaN/inf rows to ``nonfinite[stage]``;
+        return ``rows``."""
+        self.record(stage, rows)
         n = int((rows["verdict"] == Verdict.NONFINITE.value).sum())
         self.nonfinite[stage] = self.nonfinite.get(stage, 0) + n
         return rows

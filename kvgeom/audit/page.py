@@ -19,7 +19,7 @@ from typing import Any
 from plotly.offline import get_plotlyjs
 
 from kvgeom.io import atomic_write_text
-from kvgeom.viz.markup import CSS, esc, fmt_num, guarded_section, html_section, html_table
+from kvgeom.viz.markup import CSS, esc, fmt_num, guarded_section, html_section, html_table, stage_ran
 
 from .stage import STAGE_REGISTRY
 from .stages.baseline import summary
@@ -48,7 +48,7 @@ def _stage_sections(stages: Mapping[str, Any], *, lead: bool) -> list[str]:
 
     for stage in sorted(STAGE_REGISTRY.values(), key=place):
         sec = stage.section
-        if sec is None or sec.lead != lead:
+        if sec is None or sec.lead != lead or (sec.hide_unless_ran and not stage_ran(stages.get(stage.name))):
             continue
         out.append(guarded_section(sec.id, sec.title, sec.how, stages.get(stage.name),
                                    lambda result, render=sec.render: render(result, stages)))

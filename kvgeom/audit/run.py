@@ -43,7 +43,7 @@ from kvgeom.io import (
     lock_folder,
     to_jsonable,
 )
-from kvgeom.judges import get_judge, judge_identity
+from kvgeom.judges import JudgePanel
 from kvgeom.prompts import PromptSet
 from kvgeom.quant import Scheme
 
@@ -52,12 +52,13 @@ from .checks import check_model, check_out_space
 from .config import AuditConfig, AuditError, check_config
 from .inputs import AuditInputs
 from .page import render_html
+from .rows import judge_rows, load_rows, rows_path, save_rows
 from .stage import STAGE_REGISTRY, default_stages, get_stage
 
 if TYPE_CHECKING:
     from kvgeom.models import KVModel
 
-__all__ = ["AuditResult", "run_audit"]
+__all__ = ["AuditResult", "load", "run_audit"]
 
 
 def _versions() -> dict:
@@ -78,6 +79,38 @@ class AuditResult:
     audit: dict
     out: Path | None
     timings: dict = field(default_factory=dict)
+    rows_log: dict | None = field(default=None, repr=False)
+
+    @property
+    def rows(self) -> pd.DataFrame:
+        """Every completion of the run with each judge's verdict (``out/rows/*.jsonl``; :mod:`kvgeom.audit.rows`)."""
+        if self.rows_log:
+            return pd.concat([f for frames in self.rows_log.values() for f in frames], ignore_index=True)
+        return load_rows(self.out) if self.out is not None else pd.DataFrame()
+
+    def summary(self) -> dict[str, Any]:
+        """The key numbers: model, scheme, label, PCR, critical layer, flips, baseline refusal, judges' kappa."""
+        st = self.audit.get("stages") or {}
+        lab, base = st.get("label") or {}, st.get("baseline") or {}
+        out = {"model": (self.audit.get("model") or {}).get("name"), "scheme": self.audit.get("scheme"),
+               "label": lab.get("label"), "PCR": lab.get("pcr"), "critical layer": lab.get("critical_layer"),
+               "worst single-layer flip": lab.get("worst_layer_flip"), "all-layer flip": lab.get("all_layer_flip"),
+               "refusal at full precision": (base.get("calibration") or {}).get("rate"),
+               "judge": (self.audit.get("judge") or {}).get("name")}
+        for p in (st.get("judges") or {}).get("pairs") or []:
+            out[f"kappa vs {p['judge']}"] = p["kappa"] if p["kappa"] is not None else "undefined"
+        return out
+
+    def _repr_html_(self) -> str:
+        """Jupyter: :meth:`summary` as a table and the layer-sweep figure (:mod:`kvgeom.display`)."""
+        from kvgeom.display import result_html
+
+        from .stages.layer_sweep import figure
+
+        st = self.audit.get("stages") or {}
+        fig = figure(st["layer_sweep"], st) if (st.get("layer_sweep") or {}).get("layers") else None
+        where = f" ({self.out})" if self.out is not None else ""
+        return result_html(f"kvgeom audit{where}", self.summary(), fig)
 
     def frame(self, stage: str) -> pd.DataFrame:
         """One stage's result as a table (:func:`kvgeom.audit.stage_frame`)."""
@@ -114,7 +147,18 @@ def _saved_stage(path: Path) -> dict | None:
     return saved if isinstance(saved, dict) and "result" in saved and "seconds" in saved else None
 
 
-def _check_resume(d: Path, cfg: AuditConfig, judge_id: dict) -> None:
+def load(path: str | os.PathLike) -> AuditResult:
+    """The :class:`AuditResult` of a saved run (``path``: its ``--out`` folder, or its ``audit.json``): the same
+    ``audit`` dict :func:`run_audit` returned (as saved), its folder, its stage timings, its rows on demand."""
+    p = Path(path)
+    f = p / "audit.json" if p.is_dir() else p
+    if not f.is_file():
+        raise AuditError(f"{f} does not exist: pass the --out folder of a finished kvgeom audit")
+    audit = json.loads(f.read_text())
+    return AuditResult(audit=audit, out=f.parent, timings=dict(audit.get("timings") or {}))
+
+
+def _check_resume(d: Path, cfg: AuditConfig, judge_id: dict, panel_ids: list[dict]) -> None:
     cfg_path = d / "stages" / "_config.json"
     if cfg_path.is_file():
         saved = json.loads(cfg_path.read_text())
@@ -138,6 +182,17 @@ def _check_resume(d: Path, cfg: AuditConfig, judge_id: dict) -> None:
     elif finished:
         raise AuditError(f"--resume: {d} holds finished stages but no record of their judge ({judge_path}; written "
                          "by an older kvgeom): run again without --resume, or with another --out")
+    panel_path = d / "stages" / "_judges.json"
+    saved_panel = json.loads(panel_path.read_text()) if panel_path.is_file() else None
+    if saved_panel is None and finished and len(panel_ids) > 1:
+        raise AuditError(f"--resume: {d} was judged by one judge ({judge_path}; no {panel_path.name}), this run by "
+                         f"{len(panel_ids)}: its finished stages saved no rows for the other judges; resume with "
+                         "--judge set to the first judge alone, or use another --out")
+    if saved_panel is not None and saved_panel != to_jsonable(panel_ids):
+        saved_keys = [j.get("key") for j in saved_panel]
+        raise AuditError(f"--resume: {d} was judged by the judges {saved_keys} ({panel_path}), this run by "
+                         f"{[j['key'] for j in panel_ids]} (names and settings must match): resume with the same "
+                         "--judge list, or use another --out")
 
 
 def _grown(inputs: AuditInputs, d: Path | None, resume: bool,
@@ -201,10 +256,10 @@ def run_audit(
         raise AuditError(f"unknown stages {sorted(unknown)}; valid: {', '.join(STAGE_REGISTRY)}")
     names = tuple(sorted(names, key=lambda s: STAGE_REGISTRY[s].order))
     try:
-        judge_obj = get_judge(judge)
+        panel = JudgePanel.from_spec(judge)
+        judge_id, panel_ids = panel.identity(), panel.identities()
     except (KeyError, ValueError, TypeError) as err:
         raise AuditError(f"--judge: {err}") from None
-    judge_id = judge_identity(judge_obj)
     d = Path(out) if out is not None else None
     with contextlib.ExitStack() as stack:
         if d is not None:
@@ -216,11 +271,12 @@ def run_audit(
             for tmp in [*d.glob(".*.tmp"), *(d / "stages").glob(".*.tmp")]:  # a killed writer's; ours: we hold the lock
                 tmp.unlink(missing_ok=True)
             if resume:
-                _check_resume(d, cfg, judge_id)
-        return _run(cfg, d, names, judge_obj, judge_id, resume=resume, model=model, progress=progress, bars=bars)
+                _check_resume(d, cfg, judge_id, panel_ids)
+        return _run(cfg, d, names, panel, judge_id, panel_ids, resume=resume, model=model, progress=progress, bars=bars)
 
 
-def _run(cfg: AuditConfig, d: Path | None, names: tuple[str, ...], judge_obj: Any, judge_id: dict, *, resume: bool,
+def _run(cfg: AuditConfig, d: Path | None, names: tuple[str, ...], panel: JudgePanel, judge_id: dict,
+         panel_ids: list[dict], *, resume: bool,
          model: KVModel | None, progress: Callable[[str, str], None] | None, bars: bool) -> AuditResult:
     """:func:`run_audit` once its input is checked and ``d`` is locked."""
     results: dict[str, dict] = {}
@@ -232,12 +288,13 @@ def _run(cfg: AuditConfig, d: Path | None, names: tuple[str, ...], judge_obj: An
 
         model = load_model(cfg.model, device=cfg.device)
     timings["load_model"] = time.perf_counter() - t_load
-    inputs = AuditInputs.build(model, cfg, judge=judge_obj, bars=bars, row_cache=cfg.until_stable)
+    inputs = AuditInputs.build(model, cfg, judge=panel, bars=bars, row_cache=cfg.until_stable)
     check_model(inputs)  # schemes that do not apply to this model, prompts longer than its context: before any stage
     if d is not None:
         check_out_space(d, cfg, model)
         _save(d, d / "stages" / "_config.json", cfg.to_dict())
         _save(d, d / "stages" / "_judge.json", judge_id)
+        _save(d, d / "stages" / "_judges.json", panel_ids)
     record = None
     if cfg.until_stable:
         inputs, record = _grown(inputs, d, resume, progress)
@@ -249,6 +306,8 @@ def _run(cfg: AuditConfig, d: Path | None, names: tuple[str, ...], judge_obj: An
             results[name] = saved["result"]
             timings[name] = saved["seconds"]
             nonfinite[name] = int(saved.get("nonfinite", 0))
+            if rows_path(d, name).is_file():
+                inputs.rows_log[name] = [load_rows(d, [name])]
             if progress:
                 progress(name, "resumed")
             continue
@@ -260,6 +319,10 @@ def _run(cfg: AuditConfig, d: Path | None, names: tuple[str, ...], judge_obj: An
         results[name] = stage.run(inputs, stage.results_for(results))
         timings[name] = time.perf_counter() - t0
         nonfinite[name] = inputs.nonfinite.get(name, 0)
+        if inputs.rows_log.get(name):  # every judge's verdict on this stage's completions
+            inputs.rows_log[name] = [judge_rows(inputs.rows_log[name], panel)]
+            if d is not None:
+                save_rows(d, name, inputs.rows_log[name][0])
         if path is not None and d is not None:
             _save(d, path, {"result": results[name], "seconds": timings[name], "nonfinite": nonfinite[name]})
         if progress:
@@ -270,7 +333,7 @@ def _run(cfg: AuditConfig, d: Path | None, names: tuple[str, ...], judge_obj: An
         "schema_version": 1,
         "model": {"name": cfg.model, **{k: v for k, v in model.describe().items() if k != "name"}},
         "scheme": str(Scheme.parse(cfg.scheme)), "versions": _versions(), "seed": cfg.seed,
-        "settings": cfg.to_dict(), "judge": judge_id,
+        "settings": cfg.to_dict(), "judge": judge_id, "judges": panel_ids,
         **({"calibration": to_jsonable(record)} if record is not None else {}),
         "stages": results,
         "nonfinite": {"rows": sum(nonfinite.values()), "by_stage": {k: v for k, v in nonfinite.items() if v}},
@@ -286,4 +349,4 @@ def _run(cfg: AuditConfig, d: Path | None, names: tuple[str, ...], judge_obj: An
             if not is_disk_full(err):
                 raise
             raise AuditError(disk_full_error(d, err, kept="; audit.json and every stage are saved")) from None
-    return AuditResult(audit=audit, out=d, timings=timings)
+    return AuditResult(audit=audit, out=d, timings=timings, rows_log=inputs.rows_log)

@@ -61,7 +61,8 @@ class Section:
 
     ``lead=True`` puts the section first on the page (the deployment table, the diagnosis); the others follow in
     pipeline order. ``position`` orders the sections of one group (default: the stage's ``order``).
-    A section whose stage did not run shows "not run"; one whose data is malformed shows the error in place."""
+    A section whose stage did not run shows "not run" (``hide_unless_ran=True``: is left out, e.g. the judges'
+    section of a one-judge audit); one whose data is malformed shows the error in place."""
 
     id: str
     title: str
@@ -69,6 +70,7 @@ class Section:
     render: Callable[[StageResult, Mapping[str, Any]], str]
     lead: bool = False
     position: float | None = None
+    hide_unless_ran: bool = False
 
 
 def _no_frame(result: Mapping[str, Any]) -> pd.DataFrame:

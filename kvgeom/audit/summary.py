@@ -58,6 +58,11 @@ def audit_summary(audit: dict) -> str:
         lines.append(f"  calibration vs held-out {ag['calibration']['label']} vs {ag['held_out']['label']} "
                      f"({'agree' if ag['agree'] else 'DISAGREE'}; critical layer {ag['calibration']['critical_layer']}"
                      f" vs {ag['held_out']['critical_layer']})")
+    jd = st.get("judges") or {}
+    for p in jd.get("pairs") or []:
+        kap = "undefined" if p.get("kappa") is None else f"{p['kappa']:.2f}"
+        lines.append(f"  judges                 {p['reference']} vs {p['judge']}: agreement "
+                     f"{p['agreement']:.2f} on {p['n']} rows, kappa {kap}")
     if "export" in st:
         lines.append(f"  export                 {st['export'].get('source')}")
     t = audit.get("timings", {})

@@ -58,8 +58,8 @@ METRICS = ("rho_geo", "rho_margin", "rho_margin_random", "rho_causal", "attribut
 
 @dataclass(frozen=True)
 class SensitivityProfile:
-    """Per-layer sensitivity (module doc). ``frame``: one row per layer with each metric, its
-    ``_low``/``_high`` CI, ``_defined`` flag and ``_note``, plus the raw effects (``drop_*``, ``d_nll_*``)."""
+    """Per-layer sensitivity (module doc). ``frame``: one row per layer with each metric, its ``_low``/``_high`` CI,
+    ``_defined`` flag and ``_note``, plus the raw effects (``drop_*``, ``d_nll_*``); shows itself in Jupyter."""
 
     scheme: str
     site: str
@@ -69,6 +69,11 @@ class SensitivityProfile:
 
     def to_frame(self) -> pd.DataFrame:
         return self.frame.copy()
+
+    def _repr_html_(self) -> str:  # the per-layer table and plot_sensitivity (kvgeom.display)
+        from kvgeom.display import result_html
+        cols = [c for c in ("layer", "rho_geo", "rho_geo_low", "rho_geo_high", "rho_margin") if c in self.frame]
+        return result_html(f"Sensitivity: {self.scheme}", self.frame[cols], plot_sensitivity(self), note=self.site)
 
     def max(self, metric: str) -> dict:
         """The layer with the largest defined value of ``metric`` and its CI."""
@@ -81,8 +86,7 @@ class SensitivityProfile:
 
 
 def _ci(stat: Callable[[np.ndarray], float], n: int, n_resamples: int, seed: int) -> tuple[float, float, float]:
-    c = bootstrap_ci(stat, n, n_resamples=n_resamples, seed=seed)
-    return c.estimate, c.low, c.high
+    return (c := bootstrap_ci(stat, n, n_resamples=n_resamples, seed=seed)).estimate, c.low, c.high
 
 
 def _safe_ratio(num: float, den: float, tol: float) -> float:
@@ -98,9 +102,7 @@ def _put(rec: dict, name: str, est_low_high: tuple[float, float, float], note: s
 
 
 def _workers(workers: int | None, n_layers: int, on_gpu: bool = False) -> int:
-    """Threads for the per-layer statistics: automatic is one on a GPU (the work is on the device; threads only
-    contend for it: 30 s with 8 threads vs 19 s with one on an H200 before the statistics moved to the GPU,
-    ``benchmarks/profile_stages.py``), else ``min(8, cpu_count)``."""
+    """Per-layer statistics threads: automatic is 1 on a GPU (threads only contend there), else min(8, cpus)."""
     if workers is not None and workers < 1:
         raise ValueError(f"workers must be >= 1 (or None for automatic), got {workers}")
     auto = 1 if on_gpu else min(8, os.cpu_count() or 1)
@@ -248,8 +250,7 @@ def sensitivity_profile(
     key = (id(model), tuple(harmful), tuple(harmless), site, tuple(layers))
     if key not in cache:
         keep = model.device if model.device.type == "cuda" else "cpu"  # GPU: the statistics run there too
-        cache[key] = (capture_padded(model, bh, [site], layers, chunk=chunk, device=keep),
-                      capture_padded(model, bb, [site], layers, chunk=chunk, device=keep))
+        cache[key] = tuple(capture_padded(model, b, [site], layers, chunk=chunk, device=keep) for b in (bh, bb))
     xh_all, xb_all = cache[key]
     # Per-layer statistics in three phases so that threads can share the host-side float64 work (PCA, QR,
     # bootstrap) without changing a number: subspaces in parallel, the random draws serially in layer order
@@ -388,8 +389,7 @@ def plot_sensitivity(
     for la in critical_layers:
         fig.add_vline(x=la, line_dash="dash", line_color="red", annotation_text=f"critical L{la}")
     fig.add_hline(y=1.0, line_dash="dot", line_color="gray")
-    scheme = profile.scheme if isinstance(profile, SensitivityProfile) else ""
-    site = profile.site if isinstance(profile, SensitivityProfile) else ""
+    scheme, site = (profile.scheme, profile.site) if isinstance(profile, SensitivityProfile) else ("", "")
     fig.update_layout(title=title or f"Per-layer sensitivity of the safety subspace: {scheme} at {site}",
                       xaxis_title="layer", yaxis_title="ratio (log scale)", yaxis_type="log", hovermode="closest")
     return fig

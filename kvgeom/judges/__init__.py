@@ -9,16 +9,25 @@
 * :mod:`kvgeom.judges.text` -- quote mapping, tokens, decorative rule lines;
 * :mod:`kvgeom.judges.degeneracy` -- :class:`DegeneracyRule`, the degeneracy rule and why its thresholds;
 * :mod:`kvgeom.judges.keyword` -- :class:`KeywordJudge` (registered as ``"keyword"``): the paper's 22 refusal
-  phrases or JailbreakBench's list, then the degeneracy rule (a refusal phrase wins).
+  phrases or JailbreakBench's list, then the degeneracy rule (a refusal phrase wins);
+* :mod:`kvgeom.judges.panel` -- :class:`JudgePanel` (``--judge A,B``: the first decides, the others re-judge the
+  same completions), :func:`rejudge` (every judge's verdict, and per-row errors), :func:`add_judge_argument`;
+* classifier judges, loaded with transformers from a local path or the HF cache only (:mod:`kvgeom.judges.hf`):
+  ``wildguard`` (:mod:`kvgeom.judges.wildguard`), ``llama-guard-3-1b`` / ``llama-guard-3-8b``
+  (:mod:`kvgeom.judges.llama_guard`), ``harmbench`` / ``harmbench-mistral`` (:mod:`kvgeom.judges.harmbench`),
+  ``strongreject`` (:mod:`kvgeom.judges.strongreject`, a rubric graded by a model you name).
 
 A new judge is one file that defines it and decorates it with ``@register_judge("NAME")``
 (``docs/extending.md``; ``tests/judges/test_extending_judges.py`` runs the example). Tests:
 ``tests/judges/``.
 """
 
+from kvgeom.judges import harmbench, llama_guard, strongreject, wildguard  # noqa: F401  (registers them)
 from kvgeom.judges.base import Judge, Verdict, check_lengths, to_verdict, verdict_frame
 from kvgeom.judges.degeneracy import DegeneracyRule, periodic_share, repeated_ngram_share
+from kvgeom.judges.hf import GeneratingClassifier, JudgeWeightsMissing, MalformedAnswers
 from kvgeom.judges.keyword import FAMILY_A_PHRASES, JBB_PHRASES, PHRASE_LISTS, KeywordJudge
+from kvgeom.judges.panel import JUDGE_HELP, JudgePanel, add_judge_argument, judge_keys, rejudge
 from kvgeom.judges.registry import (
     DEFAULT_JUDGE,
     JUDGES,
@@ -32,11 +41,19 @@ from kvgeom.judges.text import normalize_text, strip_rule_lines, tokenize
 
 __all__ = [
     "DEFAULT_JUDGE",
+    "JUDGE_HELP",
+    "JudgePanel",
+    "add_judge_argument",
+    "judge_keys",
+    "rejudge",
     "FAMILY_A_PHRASES",
     "JBB_PHRASES",
     "JUDGES",
     "PHRASE_LISTS",
     "DegeneracyRule",
+    "GeneratingClassifier",
+    "JudgeWeightsMissing",
+    "MalformedAnswers",
     "Judge",
     "KeywordJudge",
     "Verdict",

@@ -113,6 +113,14 @@ class Scheme:
             return str(self.k)
         return f"K:{self.k},V:{self.v}"
 
+    def _repr_html_(self) -> str:
+        """Jupyter: the scheme, its family and bits per element (:mod:`kvgeom.display`)."""
+        from kvgeom.display import result_html
+
+        return result_html(f"Scheme {self}", {"keys": str(self.k), "values": str(self.v), "family": self.family,
+                                              "bits per element": self.bits_per_element,
+                                              "bit widths of the family": ", ".join(map(str, self.bit_widths))})
+
     def for_role(self, role: Role) -> KVFormat:
         """The base spec applied to keys (``"k"``) or values (``"v"``)."""
         if role == "k":

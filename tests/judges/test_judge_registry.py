@@ -69,8 +69,8 @@ def test_judge_objects_pass_through():
 
 
 def test_clear_errors():
-    with pytest.raises(ValueError, match=r"unknown judge 'wildguard'; registered judges: .*keyword"):
-        get_judge("wildguard")
+    with pytest.raises(ValueError, match=r"unknown judge 'no-such-judge'; registered judges: .*keyword"):
+        get_judge("no-such-judge")
     with pytest.raises(ValueError, match=r"no setting 'phrase'; its settings: phrases, degeneracy"):
         get_judge("keyword:phrase=jbb")
     with pytest.raises(ValueError, match="unknown phrase list"):

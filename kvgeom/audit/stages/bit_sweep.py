@@ -38,6 +38,8 @@ def run(inputs: AuditInputs, results: StageResults) -> dict:
         progress="bit_sweep" if inputs.bars else False, baseline=baseline_verdicts(base_res),
         known_verdicts={target: reuse} if reuse else None, ppl_tokens=cfg.ppl_tokens, ppl_batch_size=4,
         full_ppl=base_res["perplexity"]["ppl"], known_ppl_ratio={target: base_res["perplexity"]["ppl_ratio"]})
+    # the generated rows only (the reused verdicts carry no completion: their rows are the other stages')
+    inputs.record("bit_sweep", rows[rows["completion"].notna()] if "completion" in rows else rows.iloc[0:0])
     out = []
     for rec in summary[summary["family"] != FULL].to_dict(orient="records"):
         bits = rec["bits"]

@@ -44,15 +44,19 @@ def frame(r: Mapping[str, Any]) -> pd.DataFrame:
     return pd.concat([f, pd.DataFrame([{"layer": "all layers", **r["all_layer"]}])], ignore_index=True)
 
 
-def render(stage: Mapping[str, Any], stages: Mapping[str, Any]) -> str:
+def figure(stage: Mapping[str, Any], stages: Mapping[str, Any]) -> Any:
+    """The layer-sweep figure (flip rate per layer, critical and candidate layers marked) of a stored result."""
     label = stages.get("label") or {}
     th = label.get("thresholds", {})
-    fig = figures.layer_flip_figure(
+    return figures.layer_flip_figure(
         pd.DataFrame(stage["layers"]), critical_layer=label.get("critical_layer"),
         candidates=label.get("candidates", []), candidate_at=th.get("candidate_at", 0.10),
         robust_below=th.get("robust_below", 0.05), all_layer_flip=(stage.get("all_layer") or {}).get("flip"),
         scheme=stage.get("scheme"), tied=(label.get("confidence") or {}).get("tied_with_worst", ()))
-    return fig_html(fig, "fig-layer-sweep")
+
+
+def render(stage: Mapping[str, Any], stages: Mapping[str, Any]) -> str:
+    return fig_html(figure(stage, stages), "fig-layer-sweep")
 
 
 STAGE = register_stage(Stage(
