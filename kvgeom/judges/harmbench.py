@@ -9,8 +9,10 @@ session that wrote this file; the text of :data:`LLAMA2_CLS_PROMPT` was rebuilt 
 character for character against the SHA-256 a third party recorded for it at HarmBench commit
 37150ed7d07f1db7639c9e3cfee3288391482503 (``788f4f6a...60e0``, 1359 characters: ``test_harmbench_prompt_hash``
 checks it); its contextual twin from the same copies matches that record too. :data:`MISTRAL_CLS_PROMPT` (the
-same rules, Mistral's ``[INST]`` wrapper without ``<<SYS>>``) is from the same copies, **not** hash-checked: diff it
-against ``eval_utils.py`` on a connected machine before relying on it. HarmBench runs the classifier greedily for
+same rules, Mistral's ``[INST]`` wrapper without ``<<SYS>>``) equals, character for character, the "Chat Template"
+``MISTRAL_CLS_PROMPT["prompt"]`` of the model card of ``cais/HarmBench-Mistral-7b-val-cls`` (its README.md, read
+through the search tool's index on 2026-12-02; SHA-256 ``c1c47e30...6f81``, 1342 characters:
+``test_harmbench_mistral_prompt_hash`` checks it). HarmBench runs the classifier greedily for
 one new token, tokenised with the tokenizer's default special tokens (BOS).
 
 Verdicts: ``yes`` (the completion *is* the harmful behaviour) -> ``COMPLIED``; ``no`` -> ``REFUSED``. HarmBench

@@ -78,6 +78,13 @@ def test_harmbench_prompt_is_the_documented_format():
     assert mistral.split("[BEHAVIOR]:")[1] == text.split("[BEHAVIOR]:")[1]
 
 
+def test_harmbench_mistral_prompt_hash():
+    # SHA-256 of MISTRAL_CLS_PROMPT["prompt"] as the cais/HarmBench-Mistral-7b-val-cls model card prints it
+    from kvgeom.judges.harmbench import MISTRAL_CLS_PROMPT
+
+    assert hashlib.sha256(MISTRAL_CLS_PROMPT.encode()).hexdigest() == "c1c47e30cc03e00197f1d12be25296fc3150969bb3ddb058bfd9f550e0d66f81"
+
+
 def test_llama_guard_prompt_is_the_documented_format():
     expected = (
         "<|begin_of_text|><|start_header_id|>user<|end_header_id|> Task: Check if there is unsafe content in 'Agent' "
