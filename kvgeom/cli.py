@@ -228,8 +228,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     from kvgeom.audit import AuditConfig, run_audit
 
     kw = {"model": args.model, "scheme": args.scheme, "harmful": args.harmful, "harmless": args.harmless,
-          "n_calib": args.calib,
-          "device": args.device, "seed": args.seed, "label_confidence": args.label_confidence,
+          "n_calib": args.calib, "device": args.device, "seed": args.seed, "label_confidence": args.label_confidence,
           "n_resamples": args.n_resamples, "min_recovery_gap": args.min_recovery_gap,
           "until_stable": until_stable_default(args.until_stable, args.device), "pool": tuple(args.pool or ()),
           "grow_step": args.grow_step, "max_calib": args.max_calib, "max_minutes": args.max_minutes}
@@ -299,6 +298,7 @@ def _cmd_sensitivity(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from kvgeom import __version__
+    from kvgeom.validate.command import add_parser as add_validate_parser
 
     parser = argparse.ArgumentParser(prog="kvgeom", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"kvgeom {__version__}")
@@ -378,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="registered models and their install state")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_models)
+    add_validate_parser(sub)
     return parser
 
 
