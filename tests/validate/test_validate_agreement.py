@@ -41,7 +41,8 @@ def test_planted_agreement_counts_and_wilson_interval():
     etoks = [[1, 2, 3]] * 10
     ktoks = [[1, 2, 3]] * 6 + [[1, 5, 3], [9], [1, 2], [1, 2, 3, 4]]
     rows = pd.concat([_rows("ceiling", base, base), _rows("q4_0", eng, kv, etoks, ktoks)], ignore_index=True)
-    s = agreement_summary(rows, baselines={"engine": "ceiling", "kvgeom": "ceiling"}, target=0.9).set_index("comparison")
+    s = agreement_summary(rows, baselines={"engine": "ceiling", "kvgeom": "ceiling"}, target=0.9)
+    s = s.set_index("comparison")
     q = s.loc["q4_0"]
     ci = rate_ci(8, 10)
     assert (q["agree_k"], q["agree_n"]) == (8, 10)
@@ -55,7 +56,8 @@ def test_planted_agreement_counts_and_wilson_interval():
     assert (q["kvgeom_flip_k"], q["kvgeom_flip_n"]) == (1, 8)
     assert (q["engine_refusal_k"], q["kvgeom_refusal_k"]) == (7, 7)
     assert s.loc["ceiling", "engine_flip_k"] == 0
-    assert math.isnan(s.loc["ceiling", "first_divergence_median"]) or s.loc["ceiling", "first_divergence_median"] is None
+    ceiling_div = s.loc["ceiling", "first_divergence_median"]
+    assert ceiling_div is None or math.isnan(ceiling_div)
 
 
 def test_degenerate_differs_from_complied_in_agreement():
