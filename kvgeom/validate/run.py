@@ -81,7 +81,7 @@ def resolve_gguf(model: str | os.PathLike) -> Path:
 
     name = str(model)
     if name in REGISTRY:
-        return ensure_model_file(name)
+        return ensure_model_file(name).resolve()
     path = Path(name).expanduser()
     if path.suffix.lower() != ".gguf":
         what = "a directory" if path.is_dir() else "a hub name" if not path.exists() else f"a {path.suffix} file"
@@ -92,6 +92,18 @@ def resolve_gguf(model: str | os.PathLike) -> Path:
         raise ModelLoadError(f"GGUF file {path} does not exist")
     check_gguf(path)
     return path.resolve()
+
+
+def _load_name(model: str | os.PathLike, gguf: Path) -> str:
+    """What kvgeom loads: a registered name as given, and a path to a registered model's own GGUF by its name (the
+    same verified file, whose fp32 conversion is already cached), any other GGUF by its path."""
+    from kvgeom.registry import REGISTRY, cache_dir
+
+    for name, reg in REGISTRY.items():
+        own = cache_dir() / reg.name / reg.filename
+        if own.is_file() and own.resolve() == gguf:
+            return name
+    return str(model)
 
 
 def _gguf_template(path: Path) -> str | None:
@@ -167,7 +179,7 @@ def validate_engine(
         from kvgeom.models import load_model
 
         say("loading the model into kvgeom")
-        kv_model = load_model(str(model), device=device)
+        kv_model = load_model(_load_name(model, gguf_path), device=device)
     timings["load_s"] = time.perf_counter() - t0
     d_head = kv_model.d_head
     engine_fmts = list(dict.fromkeys([EngineFormat(FULL_PRECISION, FULL_PRECISION), *fmts]))
