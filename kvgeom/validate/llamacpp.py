@@ -7,8 +7,9 @@ without it) and llama.cpp's own Hadamard rotation (on by default for quantized t
 of 64; ``rotation=False`` sets ``LLAMA_ATTN_ROT_DISABLE=1`` while the context is built, which is when
 ``src/llama-kv-cache.cpp`` reads it). Each prompt's text is tokenized by llama.cpp (``special=True``, no BOS
 added: the chat template writes its own), evaluated in one batch, then decoded greedily (argmax of the last
-position's logits, first index on ties, as ``torch.argmax``) until an end-of-generation token
-(``llama_vocab_is_eog``, not returned) or ``max_new_tokens`` tokens, the way kvgeom's generation counts them.
+position's logits, first index on ties, as ``torch.argmax``) until a stop token (not returned; llama.cpp's
+end-of-generation set ``llama_vocab_is_eog`` unless ``stop_tokens`` is given) or ``max_new_tokens`` tokens, the way
+kvgeom's generation counts them.
 
 Proved by ``tests/validate/test_validate_llamacpp.py`` (a tiny GGUF end to end; skipped when llama_cpp is not
 importable) and ``tests/validate/test_validate_errors.py`` (the missing-extra message).
@@ -17,7 +18,7 @@ importable) and ``tests/validate/test_validate_errors.py`` (the missing-extra me
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,8 +27,8 @@ from tqdm.auto import tqdm
 
 from .types import EngineFormat
 
-__all__ = ["PORTABLE_CMAKE_ARGS", "EngineNotInstalledError", "EngineRun", "import_llama_cpp", "llama_cpp_generate",
-           "llama_cpp_info"]
+__all__ = ["PORTABLE_CMAKE_ARGS", "EngineNotInstalledError", "EngineRun", "import_llama_cpp", "llama_cpp_eog",
+           "llama_cpp_generate", "llama_cpp_info"]
 
 #: a portable CPU build of llama-cpp-python: no -march=native, explicit AVX2/FMA/F16C, AVX-512 and AMX off
 #: (a native build crashed on machines with AMX units); the option names are ggml/CMakeLists.txt's
@@ -64,6 +65,19 @@ def llama_cpp_info() -> dict[str, str]:
     return info
 
 
+def llama_cpp_eog(gguf: str | os.PathLike) -> set[int]:
+    """The tokens llama.cpp ends generation at for ``gguf`` (``llama_vocab_is_eog``; the vocabulary alone is read)."""
+    lc = import_llama_cpp()
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(gguf), vocab_only=True, verbose=False)
+    try:
+        vocab = lc.llama_model_get_vocab(llm.model)
+        return {i for i in range(llm.n_vocab()) if lc.llama_vocab_is_eog(vocab, i)}
+    finally:
+        llm.close()
+
+
 @dataclass(frozen=True)
 class EngineRun:
     """One prompt's greedy run: the prompt's llama.cpp tokens, the generated tokens (EOS excluded), whether it
@@ -95,18 +109,23 @@ def _ggml_type(lc: Any, name: str) -> int:
     return int(getattr(lc, f"GGML_TYPE_{name.upper()}"))
 
 
-def _greedy(lc: Any, llm: Any, ids: list[int], max_new_tokens: int) -> tuple[list[int], bool]:
+def _greedy(lc: Any, llm: Any, ids: list[int], max_new_tokens: int,
+            stop_tokens: frozenset[int] | None) -> tuple[list[int], bool]:
     import numpy as np
 
     vocab = lc.llama_model_get_vocab(llm.model)
     n_vocab = llm.n_vocab()
+
+    def stops(tok: int) -> bool:
+        return tok in stop_tokens if stop_tokens is not None else bool(lc.llama_vocab_is_eog(vocab, tok))
+
     llm.reset()
     llm.eval(ids)
     out: list[int] = []
     for step in range(max_new_tokens):
         logits = np.ctypeslib.as_array(lc.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,))
         tok = int(np.argmax(logits))
-        if lc.llama_vocab_is_eog(vocab, tok):
+        if stops(tok):
             return out, True
         out.append(tok)
         if step + 1 < max_new_tokens:
@@ -122,13 +141,16 @@ def llama_cpp_generate(
     max_new_tokens: int = 32,
     rotation: bool = True,
     threads: int | None = None,
+    stop_tokens: Iterable[int] | None = None,
     progress: bool | str = False,
 ) -> list[EngineRun]:
-    """Greedy-generate each chat-formatted ``texts`` entry with llama.cpp under cache format ``fmt``."""
+    """Greedy-generate each chat-formatted ``texts`` entry with llama.cpp under cache format ``fmt``; a row stops at
+    one of ``stop_tokens`` (None: llama.cpp's end-of-generation tokens, ``llama_vocab_is_eog``)."""
     lc = import_llama_cpp()
     from llama_cpp import Llama
 
     threads = threads or max(1, min(os.cpu_count() or 1, 8))
+    stop = None if stop_tokens is None else frozenset(int(t) for t in stop_tokens)
     # a token covers at least one byte of text (special tokens more), so this context holds every prompt
     longest = max((len(t.encode("utf-8")) for t in texts), default=1)
     n_ctx = -(-(longest + max_new_tokens + 8) // 256) * 256
@@ -142,7 +164,7 @@ def llama_cpp_generate(
                    leave=False)
         for text in bar:
             ids = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
-            toks, eos = _greedy(lc, llm, ids, max_new_tokens)
+            toks, eos = _greedy(lc, llm, ids, max_new_tokens, stop)
             runs.append(EngineRun(tuple(ids), tuple(toks), eos))
         return runs
     finally:

@@ -11,7 +11,9 @@ llama.cpp can run, that llama-cpp-python is importable, the prompts, the judge, 
    (:meth:`~kvgeom.validate.types.EngineFormat.kvgeom_scheme`, llama.cpp's rotation rule included), plus the
    fp32 model with no cache quantization;
 3. llama.cpp: the same rendered texts, tokenized by llama.cpp, under ``type_k``/``type_v`` with flash attention,
-   greedy (:func:`~kvgeom.validate.llamacpp.llama_cpp_generate`), its f16 cache always among them;
+   greedy (:func:`~kvgeom.validate.llamacpp.llama_cpp_generate`), its f16 cache always among them, stopping at
+   kvgeom's EOS tokens (``KVModel.eos_token_ids``) so both sides stop alike (llama.cpp's own end-of-generation
+   set is often wider, e.g. Qwen's ``<|endoftext|>``; ``info["engine_eog_only"]`` lists those tokens);
 4. both sides' tokens decoded by kvgeom's tokenizer (equal tokens give equal text) and judged by the same judge;
 5. :func:`~kvgeom.validate.agreement.agreement_summary` per comparison: the ceiling ``fp32 vs f16`` (kvgeom's
    fp32 model against llama.cpp's default f16 cache: what the Q4_K_M weights computed on quantized activations,
@@ -35,7 +37,7 @@ from typing import Any
 import pandas as pd
 
 from .agreement import AGREEMENT_TARGET, agreement_summary
-from .llamacpp import import_llama_cpp, llama_cpp_generate, llama_cpp_info
+from .llamacpp import import_llama_cpp, llama_cpp_eog, llama_cpp_generate, llama_cpp_info
 from .types import FULL_PRECISION, EngineFormat, parse_formats
 
 __all__ = ["CEILING", "ENGINES", "Validation", "check_engine", "resolve_gguf", "validate_engine"]
@@ -198,7 +200,8 @@ def validate_engine(
     for f in engine_fmts:
         say(f"llama.cpp: {f}")
         eng[f] = llama_cpp_generate(gguf_path, texts, f, max_new_tokens=max_new_tokens, rotation=rotation,
-                                    threads=threads, progress=f"llama.cpp {f}" if bars else False)
+                                    threads=threads, stop_tokens=kv_model.eos_token_ids,
+                                    progress=f"llama.cpp {f}" if bars else False)
     timings["engine_s"] = time.perf_counter() - t2
 
     tok = kv_model.tokenizer
@@ -230,6 +233,7 @@ def validate_engine(
         "rotation": rotation, "d_head": d_head, "max_new_tokens": max_new_tokens, "target": target,
         "prompts": {"name": ps.name, "source": ps.source, "n": len(ps), "ids": ps.ids},
         "judge": judge_identity(judge),
+        "engine_eog_only": sorted(llama_cpp_eog(gguf_path) - kv_model.eos_token_ids),
         "chat_template_equal": template is not None
         and template == (kv_model.chat_template or getattr(kv_model.tokenizer, "chat_template", None)),
         "timings": timings, "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},

@@ -39,7 +39,8 @@ def test_llama_cpp_reads_the_tiny_gguf_as_kvgeom_does(tiny):
     """Same prompt tokens; at an f16 cache with F32 weights llama.cpp's greedy tokens are kvgeom's fp16 ones."""
     path, model = tiny
     texts = model.format_chat(PROMPTS)
-    runs = llama_cpp_generate(path, texts, EngineFormat("f16", "f16"), max_new_tokens=6, threads=2)
+    runs = llama_cpp_generate(path, texts, EngineFormat("f16", "f16"), max_new_tokens=6, threads=2,
+                              stop_tokens=model.eos_token_ids)
     for text, run in zip(texts, runs, strict=True):
         assert list(run.prompt_tokens) == model.tokenizer(text, add_special_tokens=False)["input_ids"]
         assert 0 < len(run.tokens) <= 6 or run.stopped_at_eos
