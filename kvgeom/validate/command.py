@@ -68,7 +68,7 @@ def _run(args: argparse.Namespace) -> int:
     v = validate_engine(args.model, engine=args.engine, formats=args.formats, prompts=args.prompts, n=args.n,
                         judge=args.judge, max_new_tokens=args.max_new_tokens, rotation=not args.no_rotation,
                         threads=args.threads, batch_size=args.batch_size, device=args.device, out=args.out,
-                        progress=say)
+                        progress=say, bars=True)
     print(validation_summary(v))
     if args.out:
         print(f"wrote {args.out}/validate.json, summary.csv, rows.csv")

@@ -148,17 +148,20 @@ def validate_engine(
     out: str | os.PathLike | None = None,
     kv_model: Any = None,
     progress: bool | Callable[[str], None] = False,
+    bars: bool | None = None,
 ) -> Validation:
     """Run ``prompts`` (a bundled name, a path, a list or a PromptSet; the first ``n``) through ``engine`` with each
     of ``formats`` (default :data:`~kvgeom.validate.types.DEFAULT_FORMATS`) and through kvgeom's simulation of the
     same format; judge both with ``judge`` (a spec or object; default the keyword judge) and compare (module
     docstring). ``rotation=False``: llama.cpp with ``LLAMA_ATTN_ROT_DISABLE=1`` and kvgeom without ``+rot``.
-    ``kv_model``: an already loaded :class:`kvgeom.KVModel` of the same GGUF (skips loading)."""
+    ``kv_model``: an already loaded :class:`kvgeom.KVModel` of the same weights (skips loading). ``progress``: True
+    for tqdm bars, or a function given one line per step; ``bars``: tqdm bars as well (default: ``progress is
+    True``)."""
     from kvgeom.evaluate import as_prompt_set
     from kvgeom.judges import get_judge, judge_identity
 
     say = progress if callable(progress) else (lambda _m: None)
-    bars = progress is True
+    bars = progress is True if bars is None else bars
     engine = check_engine(engine)
     fmts = parse_formats(formats)
     if max_new_tokens < 1:
