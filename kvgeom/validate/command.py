@@ -33,18 +33,18 @@ def validation_summary(v: Validation) -> str:
     head = (f"kvgeom validate: {info['model']['name']} through {info['engine']} "
             f"(llama-cpp-python {info['engine_info'].get('llama_cpp_python', '?')}), {info['prompts']['n']} prompts "
             f"of {info['prompts']['name']}, {info['max_new_tokens']} new tokens, judge {info['judge']['name']}")
-    cols = f"  {'format':<12}{'kvgeom scheme':<24}{'refusal kvgeom':<24}{'refusal llama.cpp':<24}" \
-           f"{'flip kvgeom':<24}{'flip llama.cpp':<24}{'verdict agreement':<24}{'same tokens':<22}first diff"
+    cols = f"  {'format':<12}{'kvgeom scheme':<24}{'refusal kvgeom':<27}{'refusal llama.cpp':<27}" \
+           f"{'flip kvgeom':<27}{'flip llama.cpp':<27}{'verdict agreement':<29}{'same tokens':<27}first diff"
     lines = [head, cols]
     for rec in v.summary.to_dict(orient="records"):
         is_ceiling = rec["comparison"] == CEILING
         fd = rec.get("first_divergence_median")
         lines.append(
             f"  {rec['comparison'] if is_ceiling else rec['format']:<12}{rec['kvgeom_scheme']:<24}"
-            f"{_rate(rec, 'kvgeom_refusal_'):<24}{_rate(rec, 'engine_refusal_'):<24}"
-            f"{'-' if is_ceiling else _rate(rec, 'kvgeom_flip_'):<24}"
-            f"{'-' if is_ceiling else _rate(rec, 'engine_flip_'):<24}"
-            f"{_rate(rec, 'agree_') + (' *' if not rec['target_met'] else ''):<24}{_rate(rec, 'identical_'):<22}"
+            f"{_rate(rec, 'kvgeom_refusal_'):<27}{_rate(rec, 'engine_refusal_'):<27}"
+            f"{'-' if is_ceiling else _rate(rec, 'kvgeom_flip_'):<27}"
+            f"{'-' if is_ceiling else _rate(rec, 'engine_flip_'):<27}"
+            f"{_rate(rec, 'agree_') + (' *' if not rec['target_met'] else ''):<29}{_rate(rec, 'identical_'):<27}"
             f"{'-' if fd is None or fd != fd else f'{fd:.0f}'}")
     lines.append(f"  {CEILING}: kvgeom's fp32 model (no cache quantization) against llama.cpp's f16 cache, the "
                  "ceiling of agreement; flips: against each side's own full-precision run; * below the "
