@@ -262,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     from kvgeom import __version__
     from kvgeom.judge_cli import add_judges_parser
     from kvgeom.judges import add_judge_argument
+    from kvgeom.validate.command import add_parser as add_validate_parser
 
     parser = argparse.ArgumentParser(prog="kvgeom", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"kvgeom {__version__}")
@@ -358,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_models)
     add_judges_parser(sub)
+    add_validate_parser(sub)
     return parser
 
 

@@ -4,7 +4,8 @@ Used by the test-suite, the notebooks' smoke settings and the GPU benchmarks (wh
 random-weight models from the same configs: timing does not depend on weight values).
 
 :func:`tiny_tokenizer` trains a small byte-level BPE tokenizer in memory, with a ChatML chat template,
-so that tiny models can be chat-formatted exactly like real ones.
+so that tiny models can be chat-formatted exactly like real ones. :func:`write_tiny_gguf` writes a tiny random
+qwen2 model with that tokenizer as a GGUF that both llama.cpp and kvgeom load (``tests/validate/``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ __all__ = [
     "tiny_hf_model",
     "tiny_model",
     "tiny_tokenizer",
+    "write_tiny_gguf",
 ]
 
 CHATML_TEMPLATE = (
@@ -140,6 +142,58 @@ def tiny_model(arch: str = "llama", *, seed: int = 0, n_layers: int = 3, device:
 
     hf, tok = tiny_hf_model(arch, seed=seed, n_layers=n_layers, **overrides)
     return wrap_hf_model(hf, tok, name=f"tiny-{arch}", device=device)
+
+
+def write_tiny_gguf(path: Any, *, seed: int = 0, n_layers: int = 2) -> Any:
+    """Write :func:`tiny_hf_model` ``("qwen2")`` (vocabulary cut to :func:`tiny_tokenizer`'s) as an F32 GGUF with
+    the tokenizer (byte-level BPE: tokens, merges, control tokens, ``tokenizer.ggml.pre = qwen2``), its ChatML
+    template and ``<|im_end|>`` as EOS; what llama.cpp needs to run it and ``transformers`` to read it back
+    (qwen2 uses NeoX RoPE, so no Q/K permutation is involved). Returns the HF model written."""
+    import json
+
+    import gguf
+
+    tok = tiny_tokenizer()
+    hf, _ = tiny_hf_model("qwen2", seed=seed, n_layers=n_layers, vocab_size=len(tok))
+    cfg = hf.config
+    model = json.loads(tok.backend_tokenizer.to_str())["model"]
+    vocab = sorted(model["vocab"].items(), key=lambda kv: kv[1])
+    assert [i for _, i in vocab] == list(range(len(tok))), "tiny tokenizer ids are not contiguous"
+    specials = set(tok.all_special_tokens) | {"<|im_start|>"}
+    w = gguf.GGUFWriter(str(path), "qwen2")
+    w.add_name("kvgeom-tiny-qwen2")
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_freq_base(float(getattr(cfg, "rope_theta", None) or cfg.rope_parameters["rope_theta"]))
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    w.add_token_list([t for t, _ in vocab])
+    w.add_token_types([gguf.TokenType.CONTROL if t in specials else gguf.TokenType.NORMAL for t, _ in vocab])
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in model["merges"]])
+    w.add_eos_token_id(tok.convert_tokens_to_ids("<|im_end|>"))
+    w.add_pad_token_id(tok.pad_token_id)
+    w.add_bos_token_id(tok.pad_token_id)
+    w.add_add_bos_token(False)
+    w.add_chat_template(CHATML_TEMPLATE)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2, cfg.num_hidden_layers)
+    for name, t in hf.state_dict().items():
+        if name.endswith("rotary_emb.inv_freq"):
+            continue
+        gname = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        if gname is None:
+            raise ValueError(f"no GGUF name for {name}")
+        w.add_tensor(gname, t.detach().float().numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return hf
 
 
 class ChecksumJudge:
