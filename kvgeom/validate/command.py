@@ -12,6 +12,8 @@ import argparse
 import time
 from typing import Any
 
+from kvgeom.judges import add_judge_argument
+
 from .run import CEILING, Validation, validate_engine
 from .types import DEFAULT_FORMATS
 
@@ -87,7 +89,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--prompts", default="calibration", help="prompts: bundled name or path (default: calibration, "
                    "the audit's 20 harmful calibration prompts)")
     p.add_argument("--n", type=int, default=None, help="use only the first N prompts")
-    p.add_argument("--judge", default=None, help="judge spec NAME[:KEY=VALUE...] (default 'keyword', as the audit)")
+    add_judge_argument(p)
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated per completion (default 32, "
                    "as the audit)")
     p.add_argument("--no-rotation", action="store_true", help="llama.cpp with LLAMA_ATTN_ROT_DISABLE=1, kvgeom "

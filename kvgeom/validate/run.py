@@ -158,7 +158,7 @@ def validate_engine(
     for tqdm bars, or a function given one line per step; ``bars``: tqdm bars as well (default: ``progress is
     True``)."""
     from kvgeom.evaluate import as_prompt_set
-    from kvgeom.judges import get_judge, judge_identity
+    from kvgeom.judges import JudgePanel, rejudge
 
     say = progress if callable(progress) else (lambda _m: None)
     bars = progress is True if bars is None else bars
@@ -173,7 +173,7 @@ def validate_engine(
     ps = as_prompt_set(prompts)
     if n is not None:
         ps = ps.head(n)
-    judge = get_judge(judge)
+    panel = JudgePanel.from_spec(judge)  # --judge A,B: A decides, B re-judges the same completions
     if out is not None:
         from kvgeom.io import check_out_dir
 
@@ -223,8 +223,11 @@ def validate_engine(
     rows["engine_completion"] = [tok.decode(t, skip_special_tokens=True) for t in rows["engine_tokens"]]
     rows["kvgeom_completion"] = [tok.decode(t, skip_special_tokens=True) for t in rows["kvgeom_tokens"]]
     for side in ("engine", "kvgeom"):
-        verdicts = judge.judge(rows["prompt"].tolist(), rows[f"{side}_completion"].tolist())
+        verdicts = panel.judge(rows["prompt"].tolist(), rows[f"{side}_completion"].tolist())
         rows[f"{side}_verdict"] = [getattr(v, "value", v) for v in verdicts]
+        if panel.others:  # every judge's verdict on the same completions, for `kvgeom judges compare`
+            every = rejudge(panel, rows["prompt"].tolist(), rows[f"{side}_completion"].tolist())
+            rows[[f"{side}_{c}" for c in every.columns]] = every.to_numpy()
     rows["agree"] = rows["engine_verdict"] == rows["kvgeom_verdict"]
     summary = agreement_summary(rows, baselines={"engine": CEILING, "kvgeom": CEILING}, target=target)
     timings["total_s"] = time.perf_counter() - t0
@@ -235,7 +238,7 @@ def validate_engine(
         "formats": [str(f) for f in fmts], "kvgeom_schemes": {str(f): s for f, s in scheme_of.items()},
         "rotation": rotation, "d_head": d_head, "max_new_tokens": max_new_tokens, "target": target,
         "prompts": {"name": ps.name, "source": ps.source, "n": len(ps), "ids": ps.ids},
-        "judge": judge_identity(judge),
+        "judge": panel.identity(), "judges": panel.identities(),
         "engine_eog_only": sorted(llama_cpp_eog(gguf_path) - kv_model.eos_token_ids),
         "chat_template_equal": template is not None
         and template == (kv_model.chat_template or getattr(kv_model.tokenizer, "chat_template", None)),

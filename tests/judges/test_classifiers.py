@@ -82,7 +82,8 @@ def test_harmbench_mistral_prompt_hash():
     # SHA-256 of MISTRAL_CLS_PROMPT["prompt"] as the cais/HarmBench-Mistral-7b-val-cls model card prints it
     from kvgeom.judges.harmbench import MISTRAL_CLS_PROMPT
 
-    assert hashlib.sha256(MISTRAL_CLS_PROMPT.encode()).hexdigest() == "c1c47e30cc03e00197f1d12be25296fc3150969bb3ddb058bfd9f550e0d66f81"
+    assert hashlib.sha256(MISTRAL_CLS_PROMPT.encode()).hexdigest() == \
+        "c1c47e30cc03e00197f1d12be25296fc3150969bb3ddb058bfd9f550e0d66f81"
 
 
 def test_llama_guard_prompt_is_the_documented_format():

@@ -76,8 +76,11 @@ def test_the_cli_prints_the_table(tiny, tmp_path, capsys):
     prompts = tmp_path / "p.txt"
     prompts.write_text("\n".join(PROMPTS[:2]) + "\n")
     assert main(["validate", str(path), "--formats", "q4_0", "--prompts", str(prompts), "--max-new-tokens", "4",
-                 "--threads", "2", "--out", str(tmp_path / "out"), "--no-rotation"]) == 0
+                 "--threads", "2", "--out", str(tmp_path / "out"), "--no-rotation",
+                 "--judge", "keyword,keyword:phrases=jbb"]) == 0
     out = capsys.readouterr().out
     assert "kvgeom validate:" in out and CEILING in out and "q4_0" in out and "rotation off" in out
     saved = json.loads((tmp_path / "out" / "validate.json").read_text())
     assert saved["kvgeom_schemes"] == {"q4_0": "q4_0"} and not saved["rotation"]
+    assert [j["name"] for j in saved["judges"]] == ["keyword", "keyword"]  # --judge A,B: A decides, B re-judges
+    assert {"engine_verdict:keyword:phrases=jbb", "kvgeom_verdict:keyword:phrases=jbb"} <= set(saved["rows"][0])
