@@ -13,7 +13,7 @@ def _noop(inputs, results):
 
 def test_builtin_stages_in_pipeline_order():
     assert default_stages() == ("baseline", "layer_sweep", "sensitivity", "outliers", "channel_ablation", "pcr",
-                                "label", "mitigation", "export", "bit_sweep", "judges")
+                                "label", "mitigation", "export", "engine_matrix", "bit_sweep", "judges")
     assert stage_names(default_only=False)[-2:] == ("agreement", "judges")  # judges last: it reads every row
     for s in STAGE_REGISTRY.values():  # every stage reads only earlier stages
         assert all(STAGE_REGISTRY[d].order < s.order for d in s.reads), s.name

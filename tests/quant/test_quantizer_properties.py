@@ -26,7 +26,8 @@ from kvgeom.quant.scheme import GGML_TYPES
 
 SCHEMES = ["none", "fp16", "bf16", "int4-tensor-sym", "int4-token-asym", "int2-channel-asym", "int8-head-sym",
            "int3-group32-asym", "int4-group64-sym", *GGML_TYPES, "q4_0+rot", "q8_0+rot", "fp8_e4m3", "fp8_e5m2",
-           "fp8_e4m3@amax", "fp8_e5m2@amax", "kivi2", "kivi4-g32-r32", "kivi2-g64-r128"]
+           "fp8_e4m3@amax", "fp8_e5m2@amax", "kivi2", "kivi4-g32-r32", "kivi2-g64-r128",
+           "int8_per_token_head", "fp8_per_token_head", "int4_per_token_head", "quanto4", "quanto2-g32-r16"]
 IDEMPOTENT = ["none", "fp16", "bf16", "fp8_e4m3", "fp8_e5m2", "int4-tensor-sym", "int3-token-sym", "int8-head-sym",
               "int2-channel-sym", "int4-group32-sym", "q8_0", "q4_0", "q5_0"]
 FP16_MAX = 65504.0

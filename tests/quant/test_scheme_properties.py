@@ -23,6 +23,11 @@ VALID = {
                       + (f"-r{(g if show_g else 32) * k}" if show_r else ""),
                       st.sampled_from([2, 4]), st.sampled_from([16, 32, 64]), st.integers(1, 8), st.booleans(),
                       st.booleans()),
+    "vllm_per_token_head": st.sampled_from(["int8_per_token_head", "fp8_per_token_head", "int4_per_token_head"]),
+    "hf_quanto": st.builds(lambda b, g, r, show_g, show_r: f"quanto{b}" + (f"-g{g}" if show_g else "")
+                           + (f"-r{r}" if show_r else ""),
+                           st.sampled_from([2, 4]), st.integers(1, 256), st.integers(1, 512), st.booleans(),
+                           st.booleans()),
 }
 BASE = st.one_of(*VALID.values())
 SCHEME = BASE | st.builds("K:{},V:{}".format, BASE, BASE)

@@ -127,7 +127,7 @@ STAGE = register_stage(Stage(
                     "decoded, and scored against the generated verdict: ROC curves with AUROC and 95% prompt-"
                     "bootstrap CIs; the combined logistic regression is scored out of fold (folds by prompt). The "
                     "second figure shows predicted (mean out-of-fold probability) against measured flip rate per "
-                    "configuration.", render),
+                    "configuration.", render, hide_unless_ran=True),
     schema=obj({"n_rows": {"type": "integer"}}, validation={"type": "object"}, rows={"type": "array"},
                screen_thresholds={"type": "array"}),
 ))
