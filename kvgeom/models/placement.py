@@ -11,7 +11,8 @@ from the device map alone (no model, no GPU needed, so they are unit-tested on t
 * :func:`module_device`: the execution device of one module, by the longest map key that is a prefix of its name;
 * :func:`layer_devices`: each decoder layer's execution device (``decoder_layer_names`` finds the layers' names in a
   HF model);
-* :func:`input_device`: where inputs go (the embedding's execution device: what kvgeom calls ``model.device``).
+* :func:`input_device`: where inputs go (the embedding's execution device: what kvgeom calls ``model.device``);
+* :func:`placement_kwargs` / :func:`parse_max_memory`: ``--device-map`` / ``--max-memory`` checked before any work.
 
 :class:`PerDevice` holds one tensor's copies by device, each made once: code that runs per layer (hooks, the
 cache) asks it for the copy on the layer's device instead of moving the tensor on every call.
@@ -22,14 +23,20 @@ made once per device, and hooks/cache selection indexing on each layer's device)
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["PerDevice", "decoder_layer_names", "execution_device", "input_device", "layer_devices", "main_device",
-           "module_device"]
+__all__ = ["DEVICE_MAP_STRATEGIES", "PerDevice", "decoder_layer_names", "execution_device", "input_device",
+           "layer_devices", "main_device", "module_device", "parse_max_memory", "placement_kwargs"]
+
+#: the ``device_map`` strategies HF/accelerate accept by name (a dict, or a JSON file of one, is the other form)
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 
 _OFFLOAD = ("cpu", "disk")
 
@@ -93,6 +100,61 @@ def decoder_layer_names(hf: Any, n_layers: int) -> list[str]:
         if isinstance(module, torch.nn.ModuleList) and len(module) == n_layers:
             return [f"{name}.{i}" for i in range(n_layers)]
     raise ValueError(f"{type(hf).__name__} has no list of {n_layers} decoder layers")
+
+
+_SIZE = re.compile(r"^\d+(\.\d+)?\s*([KMGT]i?B|B)?$", re.IGNORECASE)
+
+
+def parse_max_memory(text: str) -> dict[int | str, str]:
+    """``"0=70GiB,1=70GiB,cpu=200GiB"`` → ``{0: "70GiB", 1: "70GiB", "cpu": "200GiB"}`` (accelerate's
+    ``max_memory``); keys are GPU indices, ``cpu`` or ``disk``, sizes a number with an optional unit (B, KB, KiB,
+    MB, MiB, GB, GiB, TB, TiB). A bad entry raises ``ValueError`` naming it and the form."""
+    form = "use DEVICE=SIZE pairs, comma-separated, e.g. '0=70GiB,1=70GiB,cpu=200GiB'"
+    out: dict[int | str, str] = {}
+    for part in filter(None, (p.strip() for p in str(text).split(","))):
+        key, sep, size = (x.strip() for x in part.partition("="))
+        if not sep or not key or not _SIZE.match(size):
+            raise ValueError(f"max_memory entry {part!r} is not DEVICE=SIZE: {form}")
+        k: int | str = int(key) if key.isdigit() else key.lower()
+        if not isinstance(k, int) and k not in _OFFLOAD:
+            raise ValueError(f"max_memory device {key!r} is not a GPU index, 'cpu' or 'disk': {form}")
+        out[k] = size.replace(" ", "")
+    if not out:
+        raise ValueError(f"max_memory {text!r} names no device: {form}")
+    return out
+
+
+def placement_kwargs(device_map: str | Mapping | None, max_memory: str | Mapping | None) -> dict[str, Any]:
+    """``load_model``'s placement arguments from their option forms, checked before any work: ``device_map`` a
+    strategy (:data:`DEVICE_MAP_STRATEGIES`), a dict, or the path of a JSON file of one; ``max_memory`` a dict or
+    :func:`parse_max_memory`'s text (only with a ``device_map``). ``{}`` when neither is given."""
+    if device_map in (None, ""):
+        if max_memory not in (None, ""):
+            raise ValueError("max_memory without device_map: pass device_map='auto' (--device-map auto) with it")
+        return {}
+    out: dict[str, Any] = {}
+    if isinstance(device_map, Mapping):
+        out["device_map"] = dict(device_map)
+    elif device_map in DEVICE_MAP_STRATEGIES:
+        out["device_map"] = device_map
+    else:
+        path = Path(str(device_map)).expanduser()
+        if not path.is_file():
+            raise ValueError(f"device_map {device_map!r} is neither a strategy ({', '.join(DEVICE_MAP_STRATEGIES)}) "
+                             "nor a JSON file of {module: device}: pass --device-map auto, or such a file")
+        try:
+            dmap = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ValueError(f"device_map file {path}: not JSON ({err}); write {{module: device}}, "
+                             "e.g. {\"model.layers.0\": 0, \"lm_head\": 1}") from None
+        if not isinstance(dmap, dict) or not dmap:
+            raise ValueError(f"device_map file {path}: not a non-empty JSON object of {{module: device}}")
+        for target in dmap.values():
+            _as_device(target)
+        out["device_map"] = dmap
+    if max_memory not in (None, ""):
+        out["max_memory"] = dict(max_memory) if isinstance(max_memory, Mapping) else parse_max_memory(max_memory)
+    return out
 
 
 class PerDevice:

@@ -171,3 +171,25 @@ def test_forward_hook_quantizes_on_the_layers_device(monkeypatch, protect):
         assert out.device == dev
     assert seen == [(CPU, CPU), (META, META)]
     assert list(call._masks) == [META]  # one copy of the mask, for the second device
+
+
+def test_placement_options_checked_before_work(tmp_path):
+    from kvgeom.models.placement import parse_max_memory, placement_kwargs
+
+    assert parse_max_memory("0=70GiB, 1=70 GiB,cpu=200GiB") == {0: "70GiB", 1: "70GiB", "cpu": "200GiB"}
+    assert placement_kwargs(None, None) == {}
+    assert placement_kwargs("auto", "0=1GB") == {"device_map": "auto", "max_memory": {0: "1GB"}}
+    f = tmp_path / "map.json"
+    f.write_text('{"model": 0, "lm_head": 1}')
+    assert placement_kwargs(str(f), None) == {"device_map": {"model": 0, "lm_head": 1}}
+    for dmap, mem, why in (("nope", None, "neither a strategy"), (None, "0=1GB", "without device_map"),
+                           ("auto", "gpu=1GB", "not a GPU index"), ("auto", "0=lots", "not DEVICE=SIZE")):
+        with pytest.raises(ValueError, match=why):
+            placement_kwargs(dmap, mem)
+
+
+def test_audit_refuses_a_bad_device_map_before_loading(capsys):
+    from kvgeom.cli import main
+
+    assert main(["audit", "--device-map", "auto", "--max-memory", "0=lots"]) == 2
+    assert "--max-memory" in capsys.readouterr().err
