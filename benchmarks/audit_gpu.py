@@ -1,9 +1,14 @@
 """Time the full ``kvgeom audit`` stage list on a 7B-class random-weight model, and the paper's way.
 
     python benchmarks/audit_gpu.py --arch qwen2.5-7b --json out.json [--paper-rows 3]
+    python benchmarks/audit_gpu.py --arch llama-3.1-70b --device-map auto [--max-memory 0=130GiB,1=130GiB] --json o.json
 
 * Builds the model from a config with random weights (no download; timing does not depend on weight values)
-  in bf16 on the GPU and wraps it in the TransformerLens bridge, as ``kvgeom.load_model`` would.
+  in bf16 on the GPU and wraps it in the TransformerLens bridge, as ``kvgeom.load_model`` would. With
+  ``--device-map auto`` (a model bigger than one GPU: ``llama-3.1-70b``) the model is built on the meta device,
+  placed by accelerate's ``infer_auto_device_map`` over all visible GPUs (``--max-memory`` budgets), its weights
+  drawn directly on each module's device, and dispatched with ``dispatch_model`` (what ``load_model(...,
+  device_map="auto")`` does for a checkpoint); the JSON records each GPU's peak memory and the layers per device.
 * The unembedding rows beyond the stand-in tokenizer's vocabulary are zeroed so that greedy tokens decode to
   text; the vocabulary projection keeps its real size.
 * Random weights never refuse, so the stages are driven by a fixed stand-in judge
@@ -36,6 +41,9 @@ ARCHS = {
     "mistral-7b": ("MistralConfig", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                                          num_attention_heads=32, num_key_value_heads=8, vocab_size=32768,
                                          rope_theta=1e6, sliding_window=None, max_position_embeddings=32768)),
+    "llama-3.1-70b": ("LlamaConfig", dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                                          num_attention_heads=64, num_key_value_heads=8, vocab_size=128256,
+                                          rope_theta=5e5, max_position_embeddings=131072)),
     "tiny": ("LlamaConfig", dict(hidden_size=256, intermediate_size=384, num_hidden_layers=3, num_attention_heads=4,
                                  num_key_value_heads=2, head_dim=64, vocab_size=384, max_position_embeddings=512)),
 }
@@ -57,6 +65,74 @@ def build(arch: str, device: str, dtype: torch.dtype):
     with torch.no_grad():
         hf.get_output_embeddings().weight[len(tok):].zero_()
     return wrap_hf_model(hf, tok, name=f"random-{arch}", device=device, dtype=dtype)
+
+
+def build_dispatched(arch: str, dtype: torch.dtype, device_map: str, max_memory: dict | None):
+    """The random-weight model placed by accelerate over the visible devices (module docstring)."""
+    import transformers
+    from accelerate import dispatch_model, infer_auto_device_map
+    from transformers import AutoModelForCausalLM
+
+    from kvgeom.models import wrap_hf_model
+    from kvgeom.models.placement import execution_device, main_device
+    from kvgeom.testing import tiny_tokenizer
+
+    cls_name, kw = ARCHS[arch]
+    tok = tiny_tokenizer()
+    cfg = getattr(transformers, cls_name)(**kw, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                                          bos_token_id=None)
+    cfg._attn_implementation = "eager"
+    with torch.device("meta"):
+        hf = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    hf.eval()
+    kw_map = {"max_memory": max_memory} if max_memory else {}
+    dmap = infer_auto_device_map(hf, no_split_module_classes=hf._no_split_modules, dtype=dtype, **kw_map)
+    if any(str(v) == "disk" for v in dmap.values()):
+        raise SystemExit(f"the model does not fit the GPUs and CPU budgets (--max-memory {max_memory}): "
+                         f"accelerate's map offloads to disk: {dmap}")
+    main = main_device(dmap)
+    torch.manual_seed(0)
+    std = getattr(cfg, "initializer_range", 0.02)
+    with torch.no_grad():
+        for name, target in dmap.items():  # weights drawn where they will live (never a CPU copy of 141 GB)
+            module = hf.get_submodule(name) if name else hf
+            dev = torch.device("cpu") if str(target) in ("cpu", "disk") else execution_device(target, main)
+            module.to_empty(device=dev)
+            for pname, p in module.named_parameters():
+                if p.ndim >= 2:
+                    p.normal_(0.0, std)
+                elif pname.endswith("bias"):
+                    p.zero_()
+                else:
+                    p.fill_(1.0)  # norm weights
+        for parent in list(hf.modules()):  # rotary buffers are computed, not parameters: rebuild them after to_empty
+            for child_name, child in list(parent.named_children()):
+                if hasattr(child, "inv_freq") and hasattr(child, "config"):
+                    dev = child.inv_freq.device if child.inv_freq.device.type != "meta" else main
+                    setattr(parent, child_name, type(child)(config=child.config).to(dev))
+        hf.get_output_embeddings().weight[len(tok):].zero_()  # as in build(): greedy tokens decode to text
+    hf = dispatch_model(hf, device_map=dmap)
+    model = wrap_hf_model(hf, tok, name=f"random-{arch}", device=main, dtype=dtype)
+    return model, dmap
+
+
+def layers_per_device(model) -> dict[str, int]:
+    """How many decoder layers execute on each device (from the model's accelerate map; one device: all)."""
+    from collections import Counter
+
+    from kvgeom.models.placement import decoder_layer_names, layer_devices
+
+    dmap = getattr(model.hf_model, "hf_device_map", None)
+    if not dmap:
+        return {str(model.device): model.n_layers}
+    return dict(Counter(str(d) for d in layer_devices(dmap, decoder_layer_names(model.hf_model, model.n_layers))))
+
+
+def peak_memory_per_gpu() -> dict[str, float]:
+    """``torch.cuda.max_memory_allocated(i)`` of every visible GPU, in GiB."""
+    if not torch.cuda.is_available():
+        return {}
+    return {f"cuda:{i}": round(torch.cuda.max_memory_allocated(i) / 2**30, 3) for i in range(torch.cuda.device_count())}
 
 
 def rows_judged(n_layers: int, cfg) -> int:
@@ -114,8 +190,9 @@ def emit(result: dict, path: str | None) -> None:
 
 
 def sync(model) -> None:
-    if model.device.type == "cuda":
-        torch.cuda.synchronize()
+    if model.device.type == "cuda":  # every GPU: a dispatched model's layers run on several
+        for i in range(torch.cuda.device_count()):
+            torch.cuda.synchronize(i)
 
 
 def main() -> None:
@@ -143,8 +220,14 @@ def main() -> None:
     ap.add_argument("--screen-skip-above", type=float, default=None, help="--screen threshold (default: the config's)")
     ap.add_argument("--flip-prediction", action="store_true", help="also run the flip_prediction stage (signals "
                     "of every decoded row, validation)")
+    ap.add_argument("--device-map", default=None, choices=("auto",), help="build the model over all visible GPUs "
+                    "with accelerate (a model bigger than one GPU, e.g. --arch llama-3.1-70b); default: --device only")
+    ap.add_argument("--max-memory", default=None, help="with --device-map: per-device budget, e.g. "
+                    "'0=130GiB,1=130GiB' (kvgeom.models.placement.parse_max_memory)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    if args.max_memory and not args.device_map:
+        ap.error("--max-memory needs --device-map auto")
 
     import transformers
 
@@ -161,10 +244,19 @@ def main() -> None:
         plan_mod.fake_quant = functools.partial(plan_mod.fake_quant, backend=args.fake_quant)
     dtype = getattr(torch, args.dtype)
     t0 = time.perf_counter()
-    model = build(args.arch, args.device, dtype)
+    dmap = None
+    if args.device_map:
+        from kvgeom.models.placement import parse_max_memory
+
+        model, dmap = build_dispatched(args.arch, dtype, args.device_map,
+                                       parse_max_memory(args.max_memory) if args.max_memory else None)
+    else:
+        model = build(args.arch, args.device, dtype)
     sync(model)
     build_s = time.perf_counter() - t0
-    kw = dict(model=f"random-{args.arch}", batch_size=args.batch_size, device=args.device, engine=args.engine)
+    peak_build = peak_memory_per_gpu()
+    kw = dict(model=f"random-{args.arch}", batch_size=args.batch_size, device=str(model.device) if dmap else
+              args.device, engine=args.engine)
     if args.quick:
         kw.update(n_calib=4, n_heldout=4, n_borderline=3, fractions=(0.05,), n_seeds=1, bits=(8, 4), ppl_tokens=128,
                   max_new_tokens=4)
@@ -224,6 +316,9 @@ def main() -> None:
         "agreement": {k: v for k, v in (res.audit["stages"].get("agreement") or {}).items()
                       if k in ("agree", "same_critical_layer", "p_same_label")},
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else None,
+        "device_map": args.device_map, "max_memory": args.max_memory, "layers_per_device": layers_per_device(model),
+        "peak_mem_gib_per_gpu": peak_memory_per_gpu(), "peak_mem_gib_per_gpu_after_build": peak_build,
+        "gpus_visible": torch.cuda.device_count() if torch.cuda.is_available() else 0,
     }
     if args.paper_rows:
         p = paper_style(model, prompts, args.paper_rows, args.paper_tokens, cfg.sweep_scheme)

@@ -193,7 +193,8 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     engine = args.engine if args.engine is not None else ("none" if args.scheme is not None else "auto")
     same = ("model", "harmful", "harmless", "device", "seed", "label_confidence", "n_resamples", "min_recovery_gap",
             "grow_step", "max_calib", "max_minutes", "safe_below", "unsafe_above", "memory_budget", "fix_candidates",
-            "screen", "screen_skip_above", "screen_check_frac")  # options whose AuditConfig field has the same name
+            "screen", "screen_skip_above", "screen_check_frac",
+            "device_map", "max_memory")  # options whose AuditConfig field has the same name
     kw = {f: getattr(args, f) for f in same} | {
         "n_calib": args.calib, "pool": tuple(args.pool or ()), "engine": engine,
         "scheme": args.scheme if args.scheme is not None else "int4-token-asym",
@@ -293,6 +294,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", type=int, default=20, help="number of calibration prompts (default 20, the paper's)")
     p.add_argument("--out", default="results", help="output directory (default results/)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--device-map", default=None, help="spread a model too big for one GPU over several: auto "
+                   "(accelerate's map over all visible GPUs), balanced, sequential, or a JSON file of {module: device} "
+                   "(docs/multi_gpu.md); --device is then ignored")
+    p.add_argument("--max-memory", default=None, help="with --device-map: per-device budget, e.g. "
+                   "'0=70GiB,1=70GiB,cpu=200GiB'")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-new-tokens", type=int, default=None, help="tokens judged per completion (default 32)")
     p.add_argument("--quick", action="store_true", help="fewer held-out prompts, fractions, seeds and bits")

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from jaxtyping import Bool, Int
 from torch import Tensor
@@ -83,6 +84,17 @@ class CallInfo:
     step: int = 0
     mask: Bool[Tensor, "batch pos"] | None = None
     position_ids: Int[Tensor, "batch pos"] | None = None
+    _masks: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def mask_on(self, device: Any) -> Bool[Tensor, "batch pos"] | None:
+        """:attr:`mask` on ``device`` (a layer's device, when a model is spread over several): copied once per
+        call and device, never once per hook (``tests/models/test_placement.py``)."""
+        if self.mask is None or self.mask.device == device:
+            return self.mask
+        out = self._masks.get(device)
+        if out is None:
+            out = self._masks[device] = self.mask.to(device)
+        return out
 
 
 @dataclass(frozen=True)

@@ -84,6 +84,8 @@ class AuditConfig:
     search_levels: tuple[str, ...] = ()
     seed: int = 0
     device: str = "auto"
+    device_map: str | None = None
+    max_memory: str | None = None
     label_confidence: float = 0.8
     n_resamples: int = 1000
     pcr_min_p: float = 0.05
@@ -153,7 +155,8 @@ OPTIONS = {"n_calib": "--calib", "max_new_tokens": "--max-new-tokens", "seed": "
            "max_minutes": "--max-minutes", "judge": "--judge", "pool": "--pool", "engine": "--engine",
            "safe_below": "--safe-below", "unsafe_above": "--unsafe-above", "memory_budget": "--memory-budget",
            "fix_candidates": "--fix-candidates", "screen": "--screen",
-           "screen_skip_above": "--screen-skip-above", "screen_check_frac": "--screen-check-frac"}
+           "screen_skip_above": "--screen-skip-above", "screen_check_frac": "--screen-check-frac",
+           "device_map": "--device-map", "max_memory": "--max-memory"}
 
 #: (setting, lowest, highest or None, what it is): the whole-number settings and their ranges
 INT_RANGES = (
@@ -266,6 +269,7 @@ def check_config(cfg: AuditConfig) -> None:
         raise AuditError(f"site must be 'k' (pre-RoPE keys, the default) or 'rot_k' (post-RoPE), got {cfg.site!r}")
     check_numbers(cfg)
     check_engine(cfg)
+    check_placement(cfg)
     if cfg.screen and not cfg.refused_only:
         raise AuditError("--screen assumes a skipped row stays refused, which holds only for prompts refused at "
                          "full precision: keep refused_only=True (the default) or drop --screen")
@@ -280,6 +284,18 @@ def check_config(cfg: AuditConfig) -> None:
             load_prompts(src)
         except (ValueError, FileNotFoundError) as err:
             raise AuditError(f"--pool {src!r}: {err}") from None
+
+
+def check_placement(cfg: AuditConfig) -> None:
+    """``device_map`` / ``max_memory`` (a model over several GPUs, docs/multi_gpu.md) in a form ``load_model`` takes:
+    an :class:`AuditError` naming the option and the fix if not."""
+    from kvgeom.models.placement import placement_kwargs
+
+    try:
+        placement_kwargs(cfg.device_map, cfg.max_memory)
+    except ValueError as err:
+        field = "max_memory" if cfg.max_memory and "max_memory" in str(err) else "device_map"
+        raise AuditError(f"{option_name(field)}: {err}") from None
 
 
 def check_engine(cfg: AuditConfig) -> None:

@@ -285,8 +285,9 @@ def _run(cfg: AuditConfig, d: Path | None, names: tuple[str, ...], panel: JudgeP
     t_load = time.perf_counter()
     if model is None:
         from kvgeom.models import load_model
+        from kvgeom.models.placement import placement_kwargs
 
-        model = load_model(cfg.model, device=cfg.device)
+        model = load_model(cfg.model, device=cfg.device, **placement_kwargs(cfg.device_map, cfg.max_memory))
     timings["load_model"] = time.perf_counter() - t_load
     inputs = AuditInputs.build(model, cfg, judge=panel, bars=bars, row_cache=cfg.until_stable)
     check_model(inputs)  # schemes that do not apply to this model, prompts longer than its context: before any stage

@@ -12,6 +12,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from kvgeom.models.placement import PerDevice
 from kvgeom.runtime.forward import Batch, encode, forward, new_cache, position_ids_from_mask
 from kvgeom.runtime.hooks import HookFn, kv_hooks
 from kvgeom.sites import KV_SITES, hook_name
@@ -33,10 +34,13 @@ def _call(model: KVModel, ids: Tensor, mask: Tensor, *, cache: Any = None, pos: 
     return out[:, -1].float() if keep_last else out.float()
 
 
-def _select_cache(model: KVModel, cache: Any, index: Tensor) -> Any:
+def _select_cache(model: KVModel, cache: Any, index: PerDevice) -> Any:
+    """A new cache of rows ``index`` of ``cache``, each layer indexed on its own device (a model over several
+    GPUs keeps each layer's K/V where the layer runs)."""
     out = new_cache(model)
     for li, layer in enumerate(cache.layers):
-        out.update(layer.keys[index], layer.values[index], li)
+        idx = index.on(layer.keys.device)
+        out.update(layer.keys[idx], layer.values[idx], li)
     return out
 
 
@@ -79,7 +83,7 @@ def run_rows(
             if prefix_cache is None:
                 outs.append(_call(model, ids, mask).cpu())
             else:
-                cache = _select_cache(model, prefix_cache, idx.to(model.device))
+                cache = _select_cache(model, prefix_cache, PerDevice(idx))
                 pos = position_ids_from_mask(mask)[:, -n_post:]
                 outs.append(_call(model, ids[:, -n_post:], mask, cache=cache, pos=pos, step=1).cpu())
     return torch.cat(outs) if outs else torch.empty(0)

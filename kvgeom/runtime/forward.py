@@ -20,6 +20,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from kvgeom.io import format_bytes
+from kvgeom.models.placement import PerDevice
 from kvgeom.runtime.hooks import CallInfo, HookContext, kv_hooks, set_call
 from kvgeom.runtime.limits import fit_prompts, prompt_token_counts
 from kvgeom.runtime.memory import MemoryLimitError, fit_batch, free_memory
@@ -28,7 +29,8 @@ from kvgeom.sites import KV_SITES, SITES, hook_name
 if TYPE_CHECKING:
     from kvgeom.models import KVModel
 
-__all__ = ["Batch", "Capture", "PositionSpec", "capture", "encode", "forward", "new_cache", "position_ids_from_mask"]
+__all__ = ["Batch", "Capture", "PositionSpec", "capture", "encode", "forward", "new_cache", "position_ids_from_mask",
+           "select_cache_rows"]
 
 
 @dataclass
@@ -105,6 +107,25 @@ def new_cache(model: KVModel) -> Any:
     from transformers import DynamicCache
 
     return DynamicCache(config=model.hf_model.config)
+
+
+def select_cache_rows(cache: Any, keep: Tensor) -> None:
+    """Keep batch rows ``keep`` of every layer of an HF cache, indexing each layer on its own device.
+
+    ``DynamicCache.batch_select_indices`` indexes every layer with the one ``keep`` tensor, which fails (or on some
+    device pairs reads the wrong memory) when a dispatched model's layers live on several GPUs; here ``keep`` is
+    copied once per device (:class:`kvgeom.models.placement.PerDevice`), each layer uses the copy on its device
+    (``tests/models/test_placement.py::test_cache_rows_selected_on_each_layers_device``).
+    """
+    layers = getattr(cache, "layers", None)
+    if layers is None:  # a cache of another kind: its own selection
+        cache.batch_select_indices(keep)
+        return
+    index = PerDevice(keep)
+    for layer in layers:
+        keys = getattr(layer, "keys", None)
+        if isinstance(keys, Tensor):  # None: a layer not filled yet (nothing to select)
+            layer.batch_select_indices(index.on(keys.device))
 
 
 @torch.inference_mode()

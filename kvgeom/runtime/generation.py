@@ -24,7 +24,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from kvgeom.runtime.forward import Batch, encode, forward, new_cache, position_ids_from_mask
+from kvgeom.runtime.forward import Batch, encode, forward, new_cache, position_ids_from_mask, select_cache_rows
 from kvgeom.runtime.limits import fit_prompts, prompt_token_counts
 from kvgeom.runtime.memory import fit_batch
 from kvgeom.runtime.plans import apply_plans, normalise_plans
@@ -63,9 +63,10 @@ def _generate_batch(
     stop_when: Callable[[str], bool] | None = None,
 ) -> tuple[list[list[int]], list[bool], Tensor | None, list[bool], list[bool]]:
     """Greedy decoding of one left-padded batch. Rows that hit EOS (or whose decoded text so far satisfies
-    ``stop_when``) are dropped from the batch (and from the cache, via ``cache.batch_select_indices``, and from
-    the plan groups, via ``select``), so later steps compute only the rows still generating. The last list
-    flags rows whose logits were not finite at some step (read once, at the end)."""
+    ``stop_when``) are dropped from the batch (and from the cache, via
+    :func:`~kvgeom.runtime.forward.select_cache_rows`, and from the plan groups, via ``select``), so later steps
+    compute only the rows still generating. The last list flags rows whose logits were not finite at some step
+    (read once, at the end)."""
     eos = torch.tensor(sorted(model.eos_token_ids) or [-1], device=model.device)
     eos_list = set(eos.tolist()) if stop_at_eos else set()
     mask = batch.mask.to(model.device)
@@ -98,7 +99,7 @@ def _generate_batch(
         if n_done:
             keep = (~is_eos).nonzero().squeeze(-1)
             alive, tok, mask, next_pos = alive[keep], tok[keep], mask[keep], next_pos[keep]
-            cache.batch_select_indices(keep)
+            select_cache_rows(cache, keep)  # each layer on its own device (several GPUs)
             if select is not None:
                 select(keep.tolist())
         mask = torch.cat([mask, torch.ones((len(alive), 1), dtype=torch.bool, device=mask.device)], dim=1)

@@ -116,13 +116,20 @@ class RowGroups:
             listener(local)
 
 
+@functools.lru_cache(maxsize=4096)
+def _channel_index(chans: tuple[tuple[int, int], ...], device: torch.device) -> tuple[Tensor, Tensor]:
+    """``(heads, dims)`` index tensors of protected channels ``chans`` on ``device``: built once per channel set and
+    device (layers of a dispatched model differ in device), never per hook call."""
+    return (torch.tensor([h for h, _ in chans], dtype=torch.long).to(device),
+            torch.tensor([d for _, d in chans], dtype=torch.long).to(device))
+
+
 def _protected_quant(x: Tensor, plan: QuantPlan, layer: int, role: str, fn: Any) -> Tensor:
     """Apply ``fn(x, mask)`` (a quantizer) keeping protected key channels at full precision."""
     chans = plan.channels(layer) if role == "k" else ()
     if not chans:
         return fn(x)
-    heads = torch.tensor([h for h, _ in chans], device=x.device)
-    dims = torch.tensor([d for _, d in chans], device=x.device)
+    heads, dims = _channel_index(tuple(chans), x.device)
     kept = x[:, :, heads, dims].clone()
     x0 = x.clone()
     x0[:, :, heads, dims] = 0
@@ -167,7 +174,8 @@ def _forward_hook(groups: RowGroups, guard: _FiniteGuard | None = None):
             if role == "k" and ctx.site != plan.site:
                 continue
             idx = groups.index(plan, x.device)  # built once per group: no host-to-device copy per hook call
-            mask = ctx.call.mask.to(x.device)[idx] if ctx.call.mask is not None else None
+            call_mask = ctx.call.mask_on(x.device)  # copied once per call and device, not per hook
+            mask = call_mask[idx] if call_mask is not None else None
             scheme = plan.scheme_for(ctx.layer)
             xi = x[idx]  # gathered once for the guard and the quantizer
             if guard is not None:
@@ -210,7 +218,8 @@ class _QuantizingCache:
             if plan.mode != "cache" or not plan.quantizes(layer_idx):
                 continue
             idx = self._groups.index(plan, key_states.device)  # per device: dispatched layers may differ
-            m = mask.to(idx.device)[idx] if mask is not None and mask.shape[1] == new else None
+            m = (self._session.call.mask_on(idx.device)[idx]  # the call's mask on this layer's device, copied once
+                 if mask is not None and mask.shape[1] == new else None)
             ks, vs = [], []
             for role, x, store in (("k", key_states, ks), ("v", value_states, vs)):
                 q = self._quant.setdefault(
@@ -237,9 +246,7 @@ class _QuantizingCache:
         return (out_k, out_v) if out_k is not None else (k_all, v_all)
 
     def _append_protected(self, q, x_rows, plan, layer_idx, m):  # noqa: ANN001
-        chans = plan.channels(layer_idx)
-        heads = torch.tensor([h for h, _ in chans], device=x_rows.device)
-        dims = torch.tensor([d for _, d in chans], device=x_rows.device)
+        heads, dims = _channel_index(tuple(plan.channels(layer_idx)), x_rows.device)
         raw = self._raw_protected.setdefault((plan, layer_idx), [])
         raw.append(x_rows[:, :, heads, dims].clone())
         x0 = x_rows.clone()
@@ -315,7 +322,8 @@ def apply_plans(model: KVModel, plans: Sequence[QuantPlan | None]) -> Iterator[A
 
 class PlanRun:
     """What :func:`apply_plans` yields: call it as a cache factory ``run(model, batch)``; ``run.select(keep)``
-    drops finished rows from the plan groups (and from the cache it built, via ``cache.batch_select_indices``)."""
+    drops finished rows from the plan groups (and from the cache it built, via
+    :func:`~kvgeom.runtime.forward.select_cache_rows`)."""
 
     def __init__(self, groups: RowGroups, session: HookSession, n_rows: int, needs_cache: bool) -> None:
         self.groups, self.session, self.n_rows, self.needs_cache = groups, session, n_rows, needs_cache
