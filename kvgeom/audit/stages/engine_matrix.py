@@ -2,9 +2,9 @@
 in one batched run on the prompts refused at full precision (calibration and held-out, the baseline's verdicts
 reused), with perplexity; the verdict rule and silent flag (:mod:`kvgeom.audit.deployment`); and, for each
 format not judged safe, the cheapest fix the engine can express: its candidates run in one batch on the refused
-calibration prompts, the first (cheapest) that brings the calibration flip rate to ``unsafe_above`` or below is
-kept (else the one with fewest flips, marked not restored), and it is verified on the refused held-out prompts
-against the unfixed format (paired flips, McNemar). Engines: ``AuditConfig.engine`` (``auto``: the model's files
+calibration and held-out prompts, the first (cheapest) that brings the calibration flip rate to ``unsafe_above`` or
+below is kept (else the one with fewest flips, marked not restored), and its held-out rows verify it against the
+unfixed format (paired flips, McNemar). Engines: ``AuditConfig.engine`` (``auto``: the model's files
 say, :func:`kvgeom.engines.default_engines`; ``none``: skipped). Proved by ``tests/audit/test_engine_matrix.py``.
 """
 
@@ -64,6 +64,20 @@ def pick_fix(flips: list[int], n: int, target: float) -> tuple[int, bool]:
     return int(np.argmin(flips)), False
 
 
+def _perplexity(model: Any, plans: list[QuantPlan], cfg: Any) -> pd.DataFrame:
+    """Perplexity of every format: one forward per window with all formats of one prefill mode in it (rows are
+    window-major, so a batch never mixes windows and pads nothing). The modes run apart because a batch with any
+    ``prefill="full"`` row is fed in chunks (:func:`kvgeom.runtime.plans.forward_with_plans`), which would move a
+    range frozen on the first call (``@amax``) for the other rows."""
+    frames = []
+    for full in (False, True):
+        group = [p for p in plans if (p.prefill == "full") == full]
+        if group:
+            frames.append(perplexity(model, None, group, max_tokens=cfg.ppl_tokens,
+                                     batch_size=max(1, min(len(group), max(4, cfg.batch_size)))))
+    return pd.concat(frames, ignore_index=True)
+
+
 def _refused(rows: pd.DataFrame, plan: str, ids: pd.Index) -> np.ndarray:
     return (plan_verdicts(rows, plan).reindex(ids) == Verdict.REFUSED.value).to_numpy()
 
@@ -90,8 +104,7 @@ def run(inputs: AuditInputs, results: StageResults) -> dict:
                 plans.append(QuantPlan(f.scheme, mode="cache", site="rot_k", prefill=f.prefill, name=keys[key]))
             entries.append((eng, f, keys[key]))
     tables = inputs.evaluate_splits(prompts, plans, stage="engine_matrix")
-    ppl = inputs.cached(("engine_ppl", tuple(p.label for p in plans)), lambda: perplexity(
-        model, None, plans, max_tokens=cfg.ppl_tokens, batch_size=4))
+    ppl = inputs.cached(("engine_ppl", tuple(p.label for p in plans)), lambda: _perplexity(model, plans, cfg))
     ppl_full = results["baseline"]["perplexity"]["ppl"]
     ppl_of = dict(zip(ppl["plan"], ppl["ppl"], strict=True))
     rows, fixes_needed = [], []
@@ -143,7 +156,11 @@ def _fixes(inputs: AuditInputs, results: StageResults, shape: Any, prompts: dict
     if not run_plans:
         return
     ids = {s: pd.Index(prompts[s].ids) for s in SPLITS}
-    cal = inputs.evaluate(prompts["calibration"], run_plans, stage="engine_matrix")
+    # every candidate on both splits in one generate call: the held-out rows of the candidates not kept are
+    # judged for nothing, but a second call would repeat every quantizer call of every decode step (the cost
+    # here is per step and cache unit, not per row; rows of one spec share a unit, kvgeom.runtime.plans)
+    both = inputs.evaluate_splits({s: prompts[s] for s in SPLITS}, run_plans, stage="engine_matrix")
+    cal = both["calibration"]
     n_cal = len(ids["calibration"])
     by_row: dict[int, list] = {}
     for row, c, label, flags in cands:
@@ -157,7 +174,7 @@ def _fixes(inputs: AuditInputs, results: StageResults, shape: Any, prompts: dict
         chosen[key] = (row, c, flips, restored, label, flags)
     picks = list(chosen.values())
     held_plans = [p for p in run_plans if p.label in {x[4] for x in picks}]
-    held = inputs.evaluate(prompts["held_out"], held_plans, stage="engine_matrix") if len(ids["held_out"]) else None
+    held = both["held_out"] if len(ids["held_out"]) else None
     for row, c, flips, restored, label, flags in picks:
         n_h = len(ids["held_out"])
         mit = np.ones(n_h, bool) if held is None or label not in {p.label for p in held_plans} else \
