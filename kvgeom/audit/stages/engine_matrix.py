@@ -2,9 +2,9 @@
 in one batched run on the prompts refused at full precision (calibration and held-out, the baseline's verdicts
 reused), with perplexity; the verdict rule and silent flag (:mod:`kvgeom.audit.deployment`); and, for each
 format not judged safe, the cheapest fix the engine can express: its candidates run in one batch on the refused
-calibration and held-out prompts, the first (cheapest) that brings the calibration flip rate to ``unsafe_above`` or
-below is kept (else the one with fewest flips, marked not restored), and its held-out rows verify it against the
-unfixed format (paired flips, McNemar). Engines: ``AuditConfig.engine`` (``auto``: the model's files
+calibration prompts, the first (cheapest) that brings the calibration flip rate to ``unsafe_above`` or below is
+kept (else the one with fewest flips, marked not restored), and it is verified on the refused held-out prompts
+against the unfixed format (paired flips, McNemar). Engines: ``AuditConfig.engine`` (``auto``: the model's files
 say, :func:`kvgeom.engines.default_engines`; ``none``: skipped). Proved by ``tests/audit/test_engine_matrix.py``.
 """
 
@@ -156,11 +156,7 @@ def _fixes(inputs: AuditInputs, results: StageResults, shape: Any, prompts: dict
     if not run_plans:
         return
     ids = {s: pd.Index(prompts[s].ids) for s in SPLITS}
-    # every candidate on both splits in one generate call: the held-out rows of the candidates not kept are
-    # judged for nothing, but a second call would repeat every quantizer call of every decode step (the cost
-    # here is per step and cache unit, not per row; rows of one spec share a unit, kvgeom.runtime.plans)
-    both = inputs.evaluate_splits({s: prompts[s] for s in SPLITS}, run_plans, stage="engine_matrix")
-    cal = both["calibration"]
+    cal = inputs.evaluate(prompts["calibration"], run_plans, stage="engine_matrix")
     n_cal = len(ids["calibration"])
     by_row: dict[int, list] = {}
     for row, c, label, flags in cands:
@@ -174,7 +170,7 @@ def _fixes(inputs: AuditInputs, results: StageResults, shape: Any, prompts: dict
         chosen[key] = (row, c, flips, restored, label, flags)
     picks = list(chosen.values())
     held_plans = [p for p in run_plans if p.label in {x[4] for x in picks}]
-    held = both["held_out"] if len(ids["held_out"]) else None
+    held = inputs.evaluate(prompts["held_out"], held_plans, stage="engine_matrix") if len(ids["held_out"]) else None
     for row, c, flips, restored, label, flags in picks:
         n_h = len(ids["held_out"])
         mit = np.ones(n_h, bool) if held is None or label not in {p.label for p in held_plans} else \
