@@ -119,13 +119,12 @@ def best_index_iq4nl(al: Tensor) -> Tensor:
 
 def _lsq(blocks: Tensor, weight: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
     """``sumqx += w*q*x; sumq2 += w*q*q`` accumulated in fp32 in element order, like the C loop."""
-    wq, xt, qt = (weight * q).T.contiguous(), blocks.T.contiguous(), q.T.contiguous()
-    sumqx = torch.zeros_like(xt[0])
-    sumq2 = torch.zeros_like(xt[0])
-    for j in range(xt.shape[0]):
-        sumqx = sumqx + wq[j] * xt[j]
-        sumq2 = sumq2 + wq[j] * qt[j]
-    return sumqx[:, None], sumq2[:, None]
+    wq = weight * q
+    terms = torch.stack([wq * blocks, wq * q]).permute(2, 0, 1).contiguous()  # [32, 2, n]: the same products
+    acc = torch.zeros_like(terms[0])
+    for t in terms.unbind(0):  # one add per element for both sums (the order is the C loop's)
+        acc = acc + t
+    return acc[0][:, None], acc[1][:, None]
 
 
 def quantize_iq4_nl(blocks: Float[Tensor, "n 32"], ntry: int = -1) -> GGMLBlocks:

@@ -57,8 +57,7 @@ def wht(x: Float[Tensor, "... n"], n: int) -> Float[Tensor, "... n"]:
     y = x.reshape(-1, n)
     h = 1
     while h < n:
-        y = y.reshape(-1, n // (2 * h), 2, h)
-        a, b = y[:, :, 0, :], y[:, :, 1, :]
+        a, b = y.reshape(-1, n // (2 * h), 2, h).unbind(2)
         y = torch.stack([a + b, a - b], dim=2)
         h *= 2
     return y.reshape(shape)

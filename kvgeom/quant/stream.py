@@ -57,13 +57,16 @@ class StreamQuantizer:
         self,
         x_new: Float[Tensor, "batch new kv_head d_head"],
         mask_new: Bool[Tensor, "batch new"] | None = None,
+        *,
+        check_finite: bool = True,
     ) -> Float[Tensor, "batch total kv_head d_head"]:
         """Store the K/V of new positions; return the whole dequantized cache so far.
 
         Returns ``[batch, total, kv_head, d_head]`` in the input dtype. The first call is the prefill;
-        ``mask_new`` marks real positions (True; default all real).
+        ``mask_new`` marks real positions (True; default all real). ``check_finite=False`` skips the NaN/inf test
+        (a device-to-host sync: :class:`kvgeom.runtime.PlanCache` on a GPU flags them on the device instead).
         """
-        mask_new = check_input(x_new, mask_new, self.role, self.site)
+        mask_new = check_input(x_new, mask_new, self.role, self.site, check_finite=check_finite)
         store = self._cache.values
         first = store is None
         if store is not None:

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from kvgeom.quant.fake import fake_quant
+from kvgeom.quant.fake import fake_quant, resolve_spec
 from kvgeom.quant.plan import QuantPlan
 from kvgeom.quant.scheme import Scheme
 from kvgeom.quant.stream import StreamQuantizer
@@ -194,82 +194,119 @@ def _forward_hook(groups: RowGroups, guard: _FiniteGuard | None = None):
 
 
 # ---- cache mode: a quantizing DynamicCache ---------------------------------------------------------
+class _Unit:
+    """The streaming state of one (layer, role, spec, prefill, protected channels): the rows of every plan that
+    stores this layer's ``role`` the same way share one :class:`StreamQuantizer` (a row's result does not depend
+    on the other rows, so this equals one quantizer per plan, with one set of quantizer calls instead of one per
+    plan: the engine matrix's fix candidates differ only in a few layers)."""
+
+    __slots__ = ("quant", "members", "raw")
+
+    def __init__(self, quant: StreamQuantizer, members: list[tuple[QuantPlan, int]]) -> None:
+        self.quant = quant
+        self.members = members  # (plan, its rows here), in row order
+        self.raw: list[Tensor] = []  # protected key channels as they arrived, per call
+
+
 class _QuantizingCache:
     """The quantizing half of :class:`PlanCache`, mixed in before ``transformers.DynamicCache``.
 
-    The raw (full-precision) K/V are kept by the parent class; per (plan group, layer, role) a
-    :class:`StreamQuantizer` keeps the quantized view.
+    The raw (full-precision) K/V are kept by the parent class; per (layer, role) the plans that store it the same
+    way (same spec, prefill and protected channels) share a :class:`_Unit` that keeps the quantized view.
     """
 
-    def __init__(self, model: KVModel, groups: RowGroups, session: HookSession) -> None:
+    def __init__(self, model: KVModel, groups: RowGroups, session: HookSession,
+                 guard: _FiniteGuard | None = None) -> None:
         super().__init__(config=model.hf_model.config)  # type: ignore[call-arg]
         self._session = session
         self._groups = groups
-        self._quant: dict[tuple[QuantPlan, int, str], StreamQuantizer] = {}
-        self._raw_protected: dict[tuple[QuantPlan, int], list[Tensor]] = {}
+        self._guard = guard  # CUDA: NaN/inf flagged on the device, checked once (no host sync per call)
+        self._units: dict[tuple, _Unit] = {}
+        self._layout: dict[tuple[int, torch.device], list] = {}
         groups.listeners.append(self.select_groups)
+
+    def _unit_layout(self, layer_idx: int, device: torch.device) -> list:
+        """This layer's units: ``[(role, key, plans, rows index, prefill)]``, built once per set of groups."""
+        got = self._layout.get((layer_idx, device))
+        if got is not None:
+            return got
+        out = []
+        for role in ("k", "v"):
+            members: dict[tuple, list[QuantPlan]] = {}
+            for plan in self._groups.groups:
+                if plan.mode != "cache" or not plan.quantizes(layer_idx):
+                    continue
+                spec = resolve_spec(plan.scheme_for(layer_idx), role)
+                chans = plan.channels(layer_idx) if role == "k" else ()
+                members.setdefault((spec, plan.prefill, chans), []).append(plan)
+            for key, plans in members.items():
+                idx = [self._groups.index(p, device) for p in plans]
+                out.append((role, (layer_idx, role, *key), plans, idx[0] if len(idx) == 1 else torch.cat(idx),
+                            key[1]))
+        self._layout[(layer_idx, device)] = out
+        return out
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):  # noqa: ANN001
         new = key_states.shape[2]
         k_all, v_all = super().update(key_states, value_states, layer_idx, *args, **kwargs)  # type: ignore[misc]
-        out_k = out_v = None
+        layout = self._unit_layout(layer_idx, key_states.device)  # per device: dispatched layers may differ
+        if not layout:
+            return k_all, v_all
         mask = self._session.call.mask
-        for plan, _rows in self._groups.items():
-            if plan.mode != "cache" or not plan.quantizes(layer_idx):
-                continue
-            idx = self._groups.index(plan, key_states.device)  # per device: dispatched layers may differ
-            m = (self._session.call.mask_on(idx.device)[idx]  # the call's mask on this layer's device, copied once
+        total = k_all.shape[2]
+        outs = {"k": (key_states, k_all, k_all.clone()), "v": (value_states, v_all, v_all.clone())}
+        for role, key, plans, idx, prefill in layout:
+            x, full, out = outs[role]
+            unit = self._units.get(key)
+            if unit is None:
+                spec = key[2]
+                unit = self._units[key] = _Unit(
+                    StreamQuantizer(spec, role, site=f"cache layer {layer_idx} {role.upper()}"),
+                    [(p, len(self._groups.groups[p])) for p in plans])
+            m = (self._session.call.mask_on(idx.device)[idx]  # the call's mask on this layer's device, once
                  if mask is not None and mask.shape[1] == new else None)
-            ks, vs = [], []
-            for role, x, store in (("k", key_states, ks), ("v", value_states, vs)):
-                q = self._quant.setdefault(
-                    (plan, layer_idx, role),
-                    StreamQuantizer(plan.scheme_for(layer_idx), role, site=f"cache layer {layer_idx} {role.upper()}"),
-                )
-                x_rows = x[idx].transpose(1, 2)  # [b, new, h, d]
-                if role == "k" and plan.channels(layer_idx):
-                    store.append(self._append_protected(q, x_rows, plan, layer_idx, m))
-                else:
-                    store.append(q.append(x_rows, m))
-            total = k_all.shape[2]
-            k_q = ks[0][:, -total:].transpose(1, 2).to(k_all.dtype)
-            v_q = vs[0][:, -total:].transpose(1, 2).to(v_all.dtype)
-            if plan.prefill == "full":
-                k_q = k_q.clone()
-                v_q = v_q.clone()
-                k_q[:, :, -new:] = key_states[idx]
-                v_q[:, :, -new:] = value_states[idx]
-            if out_k is None:
-                out_k, out_v = k_all.clone(), v_all.clone()
-            out_k[idx] = k_q
-            out_v[idx] = v_q
-        return (out_k, out_v) if out_k is not None else (k_all, v_all)
+            x_rows = x[idx].transpose(1, 2)  # [b, new, h, d]
+            if self._guard is not None:
+                self._guard.note(x_rows, m, unit.quant.site or "cache")
+            chans = key[4]
+            stored = (self._append_protected(unit, x_rows, chans, m) if chans else
+                      unit.quant.append(x_rows, m, check_finite=self._guard is None))
+            q = stored[:, -total:].transpose(1, 2).to(full.dtype)
+            if prefill == "full":
+                q = q.clone()
+                q[:, :, -new:] = x[idx]
+            out[idx] = q
+        return outs["k"][2], outs["v"][2]
 
-    def _append_protected(self, q, x_rows, plan, layer_idx, m):  # noqa: ANN001
-        heads, dims = _channel_index(tuple(plan.channels(layer_idx)), x_rows.device)
-        raw = self._raw_protected.setdefault((plan, layer_idx), [])
-        raw.append(x_rows[:, :, heads, dims].clone())
+    def _append_protected(self, unit: _Unit, x_rows: Tensor, chans: tuple, m: Tensor | None) -> Tensor:
+        heads, dims = _channel_index(tuple(chans), x_rows.device)
+        unit.raw.append(x_rows[:, :, heads, dims].clone())
         x0 = x_rows.clone()
         x0[:, :, heads, dims] = 0
-        stored = q.append(x0, m).clone()
-        stored[:, :, heads, dims] = torch.cat(raw, dim=1).to(stored.dtype)
+        stored = unit.quant.append(x0, m, check_finite=self._guard is None).clone()
+        stored[:, :, heads, dims] = torch.cat(unit.raw, dim=1).to(stored.dtype)
         return stored
 
     def select_groups(self, local: dict) -> None:
-        """Follow RowGroups.select: keep each group's surviving rows in its quantizers."""
-        for (plan, layer, role), q in list(self._quant.items()):
-            rows = local.get(plan, [])
-            if rows:
-                q.select(torch.tensor(rows))
-            else:
-                del self._quant[(plan, layer, role)]
-        for (plan, layer), chunks in list(self._raw_protected.items()):
-            rows = local.get(plan, [])
-            if rows:
-                idx = torch.tensor(rows, device=chunks[0].device)
-                self._raw_protected[(plan, layer)] = [c[idx] for c in chunks]
-            else:
-                del self._raw_protected[(plan, layer)]
+        """Follow RowGroups.select: keep each unit's surviving rows (each plan's kept rows, at its offset)."""
+        self._layout.clear()
+        for key, unit in list(self._units.items()):
+            rows, members, offset = [], [], 0
+            for plan, n in unit.members:
+                kept = local.get(plan, [])
+                rows += [offset + j for j in kept]
+                if kept:
+                    members.append((plan, len(kept)))
+                offset += n
+            if not rows:
+                del self._units[key]
+                continue
+            unit.members = members
+            idx = torch.tensor(rows)
+            unit.quant.select(idx)
+            if unit.raw:
+                idx = idx.to(unit.raw[0].device)
+                unit.raw = [c[idx] for c in unit.raw]
 
 
 @functools.cache
@@ -290,8 +327,9 @@ class PlanCache:
     call's real-position mask (prefill: the left-padding mask; decode: all real).
     """
 
-    def __new__(cls, model: KVModel, groups: RowGroups, session: HookSession) -> Any:
-        return plan_cache_class()(model, groups, session)
+    def __new__(cls, model: KVModel, groups: RowGroups, session: HookSession,
+                guard: _FiniteGuard | None = None) -> Any:
+        return plan_cache_class()(model, groups, session, guard)
 
 
 # ---- the context that runs a batch under its plans -------------------------------------------------
@@ -315,7 +353,7 @@ def apply_plans(model: KVModel, plans: Sequence[QuantPlan | None]) -> Iterator[A
         session = stack.enter_context(
             kv_hooks(model, hook, sites=sites or ("v",), layers=layers if fwd else [0])
         )
-        yield PlanRun(groups, session, len(plans), any(p.mode == "cache" for p in groups.groups))
+        yield PlanRun(groups, session, len(plans), any(p.mode == "cache" for p in groups.groups), guard)
         if guard is not None:
             guard.check()
 
@@ -325,14 +363,16 @@ class PlanRun:
     drops finished rows from the plan groups (and from the cache it built, via
     :func:`~kvgeom.runtime.forward.select_cache_rows`)."""
 
-    def __init__(self, groups: RowGroups, session: HookSession, n_rows: int, needs_cache: bool) -> None:
+    def __init__(self, groups: RowGroups, session: HookSession, n_rows: int, needs_cache: bool,
+                 guard: _FiniteGuard | None = None) -> None:
         self.groups, self.session, self.n_rows, self.needs_cache = groups, session, n_rows, needs_cache
+        self.guard = guard
 
     def __call__(self, model: KVModel, batch: Batch) -> Any:
         if len(batch) != self.n_rows:
             raise ValueError(f"batch has {len(batch)} rows but {self.n_rows} plans were given")
         if self.needs_cache:
-            return PlanCache(model, self.groups, self.session)
+            return PlanCache(model, self.groups, self.session, self.guard)
         return new_cache(model)
 
     def select(self, keep: Sequence[int]) -> None:

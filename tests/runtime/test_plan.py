@@ -216,3 +216,47 @@ def test_a_plan_whose_scheme_does_not_apply_is_refused_before_generation():
         QuantPlan("q8_0", layers=(), layer_schemes={0: "kivi2-g64-r64"}, name="L0=kivi2-g64-r64").validate(m)
     with pytest.raises(ValueError, match="does not apply"):
         evaluate(m, ["hi"], [None, QuantPlan("q4_0+rot")], max_new_tokens=2)
+
+
+def test_plans_that_store_a_layer_alike_share_a_unit_and_equal_separate_runs(tiny_llama):
+    """Plans storing a layer's K or V the same way share one quantizer (``kvgeom.runtime.plans._Unit``: the engine
+    matrix's fix candidates differ in a few layers; a K/V pair shares its K spec with a plain scheme). Each row still
+    equals its plan run alone over the same batch, logits exactly at prefill and tokens while rows finish at
+    different steps (``stop_when``: the units drop rows of several plans at once)."""
+    from kvgeom.runtime.plans import plan_cache_class
+
+    plans = [QuantPlan("q4_0+rot", mode="cache"), QuantPlan("q4_0+rot", layers=(1, 2), mode="cache"),
+             QuantPlan("K:q4_0+rot,V:q8_0", mode="cache"),
+             QuantPlan("q4_0+rot", layer_schemes={0: "q8_0"}, protect_channels={1: [(0, 3), (1, 5)]}, mode="cache"),
+             QuantPlan("quanto4-g32-r2", mode="cache", prefill="full"),
+             QuantPlan("quanto4-g32-r2", layers=(0, 2), mode="cache", prefill="full"),
+             QuantPlan("int4-tensor-asym", mode="cache"), QuantPlan("int4-tensor-asym", layers=(0,), mode="cache"),
+             None]
+    prompts = (SIX * 2)[:len(plans)]
+    units = {}
+    orig = plan_cache_class().update
+
+    def spy(self, *a, **kw):  # noqa: ANN001, ANN002, ANN003
+        out = orig(self, *a, **kw)
+        units.update({k: max(units.get(k, 0), len(u.members)) for k, u in self._units.items()})
+        return out
+
+    together, mask = _logits(tiny_llama, prompts, plans)
+    for i, plan in enumerate(plans):
+        alone, _ = _logits(tiny_llama, prompts, [plan] * len(plans))
+        n = int(mask[i].sum())
+        torch.testing.assert_close(together[i, -n:], alone[i, -n:], atol=0, rtol=0)
+
+    def stop(text: str) -> bool:
+        return len(text) % 3 == 0
+
+    import unittest.mock
+
+    with unittest.mock.patch.object(plan_cache_class(), "update", spy):
+        gen = generate(tiny_llama, prompts, plans=plans, max_new_tokens=10, stop_at_eos=False, stop_when=stop)
+    assert max(units.values()) >= 3  # layer 1 K: three plans store q4_0+rot keys in one unit
+    assert len(set(map(len, gen.tokens))) > 1  # rows did finish at different steps
+    for i, plan in enumerate(plans):
+        alone = generate(tiny_llama, prompts, plans=[plan] * len(plans), max_new_tokens=10, stop_at_eos=False,
+                         stop_when=stop)
+        assert gen.tokens[i] == alone.tokens[i], (i, plan)

@@ -64,6 +64,20 @@ def pick_fix(flips: list[int], n: int, target: float) -> tuple[int, bool]:
     return int(np.argmin(flips)), False
 
 
+def _perplexity(model: Any, plans: list[QuantPlan], cfg: Any) -> pd.DataFrame:
+    """Perplexity of every format: one forward per window with all formats of one prefill mode in it (rows are
+    window-major, so a batch never mixes windows and pads nothing). The modes run apart because a batch with any
+    ``prefill="full"`` row is fed in chunks (:func:`kvgeom.runtime.plans.forward_with_plans`), which would move a
+    range frozen on the first call (``@amax``) for the other rows."""
+    frames = []
+    for full in (False, True):
+        group = [p for p in plans if (p.prefill == "full") == full]
+        if group:
+            frames.append(perplexity(model, None, group, max_tokens=cfg.ppl_tokens,
+                                     batch_size=max(1, min(len(group), max(4, cfg.batch_size)))))
+    return pd.concat(frames, ignore_index=True)
+
+
 def _refused(rows: pd.DataFrame, plan: str, ids: pd.Index) -> np.ndarray:
     return (plan_verdicts(rows, plan).reindex(ids) == Verdict.REFUSED.value).to_numpy()
 
@@ -90,8 +104,7 @@ def run(inputs: AuditInputs, results: StageResults) -> dict:
                 plans.append(QuantPlan(f.scheme, mode="cache", site="rot_k", prefill=f.prefill, name=keys[key]))
             entries.append((eng, f, keys[key]))
     tables = inputs.evaluate_splits(prompts, plans, stage="engine_matrix")
-    ppl = inputs.cached(("engine_ppl", tuple(p.label for p in plans)), lambda: perplexity(
-        model, None, plans, max_tokens=cfg.ppl_tokens, batch_size=4))
+    ppl = inputs.cached(("engine_ppl", tuple(p.label for p in plans)), lambda: _perplexity(model, plans, cfg))
     ppl_full = results["baseline"]["perplexity"]["ppl"]
     ppl_of = dict(zip(ppl["plan"], ppl["ppl"], strict=True))
     rows, fixes_needed = [], []
