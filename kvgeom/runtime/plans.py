@@ -35,6 +35,7 @@ from kvgeom.quant.fake import fake_quant, resolve_spec
 from kvgeom.quant.plan import QuantPlan
 from kvgeom.quant.scheme import Scheme
 from kvgeom.quant.stream import StreamQuantizer
+from kvgeom.runtime.finite import FiniteGuard
 from kvgeom.runtime.forward import Batch, forward, new_cache, position_ids_from_mask
 from kvgeom.runtime.hooks import HookSession, kv_hooks
 
@@ -139,32 +140,7 @@ def _protected_quant(x: Tensor, plan: QuantPlan, layer: int, role: str, fn: Any)
 
 
 # ---- forward mode: hooks --------------------------------------------------------------------------
-class _FiniteGuard:
-    """NaN/inf detection without a device-to-host sync per hook call (GPU): flags accumulate on the device
-    per site and are checked once when the plans' context exits."""
-
-    def __init__(self) -> None:
-        self.flags: dict[str, Tensor] = {}
-
-    def note(self, x: Tensor, mask: Tensor | None, site: str) -> None:
-        bad = ~torch.isfinite(x)
-        if mask is not None:
-            bad = bad & mask[:, :, None, None]
-        flag = bad.any()
-        self.flags[site] = flag if site not in self.flags else self.flags[site] | flag
-
-    def check(self) -> None:
-        if not self.flags:
-            return
-        names = list(self.flags)
-        hit = torch.stack([self.flags[n].cpu() for n in names]).tolist()
-        bad = [n for n, h in zip(names, hit, strict=True) if h]
-        if bad:
-            raise ValueError(f"non-finite K/V at real positions at site(s) {', '.join(bad)}; quantization ranges "
-                             "would be poisoned. Run the model in fp32/bf16 or fix the upstream activations.")
-
-
-def _forward_hook(groups: RowGroups, guard: _FiniteGuard | None = None):
+def _forward_hook(groups: RowGroups, guard: FiniteGuard | None = None):
     def hook(x: Tensor, ctx: Any) -> Tensor | None:
         role = "v" if ctx.site == "v" else "k"
         out = None
@@ -216,7 +192,7 @@ class _QuantizingCache:
     """
 
     def __init__(self, model: KVModel, groups: RowGroups, session: HookSession,
-                 guard: _FiniteGuard | None = None) -> None:
+                 guard: FiniteGuard | None = None) -> None:
         super().__init__(config=model.hf_model.config)  # type: ignore[call-arg]
         self._session = session
         self._groups = groups
@@ -328,7 +304,7 @@ class PlanCache:
     """
 
     def __new__(cls, model: KVModel, groups: RowGroups, session: HookSession,
-                guard: _FiniteGuard | None = None) -> Any:
+                guard: FiniteGuard | None = None) -> Any:
         return plan_cache_class()(model, groups, session, guard)
 
 
@@ -345,7 +321,7 @@ def apply_plans(model: KVModel, plans: Sequence[QuantPlan | None]) -> Iterator[A
         p.validate(model)
     groups = RowGroups(plans)
     fwd = [p for p in groups.groups if p.mode == "forward"]
-    guard = _FiniteGuard() if model.device.type == "cuda" else None  # CPU: check in place (no sync cost)
+    guard = FiniteGuard() if model.device.type == "cuda" else None  # CPU: check in place (no sync cost)
     with ExitStack() as stack:
         sites = sorted({p.site for p in fwd} | ({"v"} if fwd else set()))
         layers = sorted({lay for p in fwd for lay in range(model.n_layers) if p.quantizes(lay)})
@@ -364,7 +340,7 @@ class PlanRun:
     :func:`~kvgeom.runtime.forward.select_cache_rows`)."""
 
     def __init__(self, groups: RowGroups, session: HookSession, n_rows: int, needs_cache: bool,
-                 guard: _FiniteGuard | None = None) -> None:
+                 guard: FiniteGuard | None = None) -> None:
         self.groups, self.session, self.n_rows, self.needs_cache = groups, session, n_rows, needs_cache
         self.guard = guard
 
