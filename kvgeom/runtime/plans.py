@@ -17,8 +17,8 @@ the cache holds what :class:`~kvgeom.quant.StreamQuantizer` stores, protected ch
 
 Protected key channels are zeroed before quantization (so their magnitude does not set any range; for
 ``asym`` schemes a zero can still widen a range that excluded it) and restored exactly afterwards. Values are
-not affected. On CUDA, non-finite K/V at real positions are flagged on the device and checked once when
-:func:`apply_plans` exits (no host sync per hook call).
+not affected. A row whose K/V hold NaN/inf at a real position comes out NaN in full, so its logits are flagged
+per row and its verdict is ``nonfinite`` (:mod:`kvgeom.runtime.finite`); the other rows are unaffected.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from kvgeom.quant.fake import fake_quant, resolve_spec
 from kvgeom.quant.plan import QuantPlan
 from kvgeom.quant.scheme import Scheme
 from kvgeom.quant.stream import StreamQuantizer
-from kvgeom.runtime.finite import FiniteGuard
+from kvgeom.runtime.finite import poison_nonfinite_rows
 from kvgeom.runtime.forward import Batch, forward, new_cache, position_ids_from_mask
 from kvgeom.runtime.hooks import HookSession, kv_hooks
 
@@ -140,7 +140,7 @@ def _protected_quant(x: Tensor, plan: QuantPlan, layer: int, role: str, fn: Any)
 
 
 # ---- forward mode: hooks --------------------------------------------------------------------------
-def _forward_hook(groups: RowGroups, guard: FiniteGuard | None = None):
+def _forward_hook(groups: RowGroups):
     def hook(x: Tensor, ctx: Any) -> Tensor | None:
         role = "v" if ctx.site == "v" else "k"
         out = None
@@ -153,14 +153,12 @@ def _forward_hook(groups: RowGroups, guard: FiniteGuard | None = None):
             call_mask = ctx.call.mask_on(x.device)  # copied once per call and device, not per hook
             mask = call_mask[idx] if call_mask is not None else None
             scheme = plan.scheme_for(ctx.layer)
-            xi = x[idx]  # gathered once for the guard and the quantizer
-            if guard is not None:
-                guard.note(xi, mask, ctx.name)
+            xi = x[idx]
 
             def quantize(t: Tensor, _s: Scheme = scheme, _m: Tensor | None = mask, _r: str = role) -> Tensor:
-                return fake_quant(t, _s, role=_r, mask=_m, site=ctx.name, check_finite=guard is None)
+                return fake_quant(t, _s, role=_r, mask=_m, site=ctx.name, check_finite=False)
 
-            y = _protected_quant(xi, plan, ctx.layer, role, quantize)
+            y = poison_nonfinite_rows(xi, _protected_quant(xi, plan, ctx.layer, role, quantize), mask)
             if out is None:
                 out = x.clone()
             out[idx] = y
@@ -191,12 +189,10 @@ class _QuantizingCache:
     way (same spec, prefill and protected channels) share a :class:`_Unit` that keeps the quantized view.
     """
 
-    def __init__(self, model: KVModel, groups: RowGroups, session: HookSession,
-                 guard: FiniteGuard | None = None) -> None:
+    def __init__(self, model: KVModel, groups: RowGroups, session: HookSession) -> None:
         super().__init__(config=model.hf_model.config)  # type: ignore[call-arg]
         self._session = session
         self._groups = groups
-        self._guard = guard  # CUDA: NaN/inf flagged on the device, checked once (no host sync per call)
         self._units: dict[tuple, _Unit] = {}
         self._layout: dict[tuple[int, torch.device], list] = {}
         groups.listeners.append(self.select_groups)
@@ -242,12 +238,10 @@ class _QuantizingCache:
             m = (self._session.call.mask_on(idx.device)[idx]  # the call's mask on this layer's device, once
                  if mask is not None and mask.shape[1] == new else None)
             x_rows = x[idx].transpose(1, 2)  # [b, new, h, d]
-            if self._guard is not None:
-                self._guard.note(x_rows, m, unit.quant.site or "cache")
             chans = key[4]
             stored = (self._append_protected(unit, x_rows, chans, m) if chans else
-                      unit.quant.append(x_rows, m, check_finite=self._guard is None))
-            q = stored[:, -total:].transpose(1, 2).to(full.dtype)
+                      unit.quant.append(x_rows, m, check_finite=False))
+            q = poison_nonfinite_rows(x_rows, stored[:, -total:], m).transpose(1, 2).to(full.dtype)
             if prefill == "full":
                 q = q.clone()
                 q[:, :, -new:] = x[idx]
@@ -259,7 +253,7 @@ class _QuantizingCache:
         unit.raw.append(x_rows[:, :, heads, dims].clone())
         x0 = x_rows.clone()
         x0[:, :, heads, dims] = 0
-        stored = unit.quant.append(x0, m, check_finite=self._guard is None).clone()
+        stored = unit.quant.append(x0, m, check_finite=False).clone()
         stored[:, :, heads, dims] = torch.cat(unit.raw, dim=1).to(stored.dtype)
         return stored
 
@@ -303,9 +297,8 @@ class PlanCache:
     call's real-position mask (prefill: the left-padding mask; decode: all real).
     """
 
-    def __new__(cls, model: KVModel, groups: RowGroups, session: HookSession,
-                guard: FiniteGuard | None = None) -> Any:
-        return plan_cache_class()(model, groups, session, guard)
+    def __new__(cls, model: KVModel, groups: RowGroups, session: HookSession) -> Any:
+        return plan_cache_class()(model, groups, session)
 
 
 # ---- the context that runs a batch under its plans -------------------------------------------------
@@ -321,17 +314,14 @@ def apply_plans(model: KVModel, plans: Sequence[QuantPlan | None]) -> Iterator[A
         p.validate(model)
     groups = RowGroups(plans)
     fwd = [p for p in groups.groups if p.mode == "forward"]
-    guard = FiniteGuard() if model.device.type == "cuda" else None  # CPU: check in place (no sync cost)
     with ExitStack() as stack:
         sites = sorted({p.site for p in fwd} | ({"v"} if fwd else set()))
         layers = sorted({lay for p in fwd for lay in range(model.n_layers) if p.quantizes(lay)})
-        hook = _forward_hook(groups, guard) if fwd else (lambda x, ctx: None)
+        hook = _forward_hook(groups) if fwd else (lambda x, ctx: None)
         session = stack.enter_context(
             kv_hooks(model, hook, sites=sites or ("v",), layers=layers if fwd else [0])
         )
-        yield PlanRun(groups, session, len(plans), any(p.mode == "cache" for p in groups.groups), guard)
-        if guard is not None:
-            guard.check()
+        yield PlanRun(groups, session, len(plans), any(p.mode == "cache" for p in groups.groups))
 
 
 class PlanRun:
@@ -339,16 +329,14 @@ class PlanRun:
     drops finished rows from the plan groups (and from the cache it built, via
     :func:`~kvgeom.runtime.forward.select_cache_rows`)."""
 
-    def __init__(self, groups: RowGroups, session: HookSession, n_rows: int, needs_cache: bool,
-                 guard: FiniteGuard | None = None) -> None:
+    def __init__(self, groups: RowGroups, session: HookSession, n_rows: int, needs_cache: bool) -> None:
         self.groups, self.session, self.n_rows, self.needs_cache = groups, session, n_rows, needs_cache
-        self.guard = guard
 
     def __call__(self, model: KVModel, batch: Batch) -> Any:
         if len(batch) != self.n_rows:
             raise ValueError(f"batch has {len(batch)} rows but {self.n_rows} plans were given")
         if self.needs_cache:
-            return PlanCache(model, self.groups, self.session, self.guard)
+            return PlanCache(model, self.groups, self.session)
         return new_cache(model)
 
     def select(self, keep: Sequence[int]) -> None:

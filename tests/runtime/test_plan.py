@@ -260,3 +260,40 @@ def test_plans_that_store_a_layer_alike_share_a_unit_and_equal_separate_runs(tin
         alone = generate(tiny_llama, prompts, plans=[plan] * len(plans), max_new_tokens=10, stop_at_eos=False,
                          stop_when=stop)
         assert gen.tokens[i] == alone.tokens[i], (i, plan)
+
+
+@pytest.mark.parametrize("mode, prefill", [("forward", "quantized"), ("cache", "quantized"), ("cache", "full")])
+def test_nonfinite_kv_in_one_row_flags_that_row_only(tiny_llama, mode, prefill):
+    """NaN planted in one row's V at layer 1 (the layer the plan quantizes) and inf in another's: those rows
+    come out flagged ``nonfinite`` (never a batch-wide error, never a silent finite number), the other rows
+    generate exactly what they generate without the planted values, and an audit-level evaluate judges the
+    flagged rows ``nonfinite``."""
+    import math
+
+    from kvgeom.evaluate import evaluate
+    from kvgeom.runtime.hooks import kv_hooks
+
+    plan = QuantPlan("int4-token-asym", layers=(1,), mode=mode, prefill=prefill,
+                     site="k" if mode == "forward" else "rot_k")
+    prompts = SIX[:4]
+    plans = [plan] * len(prompts)
+    clean = generate(tiny_llama, prompts, plans=plans, max_new_tokens=6, stop_at_eos=False)
+
+    def plant(x, ctx):
+        if ctx.call.step != 0:
+            return None
+        x = x.clone()
+        x[1, -1, 0, 0] = math.nan  # the last position is real in every row (left padding)
+        x[3, -1, 0, 1] = math.inf
+        return x
+
+    with kv_hooks(tiny_llama, {tiny_llama.hook_name("v", 1): plant}):
+        dirty = generate(tiny_llama, prompts, plans=plans, max_new_tokens=6, stop_at_eos=False)
+        rows = evaluate(tiny_llama, prompts, [plan], max_new_tokens=6)  # one batch: rows in prompt order
+    assert dirty.extra["nonfinite"] == [False, True, False, True]
+    assert clean.extra["nonfinite"] == [False] * 4
+    for i in (0, 2):
+        assert dirty.tokens[i] == clean.tokens[i]
+    bad = rows[rows["nonfinite"]]
+    assert list(bad["prompt"]) == [prompts[1], prompts[3]] and set(bad["verdict"]) == {"nonfinite"}
+    assert "nonfinite" not in set(rows["verdict"][~rows["nonfinite"]])
