@@ -1,9 +1,10 @@
 """Non-finite K/V in the rows a plan quantizes: flagged per row, never a batch-wide error, never a silent number.
 
 A quantizer's ranges are per row, so NaN/inf in one row's K/V can only poison that row. The plan paths
-(:mod:`kvgeom.runtime.plans`) quantize with the finiteness test off and then set every row that had NaN/inf at a
-real position to NaN (:func:`poison_nonfinite_rows`): the NaN reaches that row's logits, generation flags the
-row (``Generation.extra["nonfinite"]``) and the audit's verdict for it is ``nonfinite`` instead of a judge's.
+(:mod:`kvgeom.runtime.plans`) quantize with the finiteness test off and then, once per (layer, role) and forward
+call, not per plan, set every row that had NaN/inf at a real position to NaN (:func:`poison_nonfinite_rows`):
+the NaN reaches that row's logits, generation flags the row (``Generation.extra["nonfinite"]``) and the audit's
+verdict for it is ``nonfinite`` instead of a judge's.
 Other rows are quantized exactly as if run alone. Everything stays on the device (no host sync per hook call).
 Proved by ``tests/runtime/test_plan.py::test_nonfinite_kv_in_one_row_flags_that_row_only`` (forward and cache
 mode, generation and verdicts).

@@ -144,13 +144,13 @@ def _forward_hook(groups: RowGroups):
     def hook(x: Tensor, ctx: Any) -> Tensor | None:
         role = "v" if ctx.site == "v" else "k"
         out = None
+        call_mask = ctx.call.mask_on(x.device)  # copied once per call and device, not per hook
         for plan, _rows in groups.items():
             if plan.mode != "forward" or not plan.quantizes(ctx.layer):
                 continue
             if role == "k" and ctx.site != plan.site:
                 continue
             idx = groups.index(plan, x.device)  # built once per group: no host-to-device copy per hook call
-            call_mask = ctx.call.mask_on(x.device)  # copied once per call and device, not per hook
             mask = call_mask[idx] if call_mask is not None else None
             scheme = plan.scheme_for(ctx.layer)
             xi = x[idx]
@@ -158,11 +158,12 @@ def _forward_hook(groups: RowGroups):
             def quantize(t: Tensor, _s: Scheme = scheme, _m: Tensor | None = mask, _r: str = role) -> Tensor:
                 return fake_quant(t, _s, role=_r, mask=_m, site=ctx.name, check_finite=False)
 
-            y = poison_nonfinite_rows(xi, _protected_quant(xi, plan, ctx.layer, role, quantize), mask)
+            y = _protected_quant(xi, plan, ctx.layer, role, quantize)
             if out is None:
                 out = x.clone()
             out[idx] = y
-        return out
+        # once per call, not per plan: a row with NaN/inf here comes out NaN in full (kvgeom.runtime.finite)
+        return out if out is None else poison_nonfinite_rows(x, out, call_mask)
 
     return hook
 
@@ -241,12 +242,14 @@ class _QuantizingCache:
             chans = key[4]
             stored = (self._append_protected(unit, x_rows, chans, m) if chans else
                       unit.quant.append(x_rows, m, check_finite=False))
-            q = poison_nonfinite_rows(x_rows, stored[:, -total:], m).transpose(1, 2).to(full.dtype)
+            q = stored[:, -total:].transpose(1, 2).to(full.dtype)
             if prefill == "full":
                 q = q.clone()
                 q[:, :, -new:] = x[idx]
             out[idx] = q
-        return outs["k"][2], outs["v"][2]
+        # once per (layer, role) and call, not per unit: rows with NaN/inf come out NaN (kvgeom.runtime.finite)
+        m_all = self._session.call.mask_on(key_states.device) if mask is not None and mask.shape[1] == new else None
+        return tuple(poison_nonfinite_rows(outs[r][0].transpose(1, 2), outs[r][2], m_all) for r in ("k", "v"))
 
     def _append_protected(self, unit: _Unit, x_rows: Tensor, chans: tuple, m: Tensor | None) -> Tensor:
         heads, dims = _channel_index(tuple(chans), x_rows.device)

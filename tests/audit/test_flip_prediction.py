@@ -18,8 +18,8 @@ def run(tmp_path_factory):
     from ..conftest import get_tiny
 
     out = tmp_path_factory.mktemp("fp")
-    res = run_audit(AuditConfig(**SMALL), out, model=get_tiny("llama"), judge=ChecksumJudge(),
-                    stages=("baseline", "layer_sweep", "bit_sweep", "flip_prediction"))
+    res = run_audit(AuditConfig(**SMALL, engine="vllm"), out, model=get_tiny("llama"), judge=ChecksumJudge(),
+                    stages=("baseline", "layer_sweep", "bit_sweep", "engine_matrix", "flip_prediction"))
     return out, res
 
 
@@ -30,9 +30,12 @@ def test_rows_are_the_stored_decoded_rows_of_refused_prompts(run):
     refused = {k for k, v in st["baseline"]["verdicts"]["calibration"].items() if v == "refused"}
     n_layer = sum(len(v) for v in st["layer_sweep"]["verdicts"].values())
     n_bits = sum(sum(1 for p in v if p in refused) for v in st["bit_sweep"]["verdicts"].values())
-    assert fp["n_rows"] == n_layer + n_bits == len(fp["rows"])
+    formats = {f"{f['engine']} {f['format']}": f["verdicts"]["calibration"] for f in st["engine_matrix"]["formats"]}
+    n_engine = sum(len(v) for v in formats.values())
+    assert n_engine > 0 and {r["source"] for r in fp["rows"]} == {"layer_sweep", "bit_sweep", "engine_matrix"}
+    assert fp["n_rows"] == n_layer + n_bits + n_engine == len(fp["rows"])
     for r in fp["rows"]:
-        src = st[r["source"]]["verdicts"][r["config"]]
+        src = formats[r["config"]] if r["source"] == "engine_matrix" else st[r["source"]]["verdicts"][r["config"]]
         assert r["verdict"] == src[r["prompt_id"]] and r["flipped"] == (r["verdict"] != "refused")
     val = fp["validation"]
     assert {"signals", "combined", "per_config", "spearman", "supports_screen"} <= set(val)

@@ -1,7 +1,8 @@
 """Stage ``flip_prediction`` (issue #19): how well prefill-only signals predict the flips the audit decoded.
 
-Reads the stored per-prompt verdicts of the stages that decode (prompt, plan) rows — the layer sweep and the bit
-sweep; another stage adds its rows with :func:`register_row_source` — keeps the rows of prompts refused at full
+Reads the stored per-prompt verdicts of the stages that decode (prompt, plan) rows — the layer sweep, the bit
+sweep and the engine matrix (each format's calibration rows, in cache mode as the stage ran them); another stage
+adds its rows with :func:`register_row_source` — keeps the rows of prompts refused at full
 precision (a flip is refused → not refused), recomputes each row's plan, scores every row with
 :func:`kvgeom.predict.flip_signals` in batched prefill passes (nothing is generated again) against the refusal
 directions and safety subspaces of the calibration prompts (:func:`kvgeom.predict.flip_reference`), and
@@ -24,6 +25,7 @@ from kvgeom.judges import Verdict
 from kvgeom.predict import SIGNALS, flip_reference, flip_signals
 from kvgeom.predict.screen import threshold_table
 from kvgeom.predict.validate import validate_flip_prediction
+from kvgeom.quant.plan import QuantPlan
 from kvgeom.viz.markup import esc, fig_html, fmt_num
 from kvgeom.viz.prediction import predicted_vs_measured_figure, roc_figure
 
@@ -59,8 +61,22 @@ def _bit_sweep_rows(inputs: AuditInputs, r: Mapping[str, Any]) -> list[tuple]:
             for pid, v in vs.items()]
 
 
+def _engine_matrix_rows(inputs: AuditInputs, r: Mapping[str, Any]) -> list[tuple]:
+    out, seen = [], set()
+    for f in r.get("formats") or []:
+        key = (f["scheme"], f["prefill"])
+        if key in seen:  # one format offered by two engines: its rows once
+            continue
+        seen.add(key)
+        plan = QuantPlan(f["scheme"], mode="cache", site="rot_k", prefill=f["prefill"],
+                         name=f"{f['engine']} {f['format']}")
+        out += [(pid, plan, v) for pid, v in (f.get("verdicts") or {}).get("calibration", {}).items()]
+    return out
+
+
 register_row_source("layer_sweep", _layer_sweep_rows)
 register_row_source("bit_sweep", _bit_sweep_rows)
+register_row_source("engine_matrix", _engine_matrix_rows)
 
 
 def run(inputs: AuditInputs, results: StageResults) -> dict:
@@ -80,19 +96,30 @@ def run(inputs: AuditInputs, results: StageResults) -> dict:
         return {"n_rows": 0, "reason": "no decoded rows of refused prompts to validate against"}
     calib = inputs.calibration.head(cfg.sensitivity_prompts)
     t0 = time.perf_counter()
-    ref = flip_reference(inputs.model, calib.prompts, inputs.harmless_pairs(calib), site=cfg.quant_site,
-                         batch_size=cfg.batch_size)
-    sig = flip_signals(inputs.model, [text[r["prompt_id"]] for r in recs], plans, reference=ref,
-                       batch_size=cfg.batch_size, progress="flip_prediction" if inputs.bars else False)
+    parts, per_layer, refs, openings = [], [], {}, None
+    for site in dict.fromkeys(p.site for p in plans):  # one site per flip_signals call (forward: cfg's; cache: rot_k)
+        idx = [i for i, p in enumerate(plans) if p.site == site]
+        refs[site] = ref = flip_reference(inputs.model, calib.prompts, inputs.harmless_pairs(calib), site=site,
+                                          batch_size=cfg.batch_size)
+        got = flip_signals(inputs.model, [text[recs[i]["prompt_id"]] for i in idx], [plans[i] for i in idx],
+                           reference=ref, batch_size=cfg.batch_size,
+                           progress="flip_prediction" if inputs.bars else False)
+        per_layer.append(got.attrs["per_layer"].assign(site=site))
+        openings = got.attrs["openings"]
+        got = got.set_axis(idx)
+        got.attrs = {}  # pandas compares attrs on concat, and these hold frames
+        parts.append(got)
+    sig = pd.concat(parts).sort_index()
     seconds = time.perf_counter() - t0
     frame = pd.concat([pd.DataFrame(recs), sig[list(SIGNALS)]], axis=1)
     val = validate_flip_prediction(frame, n_resamples=cfg.n_resamples, seed=cfg.seed)
     frame["p_flip"] = val.pop("p_flip")
     thresholds = threshold_table(frame["margin_plan"].to_numpy(float), frame["flipped"].to_numpy(bool))
-    per_layer = sig.attrs["per_layer"].groupby("layer")[["dir", "sub", "rho_geo", "rel_err"]].mean().reset_index()
+    per_layer = (pd.concat(per_layer).groupby(["site", "layer"])[["dir", "sub", "rho_geo", "rel_err"]].mean()
+                 .reset_index())
     return {"n_rows": len(frame), "signals_seconds": seconds, "site": cfg.quant_site,
-            "reference": {"n_harmful": len(calib), "site": ref.site, "n_post": ref.n_post},
-            "openings": sig.attrs["openings"], "validation": val,
+            "reference": {"n_harmful": len(calib), "sites": list(refs), "n_post": next(iter(refs.values())).n_post},
+            "openings": openings, "validation": val,
             "screen_thresholds": thresholds.to_dict(orient="records"),
             "per_layer_geometry": per_layer.to_dict(orient="records"),
             "rows": frame.to_dict(orient="records")}
@@ -120,7 +147,8 @@ def render(stage: Mapping[str, Any], stages: Mapping[str, Any]) -> str:
 
 
 STAGE = register_stage(Stage(
-    name="flip_prediction", order=105, run=run, requires=("baseline", "layer_sweep"), optional=("bit_sweep",),
+    name="flip_prediction", order=105, run=run, requires=("baseline", "layer_sweep"),
+    optional=("bit_sweep", "engine_matrix"),
     frame=frame, default=False, doc="prefill-only flip signals validated against the decoded verdicts",
     section=Section("flip-prediction", "Predicting flips from one forward pass",
                     "Each signal is computed from prefill passes only (no decoding) for every row the audit "
