@@ -10,9 +10,10 @@
   .subspaces``: uncentred PCA of harmful minus harmless ``--site`` vectors at the post-instruction tokens,
   ``var=0.9``), fitted on ``--n-fit`` harmful prompts *after* the measured ones (bundled rows ``n .. n+n_fit``) and
   the first ``--n-fit`` harmless prompts, so the prompts the noise is measured on are held out from ``S``.
-* Noise: for each ``--schemes`` scheme, ``none``, ``quant``, ``subspace``, ``random`` (``--n-random`` draws) and
-  ``isotropic`` (``--attribution`` adds ``quant_in``/``quant_out``) on all ``--layers`` at once, at every prompt
-  position (``where="all"``), on the first ``--n`` bundled harmful prompts. Bootstrap CIs over prompts.
+* Noise: for each ``--schemes`` scheme, ``none``, ``quant``, ``subspace`` and ``isotropic`` (``--n-draws`` draws
+  each), ``random`` (``--n-random`` draws; ``--attribution`` adds ``quant_in``/``quant_out``) on all ``--layers`` at
+  once, at every prompt position (``where="all"``), on the first ``--n`` bundled harmful prompts. Bootstrap CIs
+  over prompts (draws averaged per prompt first).
 * The JSON has wall seconds per phase (load, subspaces, then per scheme capture / rows / stats) and the drops
   and ratios (``CausalRatio.to_dict()``), plus the GPU's peak memory on CUDA.
 """
@@ -46,6 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--schemes", nargs="+", default=["int4-token-asym"])
     p.add_argument("--site", default="rot_k")
     p.add_argument("--n-random", type=int, default=8)
+    p.add_argument("--n-draws", type=int, default=1, help="draws of subspace and isotropic noise per prompt")
     p.add_argument("--attribution", action="store_true", help="also quant_in / quant_out (P_S e, e - P_S e)")
     p.add_argument("--n-resamples", type=int, default=1000)
     p.add_argument("--chunk", type=int, default=None, help="rows per batched pass (default 64 CPU, 256 CUDA)")
@@ -99,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
             torch.cuda.reset_peak_memory_stats()
         t = time.perf_counter()
         r = causal_ratio(model, scheme, measured, bases, site=a.site, kinds=kinds, n_random=a.n_random,
-                         where="all", n_resamples=a.n_resamples, seed=a.seed, chunk=chunk)
+                         n_draws=a.n_draws, where="all", n_resamples=a.n_resamples, seed=a.seed, chunk=chunk)
         sync(a.device)
         seconds[f"causal[{scheme}]"] = time.perf_counter() - t
         results[scheme] = r.to_dict()

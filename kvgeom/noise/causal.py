@@ -129,6 +129,7 @@ def causal_ratio(
     site: str = "rot_k",
     kinds: Sequence[str] = CAUSAL_KINDS,
     n_random: int = 8,
+    n_draws: int = 1,
     where: Where = "all",
     min_effect: float = 1e-3,
     n_resamples: int = 1000,
@@ -140,7 +141,8 @@ def causal_ratio(
     orthonormal S basis [D, k]}``, e.g. ``kvgeom.geometry.sensitivity_profile(...).subspaces[la].basis``) at once.
 
     Rows: ``none``, then each of ``kinds`` on every layer of ``bases`` at once (``random``: ``n_random`` draws, a
-    fresh random rank-k subspace per layer per draw), for every prompt, in batched passes of ``chunk`` rows.
+    fresh random rank-k subspace per layer per draw; ``subspace`` and ``isotropic``: ``n_draws`` draws), for every
+    prompt, in batched passes of ``chunk`` rows. Draws are averaged per prompt before the bootstrap.
     """
     from kvgeom.quant import Scheme
 
@@ -151,8 +153,8 @@ def causal_ratio(
     missing = [la for la in layers if bases[la] is None]
     if missing and set(kinds) & {"subspace", "random", "quant_in", "quant_out"}:
         raise ValueError(f"no basis at layers {missing} (S undefined there): leave those layers out of bases")
-    if "random" in kinds and n_random < 1:
-        raise ValueError("n_random must be >= 1")
+    if ("random" in kinds and n_random < 1) or n_draws < 1:
+        raise ValueError(f"n_random and n_draws must be >= 1, got {n_random} and {n_draws}")
     batch = encode(model, list(prompts))
     n = len(batch)
     clean = capture_padded(model, batch, [site], list(layers), chunk=chunk)
@@ -161,7 +163,7 @@ def causal_ratio(
     conds = [NoiseCondition("none", layers=layers, site=site)]
     for kind in kinds:
         conds += [NoiseCondition(kind, layers=layers, site=site, draw=d)
-                  for d in range(n_random if kind == "random" else 1)]
+                  for d in range(n_random if kind == "random" else n_draws if kind in ("subspace", "isotropic") else 1)]
     t = time.perf_counter()
     k_random = {la: int(bases[la].shape[1]) if bases[la] is not None else 1 for la in layers}
     score = score_conditions(model, batch, conds, errors, bases, where=where, k_random=k_random, seed=seed,
@@ -197,7 +199,8 @@ def causal_ratio(
                                              "note", "den_low", "den_high", "den_excludes_0"])
     seconds["stats"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - t0
-    settings = {"n_prompts": n, "n_random": n_random, "kinds": list(kinds), "k": k_random, "min_effect": min_effect,
+    settings = {"n_prompts": n, "n_random": n_random, "n_draws": n_draws, "kinds": list(kinds), "k": k_random,
+                "min_effect": min_effect,
                 "n_resamples": n_resamples, "seed": seed, "chunk": chunk, "n_rows": len(conds) * n,
                 "clean_mean": float(clean_score.mean())}
     return CausalRatio(str(Scheme.parse(scheme)) if isinstance(scheme, str) else str(scheme), site, layers, where,

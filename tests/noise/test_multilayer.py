@@ -177,6 +177,10 @@ def test_causal_ratio_shapes(tiny_llama):
     assert {"capture", "rows", "stats", "total"} <= set(r.seconds)
     assert r.settings["n_rows"] == len(r.scores) and r.settings["k"] == {0: 4, 2: 4}
     json.dumps(r.to_dict(), default=float)
+    two = causal_ratio(tiny_llama, "int4-token-asym", PROMPTS[:2], _bases(LAYERS), kinds=("subspace", "isotropic"),
+                       n_draws=2, n_resamples=20)
+    assert two.scores.groupby("kind")["draw"].nunique().to_dict() == {"none": 1, "subspace": 2, "isotropic": 2}
+    assert list(two.drops["n_draws"]) == [2, 2] and (two.drops["sd_draws"] > 0).all()
     with pytest.raises(ValueError, match="S undefined"):
         causal_ratio(tiny_llama, "int4-token-asym", PROMPTS[:2], {0: None})
 
