@@ -91,7 +91,8 @@ def ratio_ci(num: np.ndarray, den: np.ndarray, *, min_effect: float = 1e-3, n_re
 @dataclass(frozen=True)
 class CausalRatio:
     """Result of :func:`causal_ratio`. ``scores``: one row per (condition, prompt) with ``kind, draw, prompt, score,
-    clean, drop``; ``drops``: per kind the mean drop with its CI; ``ratios``: ``rho_causal`` (and the others of
+    clean, drop``; ``drops``: per kind the mean drop with its CI, the sd of the per-draw means and those means
+    (``by_draw``); ``ratios``: ``rho_causal`` (and the others of
     the module doc) with CI, ``defined`` and ``note``; ``seconds``: wall time per phase."""
 
     scheme: str
@@ -182,7 +183,8 @@ def causal_ratio(
         g = scores[scores["kind"] == kind]
         drops.append({"kind": kind, "drop": ci.estimate, "low": ci.low, "high": ci.high, "n_prompts": n,
                       "n_draws": int(g["draw"].nunique()),
-                      "sd_draws": float(g.groupby("draw")["drop"].mean().std(ddof=0))})
+                      "sd_draws": float(g.groupby("draw")["drop"].mean().std(ddof=0)),
+                      "by_draw": [float(v) for v in g.groupby("draw")["drop"].mean().sort_index()]})
     drops_f = pd.DataFrame(drops)
     pairs = [("rho_causal", "subspace", "random", "random-subspace noise has no effect"),
              ("rho_isotropic", "subspace", "isotropic", "isotropic noise has no effect"),

@@ -173,6 +173,8 @@ def test_causal_ratio_shapes(tiny_llama):
                                                                      "random": 3, "isotropic": 1}
     assert list(r.drops["kind"]) == ["quant", "subspace", "random", "isotropic"]
     assert (r.drops["low"] <= r.drops["high"]).all()
+    rnd = r.drops.set_index("kind").loc["random"]
+    assert len(rnd["by_draw"]) == 3 and abs(np.mean(rnd["by_draw"]) - rnd["drop"]) < 1e-9
     assert list(r.ratios["ratio"]) == ["rho_causal", "rho_isotropic"]
     assert {"capture", "rows", "stats", "total"} <= set(r.seconds)
     assert r.settings["n_rows"] == len(r.scores) and r.settings["k"] == {0: 4, 2: 4}
