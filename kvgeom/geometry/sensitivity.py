@@ -42,7 +42,7 @@ import torch
 
 from kvgeom.geometry.directions import ZERO_REL, as_matrix
 from kvgeom.geometry.subspace import safety_subspace
-from kvgeom.noise import capture_padded, noise_sweep, orthonormal, quant_error
+from kvgeom.noise import capture_padded, noise_sweep, orthonormal, quant_error, ratio_ci
 from kvgeom.runtime.forward import encode
 from kvgeom.sites import KV_SITES
 from kvgeom.stats import bootstrap_ci
@@ -304,15 +304,13 @@ def sensitivity_profile(
             for kind, v in per.items():
                 frame.loc[i, f"drop_{kind}"] = float(v.mean())
             rec = {}
-            _put(rec, "rho_causal", _ci(lambda j, p=per: _safe_ratio(p["subspace"][j].mean(), p["random"][j].mean(),
-                                                                     min_effect), nc, n_resamples, seed),
-                 "" if abs(per["random"].mean()) > min_effect else
-                 f"undefined: random-subspace noise has no effect (|drop| <= {min_effect})")
-            _put(rec, "attribution",
-                 _ci(lambda j, p=per: _safe_ratio(p["quant_in"][j].mean(), p["quant_in"][j].mean()
-                                                  + p["quant_out"][j].mean(), min_effect), nc, n_resamples, seed),
-                 "" if abs(per["quant_in"].mean() + per["quant_out"].mean()) > min_effect else
-                 f"undefined: the projected errors have no effect (|drop| <= {min_effect})")
+            for name, r in (("rho_causal", ratio_ci(per["subspace"], per["random"], min_effect=min_effect,
+                                                    n_resamples=n_resamples, seed=seed,
+                                                    what="random-subspace noise has no effect")),
+                            ("attribution", ratio_ci(per["quant_in"], per["quant_in"] + per["quant_out"],
+                                                     min_effect=min_effect, n_resamples=n_resamples, seed=seed,
+                                                     what="the projected errors have no effect"))):
+                _put(rec, name, (r.estimate, r.low, r.high), r.note)
             if res.text is not None:
                 t = res.text[res.text["layer"] == la]
                 dn = {kind: float(t[t["kind"] == kind]["d_nll"].mean()) for kind in ("isotropic", "subspace")}

@@ -32,19 +32,32 @@ kind            injected ``x -> x + n``
 Norms match **per position vector** (``||n|| = ||e||`` for every prompt position). ``P_S = B Bᵀ`` for an
 orthonormal basis ``B ∈ R^{D×k}``; random subspaces are ``R = qr(G)``, ``G ~ N(0, I)^{D×k}``.
 
+Several layers at once: ``NoiseCondition(kind, layers=(4, 10, 16, 22))`` acts on all of them, each layer with
+its own noise of its own norm (:mod:`kvgeom.noise.conditions`); :func:`causal_ratio` measures the drops and
+``rho_causal`` for such conditions at every prompt position (:mod:`kvgeom.noise.causal`).
+
 Readouts: the refusal score (:class:`kvgeom.evaluate.RefusalScore`) at the last prompt position, and on
 text (:func:`text_effects`) the mean next-token NLL and ``KL(p_clean || p_noisy)`` per token.
 """
 
+from .causal import CAUSAL_KINDS, CausalRatio, RatioCI, causal_ratio, ratio_ci
+from .conditions import Deltas, NoiseCondition, condition_deltas, delta_hooks, score_conditions
 from .rows import capture_padded, last_logits, quant_error, run_rows
-from .sweep import NoiseCondition, NoiseResult, inject_noise, noise_sweep, text_effects
+from .sweep import NoiseResult, inject_noise, noise_sweep, text_effects
 from .vectors import NOISE_KINDS, make_noise, orthonormal, project, random_subspace
 
 __all__ = [
+    "CAUSAL_KINDS",
     "NOISE_KINDS",
+    "CausalRatio",
+    "Deltas",
     "NoiseCondition",
     "NoiseResult",
+    "RatioCI",
     "capture_padded",
+    "causal_ratio",
+    "condition_deltas",
+    "delta_hooks",
     "inject_noise",
     "last_logits",
     "make_noise",
@@ -53,6 +66,8 @@ __all__ = [
     "project",
     "quant_error",
     "random_subspace",
+    "ratio_ci",
     "run_rows",
+    "score_conditions",
     "text_effects",
 ]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -14,85 +14,17 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from kvgeom.runtime.forward import Batch, encode
-from kvgeom.runtime.hooks import HookFn, kv_hooks
-from kvgeom.sites import KV_SITES, hook_name
+from kvgeom.runtime.hooks import kv_hooks
 from kvgeom.stats import bootstrap_ci
 
-from .rows import Where, _call, _common_n_post, _flat, _unflat, capture_padded, quant_error, run_rows
-from .vectors import NOISE_KINDS, make_noise, random_subspace
+from .conditions import NoiseCondition, condition_deltas, delta_hooks, score_conditions
+from .rows import Where, _call, capture_padded, quant_error
 
 if TYPE_CHECKING:
     from kvgeom.models import KVModel
 
 
-# ---- conditions and sweeps ----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class NoiseCondition:
-    """One intervention: ``kind`` (see :data:`NOISE_KINDS`) at ``layer`` of ``site``; ``draw`` numbers
-    the random draws of stochastic kinds."""
-
-    kind: str
-    layer: int
-    site: str = "rot_k"
-    draw: int = 0
-
-    @property
-    def label(self) -> str:
-        return f"{self.kind}@L{self.layer}/{self.site}" + (f"#{self.draw}" if self.kind in ("random",) else "")
-
-
-def _deltas(
-    conditions: Sequence[NoiseCondition],
-    clean: Mapping[tuple[str, int], Tensor],
-    errors: Mapping[tuple[str, int], Tensor],
-    bases: Mapping[int, Tensor | None],
-    n_prompts: int,
-    k_random: Mapping[int, int],
-    seed: int,
-) -> Tensor:
-    """Per-row deltas ``[rows, width, ...]`` for rows = conditions × prompts (condition-major)."""
-    like = next(iter(clean.values()))
-    out = torch.zeros((len(conditions) * n_prompts,) + tuple(like.shape[1:]), dtype=like.dtype)
-    for c, cond in enumerate(conditions):
-        if cond.kind == "none":
-            continue
-        e = _flat(errors[(cond.site, cond.layer)])
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + cond.layer * 1009 + cond.draw * 7919
-                                            + NOISE_KINDS.index(cond.kind) * 17 + KV_SITES.index(cond.site))
-        basis = bases.get(cond.layer)
-        if cond.kind == "random":
-            basis = random_subspace(e.shape[-1], k_random[cond.layer], gen)
-        n = make_noise(cond.kind, e, basis=basis, generator=gen)
-        out[c * n_prompts:(c + 1) * n_prompts] = _unflat(n, like)
-    return out
-
-
-def _delta_hooks(conditions: Sequence[NoiseCondition], deltas: Tensor, n_prompts: int, where: Where,
-                 n_post: int) -> Callable[[Tensor], dict[str, HookFn]]:
-    row_layer = torch.tensor([c.layer for c in conditions for _ in range(n_prompts)])
-    row_site = [c.site for c in conditions for _ in range(n_prompts)]
-    active = torch.tensor([c.kind != "none" for c in conditions for _ in range(n_prompts)])
-    sites = sorted({c.site for c in conditions if c.kind != "none"})
-    layers = sorted({c.layer for c in conditions if c.kind != "none"})
-
-    def hooks_for(rows: Tensor) -> dict[str, HookFn]:
-        d = deltas[rows] if where == "all" else deltas[rows][:, -n_post:]
-
-        def fn(x: Tensor, ctx: Any) -> Tensor | None:
-            sel = (row_layer[rows] == ctx.layer) & active[rows]
-            sel &= torch.tensor([row_site[int(r)] == ctx.site for r in rows])
-            if not bool(sel.any()):
-                return None
-            y = x.clone()
-            idx = sel.nonzero()[:, 0].to(x.device)
-            y[idx] = x[idx] + d[sel].to(x.device, x.dtype)
-            return y
-
-        return {hook_name(s, la): fn for s in sites for la in layers}
-
-    return hooks_for
-
-
+# ---- sweeps ----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class NoiseResult:
     """Scores of a noise sweep. ``scores`` has one row per (condition, prompt): ``kind, layer, site, draw,
@@ -161,7 +93,6 @@ def noise_sweep(
     The scheme's error ``e`` is measured on each clean prompt (all real positions, forward-mode ranges);
     with ``where="post"`` only its post-instruction part is injected.
     """
-    from kvgeom.evaluate import RefusalScore
     from kvgeom.quant import Scheme
 
     layers = sorted(int(la) for la in bases)
@@ -175,19 +106,13 @@ def noise_sweep(
     errors = {key: quant_error(x, batch.mask, scheme, site) for key, x in clean.items()}
     k_random = {la: (bases[la].shape[1] if bases[la] is not None else 1) for la in layers}
     conds = _conditions(kinds, layers, site, n_random)
-    deltas = _deltas(conds, clean, errors, bases, n, k_random, seed)
-    n_post = _common_n_post(batch) if where == "post" else 0
-    if where == "post":  # only the post-instruction part of each delta is used: zero the rest for clarity
-        deltas[:, :-n_post] = 0
-    row_prompt = torch.arange(n).repeat(len(conds))
-    logits = run_rows(model, batch, row_prompt, _delta_hooks(conds, deltas, n, where, n_post), where=where,
-                      chunk=chunk, progress=progress)
-    score = RefusalScore.for_model(model).from_logits(logits).numpy()
-    clean_score = score[:n]
+    score = score_conditions(model, batch, conds, errors, bases, where=where, k_random=k_random, seed=seed,
+                             chunk=chunk, progress=progress).numpy()
+    clean_score = score[0]  # conds[0] is "none"
     recs = []
     for c, cond in enumerate(conds):
         for i in range(n):
-            s = float(score[c * n + i])
+            s = float(score[c, i])
             recs.append({"kind": cond.kind, "layer": cond.layer if cond.kind != "none" else -1, "site": site,
                          "draw": cond.draw, "prompt": i, "score": s, "clean": float(clean_score[i]),
                          "drop": float(clean_score[i]) - s})
@@ -236,16 +161,16 @@ def text_effects(
     x = torch.tensor(ids[:n_win * window]).reshape(n_win, window)
     batch = Batch(input_ids=x, mask=torch.ones_like(x, dtype=torch.bool), texts=[], n_post=[0] * n_win)
     sites = sorted({c.site for c in conditions})
-    layers = sorted({c.layer for c in conditions})
+    layers = sorted({la for c in conditions for la in c.layers})
     clean = capture_padded(model, batch, sites, layers, chunk=chunk)
     errors = {key: quant_error(v, batch.mask, scheme, key[0]) for key, v in clean.items()}
     recs = []
     for site in sites:
         conds = [c for c in conditions if c.site == site]
-        sub_clean = {k: v for k, v in clean.items() if k[0] == site}
         k_random = {la: (b.shape[1] if b is not None else 1) for la, b in bases.items()}
-        deltas = _deltas(conds, sub_clean, errors, bases, n_win, k_random, seed + 1)
-        hooks_for = _delta_hooks(conds, deltas, n_win, "all", 0)
+        deltas = condition_deltas(conds, {k: v for k, v in errors.items() if k[0] == site}, bases, n_win,
+                                  k_random=k_random, seed=seed + 1)
+        hooks_for = delta_hooks(deltas)
         for w in tqdm(range(n_win), desc="text", disable=not progress):
             rows = torch.arange(len(conds)) * n_win + w
             clean_lp = torch.log_softmax(_call(model, x[w:w + 1], batch.mask[w:w + 1], keep_last=False)[0, :-1], -1)
