@@ -309,7 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "and report agreement with the calibration prompts' (a second layer sweep)")
     p.add_argument("--flip-prediction", action="store_true", help="also validate prefill flip signals (docs/cli.md)")
     p.add_argument("--screen", action="store_true", help="decode only rows the prefill screen keeps (docs/cli.md)")
-    p.add_argument("--screen-skip-above", type=float, default=4.0, help="--screen: refusal log-odds threshold (4.0)")
+    p.add_argument("--screen-skip-above", type=float, default=1.0, help="--screen: refusal log-odds threshold (1.0, "
+                   "set from the default model's validation: docs/results.md)")
     p.add_argument("--screen-check-frac", type=float, default=0.25, help="--screen: share of skips checked (0.25)")
     p.add_argument("--search", action="store_true", help="also search the cheapest per-layer precision keeping "
                    ">= 95%% of full-precision refusal (many generations: meant for a GPU)")

@@ -103,7 +103,7 @@ class AuditConfig:
     memory_budget: float = 8.5
     fix_candidates: int = 4
     screen: bool = False
-    screen_skip_above: float = 4.0
+    screen_skip_above: float = 1.0
     screen_check_frac: float = 0.25
 
     def to_dict(self) -> dict:

@@ -13,10 +13,10 @@ own norm (:mod:`kvgeom.noise.conditions`). With ``drop_i(kind)`` = clean minus n
 
 CIs: percentile bootstrap over prompts (:func:`kvgeom.stats.bootstrap_ci`, the same resampled prompts for
 numerator and denominator). A ratio is **undefined** (NaN, ``defined=False``, the reason in ``note``) when the
-absolute mean of its denominator is ``<= min_effect`` (the rule of :mod:`kvgeom.geometry.sensitivity`;
-resamples whose denominator falls within it are dropped). ``den_excludes_0`` says, beside it, whether the
-denominator's own CI excludes 0: when it does not, a defined ratio rests on a denominator not distinguishable
-from no effect, and its CI is to be read as such.
+denominator is within noise: its absolute mean is ``<= min_effect``, or its own bootstrap CI (``den_low``,
+``den_high``; ``den_excludes_0``) includes 0 -- a ratio whose denominator cannot be told from no effect is never
+a number to read (the project's rule; :mod:`kvgeom.geometry.sensitivity` uses the same function). Resamples
+whose denominator falls within ``min_effect`` are dropped from a defined ratio's CI.
 
 Tested in tests/noise/test_multilayer.py: a planted model whose readout ignores S gives rho_causal = 0 with
 CI [0, 0] (test_planted_silent_subspace_gives_zero_ratio); S = all of R^D makes ``quant_in`` equal ``quant``
@@ -70,8 +70,9 @@ class RatioCI:
 def ratio_ci(num: np.ndarray, den: np.ndarray, *, min_effect: float = 1e-3, n_resamples: int = 1000, seed: int = 0,
              what: str = "the denominator has no effect") -> RatioCI:
     """``mean(num) / mean(den)`` over prompts (paired per-prompt effects) with a percentile bootstrap CI;
-    undefined when ``|mean(den)| <= min_effect`` (resamples within it are dropped). ``den_low``/``den_high``:
-    the CI of ``mean(den)`` itself."""
+    undefined when the denominator is within noise: ``|mean(den)| <= min_effect`` or its own bootstrap CI
+    (``den_low``/``den_high``, kept in the result) includes 0 (resamples with ``|mean(den)| <= min_effect`` are
+    dropped from the ratio's CI)."""
     num, den = np.asarray(num, dtype=float), np.asarray(den, dtype=float)
     if num.shape != den.shape or num.ndim != 1 or len(num) < 1:
         raise ValueError(f"num and den must be equal-length 1-d per-prompt arrays, got {num.shape} and {den.shape}")
@@ -83,6 +84,8 @@ def ratio_ci(num: np.ndarray, den: np.ndarray, *, min_effect: float = 1e-3, n_re
     ci = bootstrap_ci(stat, len(num), n_resamples=n_resamples, seed=seed)
     dci = bootstrap_ci(lambda j: float(den[j].mean()), len(den), n_resamples=n_resamples, seed=seed)
     note = "" if abs(den.mean()) > min_effect else f"undefined: {what} (|drop| <= {min_effect})"
+    if not note and dci.low <= 0.0 <= dci.high:
+        note = f"undefined: {what} within noise (its CI [{dci.low:.3g}, {dci.high:.3g}] includes 0)"
     if note or not np.isfinite(ci.estimate):
         return RatioCI(math.nan, math.nan, math.nan, False, note or "undefined: zero denominator", dci.low, dci.high)
     return RatioCI(ci.estimate, ci.low, ci.high, True, "", dci.low, dci.high)

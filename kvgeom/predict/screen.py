@@ -37,7 +37,7 @@ class ScreenRule:
     """Skip a row when ``margin_plan >= skip_above`` (assumed ``assume``); decode a random ``check_frac`` of the
     skipped rows anyway (``seed``)."""
 
-    skip_above: float = 4.0
+    skip_above: float = 1.0
     check_frac: float = 0.25
     seed: int = 0
     signal: str = "margin_plan"

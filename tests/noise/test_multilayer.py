@@ -196,7 +196,8 @@ def test_ratio_ci_known_answers():
     flat = ratio_ci(den, np.full(30, 5e-4), n_resamples=50, what="random-subspace noise has no effect")
     assert not flat.defined and np.isnan(flat.estimate)
     assert flat.note == "undefined: random-subspace noise has no effect (|drop| <= 0.001)"
-    noisy = ratio_ci(den, g.normal(0.01, 0.5, 30), n_resamples=200)  # a defined ratio on a denominator ~ 0
-    assert not noisy.den_excludes_0
+    noisy = ratio_ci(den, g.normal(0.01, 0.5, 30), n_resamples=200)  # |mean| > 1e-3 but its CI spans 0
+    assert not noisy.den_excludes_0 and not noisy.defined and np.isnan(noisy.estimate)
+    assert "within noise" in noisy.note and "includes 0" in noisy.note
     with pytest.raises(ValueError, match="equal-length"):
         ratio_ci(den, den[:5])
