@@ -84,3 +84,18 @@ def test_the_cli_prints_the_table(tiny, tmp_path, capsys):
     assert saved["kvgeom_schemes"] == {"q4_0": "q4_0"} and not saved["rotation"]
     assert [j["name"] for j in saved["judges"]] == ["keyword", "keyword"]  # --judge A,B: A decides, B re-judges
     assert {"engine_verdict:keyword:phrases=jbb", "kvgeom_verdict:keyword:phrases=jbb"} <= set(saved["rows"][0])
+
+
+def test_validate_with_query_quantization(tiny, tmp_path):
+    """--query-quant: the formats whose K is a llama.cpp type run kvgeom's plan with query=, f16 does not; the llama.cpp
+    side is the same either way."""
+    path, model = tiny
+    kw = dict(formats="f16,q4_0", prompts=PROMPTS[:2], judge=ChecksumJudge(), max_new_tokens=4, threads=2,
+              kv_model=model)
+    v = validate_engine(path, query="engine", out=tmp_path, **kw)
+    assert v.info["query"] == "engine" and v.info["kvgeom_queries"] == {"f16": None, "q4_0": "engine"}
+    s = v.summary.set_index("comparison")
+    assert s.loc["q4_0", "kvgeom_query"] == "engine" and s.loc["f16", "kvgeom_query"] == "none"
+    plain = validate_engine(path, **kw)
+    assert plain.info["query"] is None and (plain.summary["kvgeom_query"] == "none").all()
+    assert plain.rows["engine_tokens"].tolist() == v.rows["engine_tokens"].tolist()
