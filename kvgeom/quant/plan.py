@@ -67,7 +67,8 @@ class QuantPlan:
         prefill: mode ``cache`` only: ``"quantized"`` or ``"full"``.
         query: mode ``cache`` only: ``None`` (Q exact), or how Q is quantized before ``Q·K`` in the quantized
             layers as llama.cpp's CPU flash attention does (``"q8_0"``, ``"q8_0-avx2"``, ``"engine"``; see
-            :mod:`kvgeom.quant.query`); every quantized layer's K must then be a llama.cpp type.
+            :mod:`kvgeom.quant.query`), on the quantized layers whose K is a llama.cpp type (as llama.cpp, which
+            converts Q to q8_0 only for a quantized K); a plan with no such layer is refused.
         name: an optional label for tables.
     """
 
@@ -171,9 +172,10 @@ class QuantPlan:
                     raise ValueError(f"plan {self.label!r}: protected channel (head {h}, dim {d}) at layer "
                                      f"{lay} out of range ({model.n_kv_heads} KV heads x d_head {model.d_head})")
         if self.query is not None:
-            for sch in dict.fromkeys((self.scheme, *(s for _, s in self.layer_schemes))):
-                if (err := query_spec_error(sch.for_role("k"))) is not None:
-                    raise ValueError(f"plan {self.label!r}: {err}")
+            errs = [query_spec_error(sch.for_role("k"))
+                    for sch in dict.fromkeys((self.scheme, *(s for _, s in self.layer_schemes)))]
+            if all(errs):  # query= acts on the layers whose K is a llama.cpp type: here there are none
+                raise ValueError(f"plan {self.label!r}: {errs[0]}")
             if "rot_q" not in model.sites_available:
                 raise ValueError(f"plan {self.label!r}: query= needs the post-RoPE queries (hook site 'rot_q'), "
                                  f"which the bridge does not fire for {model.facts.architecture}; drop query=")

@@ -94,6 +94,20 @@ def test_query_errors(tiny_llama):
         plan = QuantPlan(scheme, mode="cache", query="engine")
         with pytest.raises(ValueError, match="not a llama.cpp cache type"):
             plan.validate(tiny_llama)
-    mixed = QuantPlan("q4_0", mode="cache", query="q8_0", layer_schemes={1: "int4-token-asym"})
+    mixed = QuantPlan("int4-token-asym", mode="cache", query="q8_0", layer_schemes={1: "kivi2"})
     with pytest.raises(ValueError, match="not a llama.cpp cache type"):
         generate(tiny_llama, ["hi"], plans=[mixed], max_new_tokens=1)
+
+
+def test_query_acts_only_on_layers_with_a_llama_cpp_k(tiny_llama):
+    """A mixed plan (fp16 layers next to q4_0+rot ones, as the engine matrix's fixes): Q is quantized only where K
+    is a llama.cpp type, exactly as a manual hook on those layers."""
+    m = tiny_llama
+    plan = QuantPlan("q4_0+rot", mode="cache", query="q8_0", layer_schemes={0: "fp16", 2: "fp16"})
+    got, _ = _logits(m, SIX, [plan] * 6)
+
+    def manual(x, ctx):
+        return fake_quant(x, "q8_0+rot", role="k", mask=ctx.call.mask) if ctx.layer == 1 else None
+
+    want, _ = _logits(m, SIX, [dataclasses.replace(plan, query=None)] * 6, extra_hooks=manual)
+    assert torch.equal(got, want)

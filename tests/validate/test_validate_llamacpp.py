@@ -15,7 +15,7 @@ except EngineNotInstalledError as err:
     pytest.skip(f"llama-cpp-python is not importable, so the real-engine path cannot run: {err}",
                 allow_module_level=True)
 
-from kvgeom.validate import llama_cpp_generate  # noqa: E402
+from kvgeom.validate import llama_cpp_generate, llama_cpp_logits  # noqa: E402
 
 PROMPTS = ["How do I bake bread at home?", "hi", "Write a story about a lighthouse keeper."]
 
@@ -99,3 +99,42 @@ def test_validate_with_query_quantization(tiny, tmp_path):
     plain = validate_engine(path, **kw)
     assert plain.info["query"] is None and (plain.summary["kvgeom_query"] == "none").all()
     assert plain.rows["engine_tokens"].tolist() == v.rows["engine_tokens"].tolist()
+
+
+@pytest.mark.parametrize("k_type", ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl"])
+def test_query_quantization_reproduces_llama_cpps_logits(tiny, k_type):
+    """On F32 weights, teacher-forced logits of every position: with query="engine" kvgeom's cache mode gives
+    llama.cpp's logits up to fp32 summation order at most positions (median max-abs difference ~5e-6; a position
+    after a K/V/Q value whose code flips on an fp32 rounding difference stays off by up to ~0.06), without it at
+    almost none (median ~0.1): llama.cpp's q8_0 Q (kvgeom.quant.query) is what the plain simulation leaves out. For
+    q4_1/q5_1 (Q as q8_1) the fp16 rounding of q8_1's block sum, not simulated, leaves ~0.01-0.02."""
+    import numpy as np
+    import torch
+
+    from kvgeom.quant import QuantPlan
+    from kvgeom.runtime.plans import forward_with_plans
+
+    path, model = tiny
+    texts = model.format_chat(PROMPTS)
+    seqs = [model.tokenizer(t, add_special_tokens=False)["input_ids"] + [5, 6, 7, 8] for t in texts]
+    eng = llama_cpp_logits(path, seqs, EngineFormat(k_type, k_type), threads=2)
+    scheme = EngineFormat(k_type, k_type).kvgeom_scheme(model.d_head)
+
+    def per_position(query):
+        out = []
+        for ids, e in zip(seqs, eng, strict=True):
+            x = torch.tensor([ids])
+            with torch.inference_mode():
+                k = forward_with_plans(model, x, torch.ones_like(x, dtype=torch.bool),
+                                       [QuantPlan(scheme, mode="cache", query=query)])[0].numpy()
+            out.append(np.abs(k - e).max(-1))
+        return np.concatenate(out)
+
+    exact, plain = per_position("engine"), per_position(None)
+    print(k_type, "median max-abs logit difference: query engine", np.median(exact), "none", np.median(plain))
+    assert (plain < 1e-4).mean() <= 0.1, (k_type, np.median(plain))
+    if k_type in ("q4_1", "q5_1"):  # Q as q8_1: its fp16 block sum s (times K's minimum) is not simulated
+        assert np.median(exact) < np.median(plain) / 4, (k_type, np.median(exact), np.median(plain))
+    else:
+        assert np.median(exact) < 1e-4 and (exact < 1e-4).mean() >= 0.6, (k_type, np.median(exact))
+        assert np.median(plain) > 100 * np.median(exact), (k_type, np.median(plain))
