@@ -2,16 +2,17 @@
 
 What llama.cpp does (``0c1e57098``, as vendored by llama-cpp-python 0.3.36):
 
-* ``src/llama-graph.cpp``, ``llm_graph_context::build_attn`` (lines 2868-2890 and 3114-3143): with
-  ``attn_rot_k`` on, Q *and* K are multiplied by the same Walsh-Hadamard block (``llama_mul_mat_hadamard`` with
-  ``inp->self_k_rot``; the block is the largest power of two >= 64 dividing d_head, ``build_input_k_rot`` in
-  ``src/llama-kv-cache.cpp`` lines 1450-1467), so Q reaches the attention kernel rotated, unscaled (``kq_scale``
-  multiplies the dot product afterwards).
-* ``ggml/src/ggml-cpu/ops.cpp``, ``ggml_compute_forward_flash_attn_ext_f16_one_chunk`` (lines 8843-9078; the only
-  path for a quantized K, lines 9490-9575): ``q_to_vec_dot = type_traits_cpu[type_traits_cpu[k->type].vec_dot_type]
-  .from_float`` converts each Q row to the K type's ``vec_dot_type`` (line 8917-8918, 8961) and ``kq_vec_dot``
-  takes the dot product of the stored K blocks with those Q blocks (line 8976). ``type_traits_cpu``
-  (``ggml/src/ggml-cpu/ggml-cpu.c`` lines 215-290, 380-385): ``vec_dot_type`` is q8_0 for q4_0, q5_0, q8_0 and
+* ``src/llama-graph.cpp``, ``llm_graph_context::build_attn`` (the KV-cache overload at line 2868: lines 2883-2890;
+  the SWA one at 3115: lines 3133-3143): with ``attn_rot_k`` on, Q *and* K are multiplied by the same
+  Walsh-Hadamard block (``llama_mul_mat_hadamard`` with ``inp->self_k_rot``; the block is the largest power of
+  two >= 64 dividing d_head, ``build_input_k_rot`` in ``src/llama-kv-cache.cpp`` lines 1447-1466; on the CPU the
+  product is ggml's fast Walsh-Hadamard transform, ``GGML_HINT_SRC0_IS_HADAMARD``, ``ggml-cpu.c`` line 1263), so
+  Q reaches the attention kernel rotated and unscaled (``kq_scale`` multiplies the dot product afterwards).
+* ``ggml/src/ggml-cpu/ops.cpp``, ``ggml_compute_forward_flash_attn_ext_f16_one_chunk`` (lines 8843-9078) is the
+  only path for a quantized K (the tiled and split-KV paths need an f16/f32 K, lines 9489-9490, 9547-9551):
+  ``q_to_vec_dot``, the ``from_float`` of the K type's ``vec_dot_type``, converts each Q row (lines 8917-8920,
+  8961) and ``kq_vec_dot`` multiplies the stored K blocks with those Q blocks (line 8976). In ``type_traits_cpu``
+  (``ggml/src/ggml-cpu/ggml-cpu.c`` lines 215-290, 380-385) ``vec_dot_type`` is q8_0 for q4_0, q5_0, q8_0 and
   iq4_nl, q8_1 for q4_1 and q5_1.
 * ``from_float`` of q8_0 / q8_1 on an x86 build with AVX or AVX2 is ``quantize_row_q8_0`` / ``quantize_row_q8_1`` of
   ``ggml/src/ggml-cpu/arch/x86/quants.c`` (lines 302-398, 400-500): ``q = round_half_even(x * (127/amax))``
@@ -30,7 +31,8 @@ Modes (:data:`QUERY_MODES`, a :class:`kvgeom.quant.QuantPlan`'s ``query``): ``"q
 ``"q8_0-avx2"`` (the x86 SIMD rounding) and ``"engine"`` (what the llama-cpp-python CPU build here does: the K
 type's ``vec_dot_type`` with the AVX2 rounding, i.e. ``"q8_0-avx2"`` for every llama.cpp cache type). The V side
 needs nothing: a quantized V is de-quantized to fp32 (``v_to_float``) and accumulated in fp32 (``VKQ32``, lines
-9012-9029), as kvgeom's attention does; only an f16 V is accumulated in f16 (``VKQ16``, lines 8997-9008).
+9009-9029), as kvgeom's attention does; only an f16 V is accumulated in f16 (``VKQ16``, lines 8993-9008, 9033-9037).
+CUDA's vector kernel quantizes Q to q8_1 for a quantized K as well (``ggml-cuda/fattn-vec.cuh`` lines 97, 181).
 
 Proved by ``tests/quant/test_query_quant.py`` (the rotation identity, bit-exact against ggml-cpu's own
 ``quantize_row_q8_0``, and ``Q·K`` against ggml-cpu's ``ggml_vec_dot_*`` on the same blocks) and
