@@ -72,7 +72,8 @@ def _run(args: argparse.Namespace) -> int:
     v = validate_engine(args.model, engine=args.engine, formats=args.formats, prompts=args.prompts, n=args.n,
                         judge=args.judge, max_new_tokens=args.max_new_tokens, rotation=not args.no_rotation,
                         threads=args.threads, batch_size=args.batch_size, device=args.device, out=args.out,
-                        query=None if args.query_quant == "none" else args.query_quant, progress=say, bars=True)
+                        query=None if args.query_quant == "none" else args.query_quant,
+                        engine_from=args.engine_from, progress=say, bars=True)
     print(validation_summary(v))
     if args.out:
         print(f"wrote {args.out}/validate.json, summary.csv, rows.csv")
@@ -100,6 +101,9 @@ def add_parser(sub: Any) -> None:
                    help="kvgeom also quantizes Q before Q·K as llama.cpp's CPU flash attention does (to q8_0 for "
                    "every quantized K type; 'engine': its x86 AVX2 rounding, 'q8_0': the reference rounding), for "
                    "formats whose K is a llama.cpp type (default: none, Q exact)")
+    p.add_argument("--engine-from", default=None, metavar="DIR", help="reuse llama.cpp's side of an earlier run's "
+                   "--out DIR (same model, prompts, formats, --max-new-tokens, rotation): for a second run that "
+                   "changes only kvgeom's side, e.g. --query-quant")
     p.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: the CPU count, at most 8)")
     p.add_argument("--batch-size", type=int, default=64, help="kvgeom generation batch size (default 64)")
     p.add_argument("--device", default="cpu", help="kvgeom's device (default cpu)")

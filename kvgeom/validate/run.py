@@ -39,6 +39,7 @@ import pandas as pd
 
 from .agreement import AGREEMENT_TARGET, agreement_summary
 from .llamacpp import import_llama_cpp, llama_cpp_eog, llama_cpp_generate, llama_cpp_info
+from .reuse import saved_engine_runs
 from .types import FULL_PRECISION, EngineFormat, parse_formats
 
 __all__ = ["CEILING", "ENGINES", "Validation", "check_engine", "resolve_gguf", "validate_engine"]
@@ -160,6 +161,7 @@ def validate_engine(
     out: str | os.PathLike | None = None,
     kv_model: Any = None,
     query: str | None = None,
+    engine_from: str | os.PathLike | None = None,
     progress: bool | Callable[[str], None] = False,
     bars: bool | None = None,
 ) -> Validation:
@@ -168,7 +170,8 @@ def validate_engine(
     same format; judge both with ``judge`` (a spec or object; default the keyword judge) and compare (module
     docstring). ``rotation=False``: llama.cpp with ``LLAMA_ATTN_ROT_DISABLE=1`` and kvgeom without ``+rot``.
     ``query``: None (Q exact, the default) or a :data:`kvgeom.quant.query.QUERY_MODES` value, for the formats whose
-    K is a llama.cpp type.
+    K is a llama.cpp type. ``engine_from``: the ``out`` folder of an earlier run whose llama.cpp side is reused
+    (:func:`~kvgeom.validate.reuse.saved_engine_runs`: same GGUF, prompts, formats, tokens and rotation).
     ``kv_model``: an already loaded :class:`kvgeom.KVModel` of the same weights (skips loading). ``progress``: True
     for tqdm bars, or a function given one line per step; ``bars``: tqdm bars as well (default: ``progress is
     True``)."""
@@ -209,14 +212,18 @@ def validate_engine(
     texts = kv_model.format_chat(ps.prompts)
     kv_prompt_ids = [kv_model.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
 
+    eng: dict[EngineFormat, list] = {}
+    if engine_from is not None:  # checked before kvgeom's side runs
+        say(f"llama.cpp: reusing {engine_from}")
+        eng = saved_engine_runs(engine_from, gguf=gguf_path, prompts=ps.prompts, formats=engine_fmts,
+                                max_new_tokens=max_new_tokens, rotation=rotation, kv_prompt_ids=kv_prompt_ids)
     t1 = time.perf_counter()
     say(f"kvgeom: {len(schemes)} plans x {len(ps)} prompts")
     kv_tokens = _kvgeom_side(kv_model, ps.prompts, schemes, max_new_tokens=max_new_tokens, batch_size=batch_size,
                              progress=bars, query=query)
     timings["kvgeom_s"] = time.perf_counter() - t1
     t2 = time.perf_counter()
-    eng: dict[EngineFormat, list] = {}
-    for f in engine_fmts:
+    for f in engine_fmts if engine_from is None else ():
         say(f"llama.cpp: {f}")
         eng[f] = llama_cpp_generate(gguf_path, texts, f, max_new_tokens=max_new_tokens, rotation=rotation,
                                     threads=threads, stop_tokens=kv_model.eos_token_ids,
@@ -253,6 +260,7 @@ def validate_engine(
     info = {
         "engine": engine, "engine_info": llama_cpp_info(), "model": kv_model.describe(), "gguf": str(gguf_path),
         "formats": [str(f) for f in fmts], "kvgeom_schemes": {str(f): s for f, s in scheme_of.items()},
+        "engine_from": None if engine_from is None else str(engine_from),
         "query": query, "kvgeom_queries": {str(f): query_for(s, query) for f, s in scheme_of.items()},
         "rotation": rotation, "d_head": d_head, "max_new_tokens": max_new_tokens, "target": target,
         "prompts": {"name": ps.name, "source": ps.source, "n": len(ps), "ids": ps.ids},

@@ -99,6 +99,13 @@ def test_validate_with_query_quantization(tiny, tmp_path):
     plain = validate_engine(path, **kw)
     assert plain.info["query"] is None and (plain.summary["kvgeom_query"] == "none").all()
     assert plain.rows["engine_tokens"].tolist() == v.rows["engine_tokens"].tolist()
+    reused = validate_engine(path, engine_from=tmp_path, **kw)  # --engine-from: llama.cpp's side from that run
+    cols = ["engine_tokens", "engine_stopped_at_eos", "prompt_tokens_equal", "kvgeom_tokens", "agree"]
+    assert reused.rows[cols].equals(plain.rows[cols]) and reused.info["engine_from"] == str(tmp_path)
+    with pytest.raises(ValueError, match="max_new_tokens 4, this one 5"):
+        validate_engine(path, engine_from=tmp_path, **{**kw, "max_new_tokens": 5})
+    with pytest.raises(ValueError, match="format q8_0 was not run there"):
+        validate_engine(path, engine_from=tmp_path, **{**kw, "formats": "q8_0"})
 
 
 @pytest.mark.parametrize("k_type", ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl"])
