@@ -63,6 +63,7 @@ def main() -> None:
                     help="a saved kvgeom validate rows file (its engine_tokens are the sequences)")
     ap.add_argument("--formats", default="q4_0,iq4_nl,q4_1,q5_0")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--queries", default="none,engine", help="kvgeom query settings to compare (none, q8_0, engine)")
     ap.add_argument("--out", default=None, help="CSV of the table")
     args = ap.parse_args()
     t0 = time.perf_counter()
@@ -81,7 +82,8 @@ def main() -> None:
         fmt = EngineFormat.parse("f16" if label == CEILING else label)
         eng = llama_cpp_logits(args.gguf, seqs, fmt, threads=args.threads)
         scheme = None if label == CEILING else fmt.kvgeom_scheme(d_head)
-        for query in (None,) if scheme is None else (None, "engine"):
+        queries = [None if q == "none" else q for q in args.queries.split(",")]
+        for query in (None,) if scheme is None else queries:
             plan = None if scheme is None else QuantPlan(scheme, mode="cache", query=query)
             rec = {"comparison": label, "kvgeom_scheme": scheme or "none", "query": query or "none",
                    **compare(eng, kvgeom_logits(model, seqs, plan), starts)}
