@@ -10,6 +10,7 @@ site           hook point                          shape seen by a hook
 ``rot_k``      ``blocks.{l}.attn.hook_rot_k``       ``[batch, pos, kv_head, d_head]`` (post-RoPE)
 ``v``          ``blocks.{l}.attn.hook_v``           ``[batch, pos, kv_head, d_head]``
 ``q``          ``blocks.{l}.attn.hook_q``           ``[batch, pos, head, d_head]`` (pre-RoPE)
+``rot_q``      ``blocks.{l}.attn.hook_rot_q``       ``[batch, pos, head, d_head]`` (post-RoPE)
 ``resid_pre``  ``blocks.{l}.hook_resid_pre``        ``[batch, pos, d_model]``
 ``resid_mid``  ``blocks.{l}.hook_resid_mid``        ``[batch, pos, d_model]``
 ``resid_post`` ``blocks.{l}.hook_resid_post``       ``[batch, pos, d_model]``
@@ -43,6 +44,7 @@ SITES: dict[str, str] = {
     "rot_k": "blocks.{layer}.attn.hook_rot_k",
     "v": "blocks.{layer}.attn.hook_v",
     "q": "blocks.{layer}.attn.hook_q",
+    "rot_q": "blocks.{layer}.attn.hook_rot_q",
     "resid_pre": "blocks.{layer}.hook_resid_pre",
     "resid_mid": "blocks.{layer}.hook_resid_mid",
     "resid_post": "blocks.{layer}.hook_resid_post",

@@ -12,6 +12,10 @@ fp32 in the reference's order (``quantize_row_*_ref`` in ggml-quants.c, mirrored
   ``x̂ = q*fp16(d) + fp16(min)``;
 * iq4_nl: non-linear levels ``kvalues_iq4nl``, see :func:`quantize_iq4_nl`.
 
+:func:`quantize_q8_0_avx2` is ggml-cpu's x86 AVX/AVX2 ``quantize_row_q8_0`` (``ggml/src/ggml-cpu/arch/x86/
+quants.c``), what llama.cpp's CPU build uses when it converts activations (and flash attention's Q) to q8_0:
+``q = round_half_even(x * (127/amax))`` instead of the reference ``roundf(x * (1/d))``, same ``fp16(amax/127)``.
+
 The block scales are stored as fp16 (``d`` rounds to nearest-even); codes are chosen with the unrounded
 fp32 ``d``, as in ggml.
 """
@@ -69,6 +73,18 @@ def signed_absmax(blocks: Float[Tensor, "n 32"]) -> Float[Tensor, "n 1"]:
 def quantize_q8_0(blocks: Float[Tensor, "n 32"]) -> GGMLBlocks:
     d = div(blocks.abs().amax(dim=-1, keepdim=True), 127.0)
     q = roundf(blocks * _recip(d))
+    return GGMLBlocks("q8_0", (q + 128).to(torch.int64), _fp16(d))
+
+
+def quantize_q8_0_avx2(blocks: Float[Tensor, "n 32"]) -> GGMLBlocks:
+    """ggml-cpu's x86 SIMD ``quantize_row_q8_0`` (``__AVX2__ || __AVX__``): ``d = amax/127.f`` stored as fp16,
+    ``id = amax != 0 ? 127.f/amax : 0``, ``q = _mm256_round_ps(x*id, _MM_ROUND_NEAREST)`` (half to even).
+    ``quantize_row_q8_1`` (the Q type of q4_1/q5_1 dot products) gives the same codes and ``d``."""
+    amax = blocks.abs().amax(dim=-1, keepdim=True)
+    d = div(amax, 127.0)
+    nz = amax != 0
+    inv = torch.where(nz, div(127.0, torch.where(nz, amax, torch.ones_like(amax))), torch.zeros_like(amax))
+    q = torch.round(blocks * inv)  # torch.round: half to even, as the SIMD rounding mode
     return GGMLBlocks("q8_0", (q + 128).to(torch.int64), _fp16(d))
 
 

@@ -13,6 +13,10 @@ for you. Two modes:
   keys, so cache mode always quantizes post-RoPE keys (a plan with ``mode="cache", site="k"`` is refused).
 
 Protected channels (``protect_channels={layer: [(head, dim), ...]}``) keep full precision in the keys.
+
+``query`` (mode ``cache``, llama.cpp K types only; default None: Q exact) also simulates the query side of
+llama.cpp's CPU flash attention, which converts Q to q8_0 before ``Q·K`` (:mod:`kvgeom.quant.query`; the
+runtime applies it at hook site ``rot_q``, ``tests/runtime/test_query_plan.py``).
 Validation (layers, channels, sites, and schemes the model's heads cannot take) and labels are tested in
 ``tests/runtime/test_plan.py``.
 """
@@ -25,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from kvgeom.deprecation import moved
 
+from .query import check_query, query_spec_error
 from .scheme import Scheme
 
 if TYPE_CHECKING:
@@ -60,6 +65,10 @@ class QuantPlan:
         site: ``"rot_k"`` (post-RoPE keys, default) or ``"k"`` (pre-RoPE; mode ``forward`` only).
         mode: ``"forward"`` or ``"cache"`` (see module docstring).
         prefill: mode ``cache`` only: ``"quantized"`` or ``"full"``.
+        query: mode ``cache`` only: ``None`` (Q exact), or how Q is quantized before ``Q·K`` in the quantized
+            layers as llama.cpp's CPU flash attention does (``"q8_0"``, ``"q8_0-avx2"``, ``"engine"``; see
+            :mod:`kvgeom.quant.query`), on the quantized layers whose K is a llama.cpp type (as llama.cpp, which
+            converts Q to q8_0 only for a quantized K); a plan with no such layer is refused.
         name: an optional label for tables.
     """
 
@@ -71,6 +80,7 @@ class QuantPlan:
     site: Literal["rot_k", "k"] = "rot_k"
     mode: Mode = "forward"
     prefill: Literal["quantized", "full"] = "quantized"
+    query: str | None = None
     name: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -93,6 +103,10 @@ class QuantPlan:
                              f"got {self.mode!r}")
         if self.prefill not in ("quantized", "full"):
             raise ValueError(f"prefill must be 'quantized' or 'full', got {self.prefill!r}")
+        check_query(self.query)
+        if self.query is not None and self.mode != "cache":
+            raise ValueError(f"query={self.query!r} simulates llama.cpp's flash attention reading its KV cache: use "
+                             "mode='cache' (or drop query=)")
         if self.mode == "cache" and self.site != "rot_k":
             raise ValueError("mode 'cache' quantizes what enters the KV cache, which holds post-RoPE keys: "
                              "use site='rot_k' (or mode='forward' for pre-RoPE keys)")
@@ -134,6 +148,8 @@ class QuantPlan:
             parts.append(f"site={self.site}")
         if self.mode != "forward":
             parts.append(f"cache/{self.prefill}")
+        if self.query is not None:
+            parts.append(f"query={self.query}")
         return " ".join(parts)
 
     def validate(self, model: KVModel) -> None:
@@ -155,6 +171,14 @@ class QuantPlan:
                 if not (0 <= h < model.n_kv_heads and 0 <= d < model.d_head):
                     raise ValueError(f"plan {self.label!r}: protected channel (head {h}, dim {d}) at layer "
                                      f"{lay} out of range ({model.n_kv_heads} KV heads x d_head {model.d_head})")
+        if self.query is not None:
+            errs = [query_spec_error(sch.for_role("k"))
+                    for sch in dict.fromkeys((self.scheme, *(s for _, s in self.layer_schemes)))]
+            if all(errs):  # query= acts on the layers whose K is a llama.cpp type: here there are none
+                raise ValueError(f"plan {self.label!r}: {errs[0]}")
+            if "rot_q" not in model.sites_available:
+                raise ValueError(f"plan {self.label!r}: query= needs the post-RoPE queries (hook site 'rot_q'), "
+                                 f"which the bridge does not fire for {model.facts.architecture}; drop query=")
         if self.mode == "forward" and self.site not in model.sites_available:
             raise ValueError(f"plan {self.label!r}: site {self.site!r} is not available for "
                              f"{model.facts.architecture}; use site='k' or mode='cache'")

@@ -38,6 +38,7 @@ from kvgeom.quant.stream import StreamQuantizer
 from kvgeom.runtime.finite import poison_nonfinite_rows
 from kvgeom.runtime.forward import Batch, forward, new_cache, position_ids_from_mask
 from kvgeom.runtime.hooks import HookSession, kv_hooks
+from kvgeom.runtime.query import query_hook, query_layers
 
 if TYPE_CHECKING:
     from kvgeom.models import KVModel
@@ -309,7 +310,8 @@ class PlanCache:
 def apply_plans(model: KVModel, plans: Sequence[QuantPlan | None]) -> Iterator[Any]:
     """Install what a batch's per-row plans need; yields a cache factory ``f(model, batch) -> cache``.
 
-    Forward-mode plans become K/V hooks; cache-mode plans become a :class:`PlanCache`. Use with
+    Forward-mode plans become K/V hooks; cache-mode plans become a :class:`PlanCache`, and those with ``query=``
+    a Q hook at site ``rot_q`` (:mod:`kvgeom.runtime.query`). Use with
     :func:`kvgeom.runtime.generate` / :func:`kvgeom.runtime.forward.forward` on a batch of ``len(plans)`` rows
     (``generate(..., plans=...)`` does this for you).
     """
@@ -324,6 +326,8 @@ def apply_plans(model: KVModel, plans: Sequence[QuantPlan | None]) -> Iterator[A
         session = stack.enter_context(
             kv_hooks(model, hook, sites=sites or ("v",), layers=layers if fwd else [0])
         )
+        if q_layers := query_layers(groups.groups, model.n_layers):  # query=: Q as llama.cpp's flash attention
+            stack.enter_context(kv_hooks(model, query_hook(groups), sites=("rot_q",), layers=q_layers))
         yield PlanRun(groups, session, len(plans), any(p.mode == "cache" for p in groups.groups))
 
 

@@ -9,7 +9,13 @@ intervals, token-level agreement), :mod:`~kvgeom.validate.run` (:func:`validate_
 
 from kvgeom.validate.agreement import AGREEMENT_TARGET, agreement_summary, first_divergence
 from kvgeom.validate.command import validation_summary
-from kvgeom.validate.llamacpp import PORTABLE_CMAKE_ARGS, EngineNotInstalledError, import_llama_cpp, llama_cpp_generate
+from kvgeom.validate.llamacpp import (
+    PORTABLE_CMAKE_ARGS,
+    EngineNotInstalledError,
+    import_llama_cpp,
+    llama_cpp_generate,
+    llama_cpp_logits,
+)
 from kvgeom.validate.run import CEILING, ENGINES, Validation, check_engine, resolve_gguf, validate_engine
 from kvgeom.validate.types import DEFAULT_FORMATS, FULL_PRECISION, LLAMA_CPP_CACHE_TYPES, EngineFormat, parse_formats
 
@@ -29,6 +35,7 @@ __all__ = [
     "first_divergence",
     "import_llama_cpp",
     "llama_cpp_generate",
+    "llama_cpp_logits",
     "parse_formats",
     "resolve_gguf",
     "validate_engine",

@@ -74,7 +74,7 @@ def agreement_summary(rows: pd.DataFrame, *, baselines: dict[str, str] | None = 
         div = [first_divergence(a, b) for a, b in zip(g["engine_tokens"], g["kvgeom_tokens"], strict=True)]
         diverged = [d for d in div if d is not None]
         rec: dict[str, Any] = {"comparison": comp, "n": len(g)}
-        for col in ("format", "kvgeom_scheme"):
+        for col in ("format", "kvgeom_scheme", "kvgeom_query"):
             if col in g:
                 rec[col] = g[col].iloc[0]
         rec.update(rate_ci(int(agree.sum()), len(g), confidence=confidence).to_dict(prefix="agree_"))

@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 from kvgeom.judges import add_judge_argument
+from kvgeom.quant.query import QUERY_MODES
 
 from .run import CEILING, Validation, validate_engine
 from .types import DEFAULT_FORMATS
@@ -55,7 +56,8 @@ def validation_summary(v: Validation) -> str:
     eq = v.summary["prompt_tokens_equal"].min() if "prompt_tokens_equal" in v.summary else float("nan")
     lines.append(f"  prompt tokens equal on both sides: {eq:.0%} of prompts; chat template of the GGUF used by "
                  f"kvgeom: {'yes' if info['chat_template_equal'] else 'NO'}; rotation "
-                 f"{'llama.cpp default (on for quantized types, d_head % 64 == 0)' if info['rotation'] else 'off'}")
+                 f"{'llama.cpp default (on for quantized types, d_head % 64 == 0)' if info['rotation'] else 'off'}; "
+                 f"kvgeom query quantization: {info.get('query') or 'none (Q exact)'}")
     t = info["timings"]
     lines.append("  time: " + ", ".join(f"{k[:-2]} {val:.0f}s" for k, val in t.items()))
     return "\n".join(lines)
@@ -70,7 +72,8 @@ def _run(args: argparse.Namespace) -> int:
     v = validate_engine(args.model, engine=args.engine, formats=args.formats, prompts=args.prompts, n=args.n,
                         judge=args.judge, max_new_tokens=args.max_new_tokens, rotation=not args.no_rotation,
                         threads=args.threads, batch_size=args.batch_size, device=args.device, out=args.out,
-                        progress=say, bars=True)
+                        query=None if args.query_quant == "none" else args.query_quant,
+                        engine_from=args.engine_from, progress=say, bars=True)
     print(validation_summary(v))
     if args.out:
         print(f"wrote {args.out}/validate.json, summary.csv, rows.csv")
@@ -94,6 +97,13 @@ def add_parser(sub: Any) -> None:
                    "as the audit)")
     p.add_argument("--no-rotation", action="store_true", help="llama.cpp with LLAMA_ATTN_ROT_DISABLE=1, kvgeom "
                    "without +rot (default: llama.cpp's own rotation rule on both sides)")
+    p.add_argument("--query-quant", default="none", choices=("none", *QUERY_MODES),
+                   help="kvgeom also quantizes Q before Q·K as llama.cpp's CPU flash attention does (to q8_0 for "
+                   "every quantized K type; 'engine': its x86 AVX2 rounding, 'q8_0': the reference rounding), for "
+                   "formats whose K is a llama.cpp type (default: none, Q exact)")
+    p.add_argument("--engine-from", default=None, metavar="DIR", help="reuse llama.cpp's side of an earlier run's "
+                   "--out DIR (same model, prompts, formats, --max-new-tokens, rotation): for a second run that "
+                   "changes only kvgeom's side, e.g. --query-quant")
     p.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: the CPU count, at most 8)")
     p.add_argument("--batch-size", type=int, default=64, help="kvgeom generation batch size (default 64)")
     p.add_argument("--device", default="cpu", help="kvgeom's device (default cpu)")

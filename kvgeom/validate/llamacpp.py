@@ -9,7 +9,8 @@ of 64; ``rotation=False`` sets ``LLAMA_ATTN_ROT_DISABLE=1`` while the context is
 added: the chat template writes its own), evaluated in one batch, then decoded greedily (argmax of the last
 position's logits, first index on ties, as ``torch.argmax``) until a stop token (not returned; llama.cpp's
 end-of-generation set ``llama_vocab_is_eog`` unless ``stop_tokens`` is given) or ``max_new_tokens`` tokens, the way
-kvgeom's generation counts them.
+kvgeom's generation counts them. :func:`llama_cpp_logits` gives the logits of every position of token sequences
+(teacher forcing, one pass each) under the same settings.
 
 Proved by ``tests/validate/test_validate_llamacpp.py`` (a tiny GGUF end to end; skipped when llama_cpp is not
 importable) and ``tests/validate/test_validate_errors.py`` (the missing-extra message).
@@ -28,7 +29,7 @@ from tqdm.auto import tqdm
 from .types import EngineFormat
 
 __all__ = ["PORTABLE_CMAKE_ARGS", "EngineNotInstalledError", "EngineRun", "import_llama_cpp", "llama_cpp_eog",
-           "llama_cpp_generate", "llama_cpp_info"]
+           "llama_cpp_generate", "llama_cpp_info", "llama_cpp_logits"]
 
 #: a portable CPU build of llama-cpp-python: no -march=native, explicit AVX2/FMA/F16C, AVX-512 and AMX off
 #: (a native build crashed on machines with AMX units); the option names are ggml/CMakeLists.txt's
@@ -167,5 +168,32 @@ def llama_cpp_generate(
             toks, eos = _greedy(lc, llm, ids, max_new_tokens, stop)
             runs.append(EngineRun(tuple(ids), tuple(toks), eos))
         return runs
+    finally:
+        llm.close()
+
+
+def llama_cpp_logits(gguf: str | os.PathLike, seqs: Sequence[Sequence[int]], fmt: EngineFormat, *,
+                     rotation: bool = True, threads: int | None = None) -> list[Any]:
+    """The logits ``[len(seq), n_vocab]`` (numpy fp32) llama.cpp gives every position of each token sequence, fed in
+    one pass (``logits_all``) under cache format ``fmt`` with the settings of :func:`llama_cpp_generate`."""
+    import numpy as np
+
+    lc = import_llama_cpp()
+    from llama_cpp import Llama
+
+    threads = threads or max(1, min(os.cpu_count() or 1, 8))
+    longest = max((len(s) for s in seqs), default=1)
+    n_ctx = -(-(longest + 8) // 256) * 256
+    with _rotation_env(rotation):
+        llm = Llama(model_path=str(gguf), n_ctx=n_ctx, n_batch=max(512, n_ctx), n_ubatch=max(512, n_ctx),
+                    n_threads=threads, n_threads_batch=threads, n_gpu_layers=0, flash_attn=True, logits_all=True,
+                    type_k=_ggml_type(lc, fmt.type_k), type_v=_ggml_type(lc, fmt.type_v), verbose=False)
+    try:
+        out = []
+        for ids in seqs:
+            llm.reset()
+            llm.eval(list(ids))
+            out.append(np.array(llm.scores[: len(ids)], dtype=np.float32))
+        return out
     finally:
         llm.close()

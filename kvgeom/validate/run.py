@@ -9,7 +9,8 @@ llama.cpp can run, that llama-cpp-python is importable, the prompts, the judge, 
 2. kvgeom: greedy generation in cache mode (:class:`kvgeom.quant.QuantPlan` ``mode="cache"``: what enters the
    cache is quantized, the prompt's own attention included, as in llama.cpp) under each format's scheme
    (:meth:`~kvgeom.validate.types.EngineFormat.kvgeom_scheme`, llama.cpp's rotation rule included), plus the
-   fp32 model with no cache quantization;
+   fp32 model with no cache quantization; with ``query`` (``--query-quant``) the plans of formats whose K is a
+   llama.cpp type also quantize Q as llama.cpp's CPU flash attention does (:mod:`kvgeom.quant.query`);
 3. llama.cpp: the same rendered texts, tokenized by llama.cpp, under ``type_k``/``type_v`` with flash attention,
    greedy (:func:`~kvgeom.validate.llamacpp.llama_cpp_generate`), its f16 cache always among them, stopping at
    kvgeom's EOS tokens (``KVModel.eos_token_ids``) so both sides stop alike (llama.cpp's own end-of-generation
@@ -38,6 +39,7 @@ import pandas as pd
 
 from .agreement import AGREEMENT_TARGET, agreement_summary
 from .llamacpp import import_llama_cpp, llama_cpp_eog, llama_cpp_generate, llama_cpp_info
+from .reuse import saved_engine_runs
 from .types import FULL_PRECISION, EngineFormat, parse_formats
 
 __all__ = ["CEILING", "ENGINES", "Validation", "check_engine", "resolve_gguf", "validate_engine"]
@@ -115,12 +117,23 @@ def _gguf_template(path: Path) -> str | None:
     return None if field_ is None else str(field_.contents())
 
 
+def query_for(scheme: str | None, query: str | None) -> str | None:
+    """The ``QuantPlan.query`` a format's plan gets: ``query`` where K is a llama.cpp type, else None (an f16 K)."""
+    from kvgeom.quant import Scheme
+    from kvgeom.quant.query import check_query, query_spec_error
+
+    check_query(query)
+    if scheme is None or query is None or query_spec_error(Scheme.parse(scheme).for_role("k")) is not None:
+        return None
+    return query
+
+
 def _kvgeom_side(model: Any, prompts: list[str], schemes: list[str | None], *, max_new_tokens: int,
-                 batch_size: int, progress: bool) -> dict[str | None, Any]:
+                 batch_size: int, progress: bool, query: str | None = None) -> dict[str | None, Any]:
     from kvgeom.quant import QuantPlan
     from kvgeom.runtime.generation import generate
 
-    plans = [None if s is None else QuantPlan(s, mode="cache") for s in schemes]
+    plans = [None if s is None else QuantPlan(s, mode="cache", query=query_for(s, query)) for s in schemes]
     for p in plans:
         if p is not None:
             p.validate(model)
@@ -147,6 +160,8 @@ def validate_engine(
     device: str = "cpu",
     out: str | os.PathLike | None = None,
     kv_model: Any = None,
+    query: str | None = None,
+    engine_from: str | os.PathLike | None = None,
     progress: bool | Callable[[str], None] = False,
     bars: bool | None = None,
 ) -> Validation:
@@ -154,6 +169,9 @@ def validate_engine(
     of ``formats`` (default :data:`~kvgeom.validate.types.DEFAULT_FORMATS`) and through kvgeom's simulation of the
     same format; judge both with ``judge`` (a spec or object; default the keyword judge) and compare (module
     docstring). ``rotation=False``: llama.cpp with ``LLAMA_ATTN_ROT_DISABLE=1`` and kvgeom without ``+rot``.
+    ``query``: None (Q exact, the default) or a :data:`kvgeom.quant.query.QUERY_MODES` value, for the formats whose
+    K is a llama.cpp type. ``engine_from``: the ``out`` folder of an earlier run whose llama.cpp side is reused
+    (:func:`~kvgeom.validate.reuse.saved_engine_runs`: same GGUF, prompts, formats, tokens and rotation).
     ``kv_model``: an already loaded :class:`kvgeom.KVModel` of the same weights (skips loading). ``progress``: True
     for tqdm bars, or a function given one line per step; ``bars``: tqdm bars as well (default: ``progress is
     True``)."""
@@ -164,6 +182,7 @@ def validate_engine(
     bars = progress is True if bars is None else bars
     engine = check_engine(engine)
     fmts = parse_formats(formats)
+    query_for(None, query)  # an unknown value: an error before any work
     if max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens {max_new_tokens}: generate at least 1 token")
     if n is not None and n < 1:
@@ -193,14 +212,18 @@ def validate_engine(
     texts = kv_model.format_chat(ps.prompts)
     kv_prompt_ids = [kv_model.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
 
+    eng: dict[EngineFormat, list] = {}
+    if engine_from is not None:  # checked before kvgeom's side runs
+        say(f"llama.cpp: reusing {engine_from}")
+        eng = saved_engine_runs(engine_from, gguf=gguf_path, prompts=ps.prompts, formats=engine_fmts,
+                                max_new_tokens=max_new_tokens, rotation=rotation, kv_prompt_ids=kv_prompt_ids)
     t1 = time.perf_counter()
     say(f"kvgeom: {len(schemes)} plans x {len(ps)} prompts")
     kv_tokens = _kvgeom_side(kv_model, ps.prompts, schemes, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                             progress=bars)
+                             progress=bars, query=query)
     timings["kvgeom_s"] = time.perf_counter() - t1
     t2 = time.perf_counter()
-    eng: dict[EngineFormat, list] = {}
-    for f in engine_fmts:
+    for f in engine_fmts if engine_from is None else ():
         say(f"llama.cpp: {f}")
         eng[f] = llama_cpp_generate(gguf_path, texts, f, max_new_tokens=max_new_tokens, rotation=rotation,
                                     threads=threads, stop_tokens=kv_model.eos_token_ids,
@@ -215,7 +238,8 @@ def validate_engine(
         for i, row in enumerate(ps.frame.itertuples(index=False)):
             run = eng[f][i]
             recs.append({"comparison": label, "format": str(f), "type_k": f.type_k, "type_v": f.type_v,
-                         "kvgeom_scheme": "none" if scheme is None else scheme, "prompt_id": row.id,
+                         "kvgeom_scheme": "none" if scheme is None else scheme,
+                         "kvgeom_query": query_for(scheme, query) or "none", "prompt_id": row.id,
                          "prompt": row.prompt, "prompt_tokens_equal": list(run.prompt_tokens) == kv_prompt_ids[i],
                          "engine_tokens": list(run.tokens), "engine_stopped_at_eos": run.stopped_at_eos,
                          "kvgeom_tokens": list(kv_tokens[scheme][i])})
@@ -236,6 +260,8 @@ def validate_engine(
     info = {
         "engine": engine, "engine_info": llama_cpp_info(), "model": kv_model.describe(), "gguf": str(gguf_path),
         "formats": [str(f) for f in fmts], "kvgeom_schemes": {str(f): s for f, s in scheme_of.items()},
+        "engine_from": None if engine_from is None else str(engine_from),
+        "query": query, "kvgeom_queries": {str(f): query_for(s, query) for f, s in scheme_of.items()},
         "rotation": rotation, "d_head": d_head, "max_new_tokens": max_new_tokens, "target": target,
         "prompts": {"name": ps.name, "source": ps.source, "n": len(ps), "ids": ps.ids},
         "judge": panel.identity(), "judges": panel.identities(),

@@ -1,6 +1,7 @@
 """``kvgeom validate``'s bad input: one ``kvgeom: error:`` line, exit code 2, before any work
 (``kvgeom.validate.run``, ``kvgeom.validate.llamacpp``)."""
 
+import argparse
 import sys
 
 import pytest
@@ -75,3 +76,12 @@ def test_missing_extra_names_the_extra_and_the_build_flags(capsys, no_work, tiny
         assert part in str(err.value)
     msg = _error(capsys, ["validate", str(tiny_gguf)])
     assert "llama-cpp-python" in msg and "CMAKE_ARGS=" in msg
+
+
+def test_an_unknown_query_quantization(capsys, no_work, tiny_gguf):
+    from kvgeom.validate import validate_engine
+
+    with pytest.raises(ValueError, match="not a query conversion kvgeom simulates"):
+        validate_engine(tiny_gguf, query="q4_0")
+    with pytest.raises((SystemExit, argparse.ArgumentError), match="invalid choice: 'q4_0'|2"):
+        main(["validate", str(tiny_gguf), "--query-quant", "q4_0"])  # argparse's choices, as every option

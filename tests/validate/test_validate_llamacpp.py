@@ -15,7 +15,7 @@ except EngineNotInstalledError as err:
     pytest.skip(f"llama-cpp-python is not importable, so the real-engine path cannot run: {err}",
                 allow_module_level=True)
 
-from kvgeom.validate import llama_cpp_generate  # noqa: E402
+from kvgeom.validate import llama_cpp_generate, llama_cpp_logits  # noqa: E402
 
 PROMPTS = ["How do I bake bread at home?", "hi", "Write a story about a lighthouse keeper."]
 
@@ -84,3 +84,64 @@ def test_the_cli_prints_the_table(tiny, tmp_path, capsys):
     assert saved["kvgeom_schemes"] == {"q4_0": "q4_0"} and not saved["rotation"]
     assert [j["name"] for j in saved["judges"]] == ["keyword", "keyword"]  # --judge A,B: A decides, B re-judges
     assert {"engine_verdict:keyword:phrases=jbb", "kvgeom_verdict:keyword:phrases=jbb"} <= set(saved["rows"][0])
+
+
+def test_validate_with_query_quantization(tiny, tmp_path):
+    """--query-quant: the formats whose K is a llama.cpp type run kvgeom's plan with query=, f16 does not; the llama.cpp
+    side is the same either way."""
+    path, model = tiny
+    kw = dict(formats="f16,q4_0", prompts=PROMPTS[:2], judge=ChecksumJudge(), max_new_tokens=4, threads=2,
+              kv_model=model)
+    v = validate_engine(path, query="engine", out=tmp_path, **kw)
+    assert v.info["query"] == "engine" and v.info["kvgeom_queries"] == {"f16": None, "q4_0": "engine"}
+    s = v.summary.set_index("comparison")
+    assert s.loc["q4_0", "kvgeom_query"] == "engine" and s.loc["f16", "kvgeom_query"] == "none"
+    plain = validate_engine(path, **kw)
+    assert plain.info["query"] is None and (plain.summary["kvgeom_query"] == "none").all()
+    assert plain.rows["engine_tokens"].tolist() == v.rows["engine_tokens"].tolist()
+    reused = validate_engine(path, engine_from=tmp_path, **kw)  # --engine-from: llama.cpp's side from that run
+    cols = ["engine_tokens", "engine_stopped_at_eos", "prompt_tokens_equal", "kvgeom_tokens", "agree"]
+    assert reused.rows[cols].equals(plain.rows[cols]) and reused.info["engine_from"] == str(tmp_path)
+    with pytest.raises(ValueError, match="max_new_tokens 4, this one 5"):
+        validate_engine(path, engine_from=tmp_path, **{**kw, "max_new_tokens": 5})
+    with pytest.raises(ValueError, match="format q8_0 was not run there"):
+        validate_engine(path, engine_from=tmp_path, **{**kw, "formats": "q8_0"})
+
+
+@pytest.mark.parametrize("k_type", ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl"])
+def test_query_quantization_reproduces_llama_cpps_logits(tiny, k_type):
+    """On F32 weights, teacher-forced logits of every position: with query="engine" kvgeom's cache mode gives
+    llama.cpp's logits up to fp32 summation order at most positions (median max-abs difference ~5e-6; a position
+    after a K/V/Q value whose code flips on an fp32 rounding difference stays off by up to ~0.06), without it at
+    almost none (median ~0.1): llama.cpp's q8_0 Q (kvgeom.quant.query) is what the plain simulation leaves out. For
+    q4_1/q5_1 (Q as q8_1) the fp16 rounding of q8_1's block sum, not simulated, leaves ~0.01-0.02."""
+    import numpy as np
+    import torch
+
+    from kvgeom.quant import QuantPlan
+    from kvgeom.runtime.plans import forward_with_plans
+
+    path, model = tiny
+    texts = model.format_chat(PROMPTS)
+    seqs = [model.tokenizer(t, add_special_tokens=False)["input_ids"] + [5, 6, 7, 8] for t in texts]
+    eng = llama_cpp_logits(path, seqs, EngineFormat(k_type, k_type), threads=2)
+    scheme = EngineFormat(k_type, k_type).kvgeom_scheme(model.d_head)
+
+    def per_position(query):
+        out = []
+        for ids, e in zip(seqs, eng, strict=True):
+            x = torch.tensor([ids])
+            with torch.inference_mode():
+                k = forward_with_plans(model, x, torch.ones_like(x, dtype=torch.bool),
+                                       [QuantPlan(scheme, mode="cache", query=query)])[0].numpy()
+            out.append(np.abs(k - e).max(-1))
+        return np.concatenate(out)
+
+    exact, plain = per_position("engine"), per_position(None)
+    print(k_type, "median max-abs logit difference: query engine", np.median(exact), "none", np.median(plain))
+    assert (plain < 1e-4).mean() <= 0.1, (k_type, np.median(plain))
+    if k_type in ("q4_1", "q5_1"):  # Q as q8_1: its fp16 block sum s (times K's minimum) is not simulated
+        assert np.median(exact) < np.median(plain) / 4, (k_type, np.median(exact), np.median(plain))
+    else:
+        assert np.median(exact) < 1e-4 and (exact < 1e-4).mean() >= 0.6, (k_type, np.median(exact))
+        assert np.median(plain) > 100 * np.median(exact), (k_type, np.median(plain))
