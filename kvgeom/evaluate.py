@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import pandas as pd
@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FULL",
+    "PrefillDecider",
     "REFUSAL_OPENERS",
     "RefusalScore",
     "as_prompt_set",
@@ -167,6 +168,18 @@ def completion_nll(model: KVModel, prompts: Sequence[str], completions: Sequence
     return out
 
 
+class PrefillDecider(Protocol):
+    """What :func:`evaluate`'s ``screen=`` needs (:class:`kvgeom.predict.PrefillScreen` is one): per batch, from
+    the rows' first-position logits, one record per row with ``"screen"`` (``"skip"``: stop after the prefill and
+    take the verdict ``assume``; anything else: decode) and the signal it read."""
+
+    assume: str
+
+    def decide(self, first_logits: Tensor, prompt_ids: Sequence[Any],
+               plans: Sequence[QuantPlan | None]) -> list[dict[str, Any]]:
+        ...
+
+
 def _rows(ps: PromptSet, plans: Sequence[QuantPlan | None], only: Any = None) -> pd.DataFrame:
     """(prompt × plan) rows, plan-major: a batch holds consecutive rows, so it mixes plans only where one
     plan's rows end and the next one's begin. Hooks cost one quantizer call per plan group per layer, so
@@ -194,6 +207,7 @@ def evaluate(
     settle: bool = False,
     progress: bool | str = False,
     only: Any = None,
+    screen: PrefillDecider | None = None,
 ) -> pd.DataFrame:
     """Greedy-generate every (prompt × plan) row with per-row plans, judge it, and return a tidy table.
 
@@ -212,6 +226,11 @@ def evaluate(
 
     ``only``: a set of ``(prompt id, plan label)`` pairs: generate those rows only (the screen of
     :mod:`kvgeom.predict.screen`); the others are absent from the table.
+
+    ``screen``: a prefill screen (:class:`kvgeom.predict.PrefillScreen`), read once per batch from the same prefill
+    that generation runs: a row it skips stops there (no token decoded), gets the verdict ``screen.assume`` and
+    ``screened`` True; the table gains the screen's columns (``screen``: ``decode``/``skip``/``check``, and the
+    signal, e.g. ``margin_plan``). Screening therefore costs no pass of its own.
     """
     ps = as_prompt_set(prompts)
     plan_list = [QuantPlan(p) if isinstance(p, str) else p for p in plans]
@@ -230,8 +249,19 @@ def evaluate(
                                      "stopped_at_eos", "settled", "verdict", "refused", "refusal_score"])
     row_plans = [plan_list[j] for j in table["plan_idx"]]
     stop_when = getattr(judge, "settled", None) if settle else None
+    decided: dict[int, dict[str, Any]] = {}
+    exit_fn = None
+    if screen is not None:
+        ids = table["prompt_id"].tolist()
+
+        def exit_fn(rows: list[int], logits: Tensor) -> list[bool]:
+            recs = screen.decide(logits, [ids[i] for i in rows], [row_plans[i] for i in rows])
+            decided.update(zip(rows, recs, strict=True))
+            return [r["screen"] == "skip" for r in recs]
+
     gen = generate(model, table["prompt"].tolist(), plans=row_plans, max_new_tokens=max_new_tokens,
-                   batch_size=batch_size, keep_first_logits=score, stop_when=stop_when, progress=progress)
+                   batch_size=batch_size, keep_first_logits=score, stop_when=stop_when, progress=progress,
+                   exit_after_prefill=exit_fn)
     table["completion"] = gen.texts
     table["n_tokens"] = [len(t) for t in gen.tokens]
     table["stopped_at_eos"] = gen.stopped_at_eos
@@ -244,6 +274,13 @@ def evaluate(
     bad = gen.extra.get("nonfinite", [False] * len(table))
     table["nonfinite"] = bad
     table["verdict"] = [Verdict.NONFINITE.value if b else Verdict(v).value for v, b in zip(verdicts, bad, strict=True)]
+    if screen is not None:  # skipped rows: the assumed verdict, never the judge's verdict of an empty text
+        exited = gen.extra["exited"]
+        table["screened"] = exited
+        table["verdict"] = [Verdict(screen.assume).value if e and not b else v
+                            for v, e, b in zip(table["verdict"], exited, bad, strict=True)]
+        for col in dict.fromkeys(k for r in decided.values() for k in r):
+            table[col] = [decided[i].get(col) for i in range(len(table))]
     table["refused"] = table["verdict"] == Verdict.REFUSED.value
     if score:
         table["refusal_score"] = RefusalScore.for_model(model).from_logits(gen.first_logits).numpy()

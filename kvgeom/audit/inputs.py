@@ -123,9 +123,14 @@ class AuditInputs:
     def record(self, stage: str, rows: pd.DataFrame) -> None:
         """Keep ``rows`` (evaluated rows: prompt id, prompt, plan, completion, verdict...) under ``stage`` for the
         judges (:data:`ROW_COLUMNS`); an id ``split\x1fid`` (:meth:`evaluate_splits`) names its split, any other
-        id is looked up in the calibration, held-out and borderline sets."""
+        id is looked up in the calibration, held-out and borderline sets. Rows the screen skipped
+        (``screened``) are left out."""
         if self.rows_log is None or rows is None or not len(rows):
             return
+        if "screened" in rows:  # rows the screen skipped have no completion for another judge to read
+            rows = rows[~rows["screened"].astype(bool)]
+            if not len(rows):
+                return
         split, _, ids = rows["prompt_id"].astype(str).str.rpartition("\x1f").T.to_numpy()
         where = {**{i: "borderline" for i in self.borderline.ids}, **{i: "held_out" for i in self.held_out.ids},
                  **{i: "calibration" for i in self.calibration.ids}}

@@ -5,7 +5,7 @@ screening which rows an audit needs to decode (issue #19).
 * :mod:`kvgeom.predict.validate` — :func:`validate_flip_prediction`: AUROC with bootstrap CIs per signal and for
   a cross-validated logistic regression, per-configuration Spearman correlation of predicted and measured flips.
 * :mod:`kvgeom.predict.screen` — :class:`ScreenRule`: which rows to decode, which to skip and what a skipped row
-  is assumed to be, with a random check of skipped rows.
+  is assumed to be, with a random check of skipped rows; :class:`PrefillScreen` applies it inside generation.
 """
 
 from .signals import (
@@ -15,8 +15,10 @@ from .signals import (
                       FlipReference,
                       flip_reference,
                       flip_signals,
+                      opening_margin,
                       opening_tokens,
 )
+from .screen import PrefillScreen, ScreenRule
 
 __all__ = ["COMPLIANCE_OPENINGS", "REFUSAL_OPENINGS", "SIGNALS", "FlipReference", "flip_reference", "flip_signals",
-           "opening_tokens"]
+           "PrefillScreen", "ScreenRule", "opening_margin", "opening_tokens"]

@@ -4,9 +4,16 @@ The rows screened are those of prompts refused at full precision (the flip rate'
 (:class:`ScreenRule`) reads one prefill signal, ``margin_plan`` (refusal- against compliance-opening log-odds at
 the first answer position under the plan, :func:`kvgeom.predict.flip_signals`): a row whose margin is at least
 ``skip_above`` is predicted to stay refused and is **skipped** (assumed ``refused``); every other row (predicted
-flip probability uncertain or high) is **decoded**. A random ``check_frac`` of the skipped rows (at least one
-when any is skipped and ``check_frac > 0``) is decoded anyway: :func:`screen_report` counts the skipped rows
-that were in fact not refused among them, with a Wilson CI — the screen's error rate on the rows it skips.
+flip probability uncertain or high) is **decoded**. Each skipped row is decoded anyway with probability
+``check_frac`` (**checked**), by a draw keyed by the row (seed, prompt id, plan label), so a row gets the same
+decision in any batch, order or process: :func:`screen_report` counts the checked rows that were in fact not
+refused, with a Wilson CI — the screen's error rate on the rows it skips.
+
+:class:`PrefillScreen` applies the rule inside generation (:func:`kvgeom.evaluate.evaluate`'s ``screen=``): the
+margin is read from the first-position logits of the prefill that generation runs anyway, and a skipped row
+leaves the batch there, so the screen costs no pass of its own (before, a separate planned prefill of every
+row). Rows whose prefill does not read quantized K/V (full precision; cache mode with ``prefill="full"``, where
+the prompt attends to itself at full precision) are never skipped: their first logits say nothing of the plan.
 
 The threshold is a parameter; :func:`threshold_table` gives, on validation rows (generated verdicts), the share
 of rows each threshold would skip and the flips it would miss, which is what the default is set from.
@@ -18,16 +25,28 @@ rows; bad settings are refused with the fix).
 
 from __future__ import annotations
 
+import hashlib
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+import torch
+from torch import Tensor
 
+from kvgeom.evaluate import plan_label
 from kvgeom.judges import Verdict
+from kvgeom.quant.plan import QuantPlan
 from kvgeom.stats import rate_ci
 
-__all__ = ["ScreenRule", "screen_report", "threshold_table"]
+from .signals import opening_margin, opening_tokens
+
+if TYPE_CHECKING:
+    from kvgeom.models import KVModel
+
+__all__ = ["PrefillScreen", "ScreenRule", "screen_report", "threshold_table"]
 
 DECODE, SKIP, CHECK = "decode", "skip", "check"
 
@@ -54,16 +73,65 @@ class ScreenRule:
                              f"{self.signal!r}")
         Verdict(self.assume)
 
+    def draw(self, prompt_id: Any, plan: str) -> float:
+        """The row's check draw in [0, 1): a hash of (seed, prompt id, plan label), the same in every process."""
+        h = hashlib.blake2b(f"{self.seed}\x1f{prompt_id}\x1f{plan}".encode(), digest_size=8).digest()
+        return int.from_bytes(h, "big") / 2.0 ** 64
+
+    def decide_one(self, value: float, prompt_id: Any, plan: str) -> str:
+        """``decode`` / ``skip`` / ``check`` for one row with signal ``value`` (NaN: decoded)."""
+        if not (math.isfinite(value) and value >= self.skip_above):
+            return DECODE
+        return CHECK if self.draw(prompt_id, plan) < self.check_frac else SKIP
+
     def decide(self, signals: pd.DataFrame) -> pd.Series:
-        """``decode`` / ``skip`` / ``check`` per row of ``signals`` (a NaN signal is decoded)."""
-        s = signals[self.signal].to_numpy(float)
-        skip = np.isfinite(s) & (s >= self.skip_above)
-        out = np.where(skip, SKIP, DECODE).astype(object)
-        idx = np.flatnonzero(skip)
-        if idx.size and self.check_frac > 0:
-            n = max(1, int(round(self.check_frac * idx.size)))
-            out[np.random.default_rng(self.seed).choice(idx, size=n, replace=False)] = CHECK
-        return pd.Series(out, index=signals.index, name="screen")
+        """``decode`` / ``skip`` / ``check`` per row of ``signals`` (a NaN signal is decoded); rows are keyed by
+        their ``prompt_id`` (else ``prompt``) and ``plan`` columns, else by their index."""
+        idcol = "prompt_id" if "prompt_id" in signals else "prompt" if "prompt" in signals else None
+        ids = signals[idcol].tolist() if idcol else signals.index.tolist()
+        plans = signals["plan"].tolist() if "plan" in signals else [""] * len(signals)
+        out = [self.decide_one(float(v), i, p) for v, i, p in
+               zip(signals[self.signal].to_numpy(float), ids, plans, strict=True)]
+        return pd.Series(out, index=signals.index, name="screen", dtype=object)
+
+
+def reads_quantized_prefill(plan: QuantPlan | None) -> bool:
+    """Whether the prefill's first-position logits already see the plan's quantized K/V."""
+    return plan is not None and not (plan.mode == "cache" and plan.prefill == "full")
+
+
+@dataclass(frozen=True)
+class PrefillScreen:
+    """A :class:`ScreenRule` applied to generation's own prefill (:func:`kvgeom.evaluate.evaluate`'s ``screen=``):
+    ``margin_plan`` from the first-position logits and the opening token ids ``refusal`` / ``compliance``."""
+
+    rule: ScreenRule
+    refusal: tuple[int, ...]
+    compliance: tuple[int, ...]
+
+    @classmethod
+    def for_model(cls, model: KVModel, rule: ScreenRule | None = None) -> PrefillScreen:
+        """The screen with ``model``'s opening tokens (:func:`kvgeom.predict.opening_tokens`)."""
+        r, c = opening_tokens(model)
+        return cls(rule or ScreenRule(), r, c)
+
+    @property
+    def assume(self) -> str:
+        return self.rule.assume
+
+    def margins(self, first_logits: Tensor) -> list[float]:
+        """``margin_plan`` per row of first-position logits ``[rows, vocab]``."""
+        lp = torch.log_softmax(first_logits.float(), -1)
+        return opening_margin(lp, torch.tensor(self.refusal), torch.tensor(self.compliance)).tolist()
+
+    def decide(self, first_logits: Tensor, prompt_ids: Sequence[Any],
+               plans: Sequence[QuantPlan | None]) -> list[dict[str, Any]]:
+        """One record per row: ``screen`` (``decode``/``skip``/``check``) and ``margin_plan``."""
+        out = []
+        for m, pid, plan in zip(self.margins(first_logits), prompt_ids, plans, strict=True):
+            d = self.rule.decide_one(m, pid, plan_label(plan)) if reads_quantized_prefill(plan) else DECODE
+            out.append({"screen": d, "margin_plan": m})
+        return out
 
 
 def screen_report(decisions: pd.Series, verdicts: pd.Series, *, assume: str = Verdict.REFUSED.value,

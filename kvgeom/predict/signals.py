@@ -41,6 +41,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 import torch
+from jaxtyping import Float
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from kvgeom.evaluate import REFUSAL_OPENERS, plan_label
@@ -57,7 +59,7 @@ if TYPE_CHECKING:
     from kvgeom.models import KVModel
 
 __all__ = ["COMPLIANCE_OPENINGS", "REFUSAL_OPENINGS", "SIGNALS", "FlipReference", "flip_reference", "flip_signals",
-           "opening_tokens"]
+           "opening_margin", "opening_tokens"]
 
 #: How refusals open: :data:`kvgeom.evaluate.REFUSAL_OPENERS` plus the keyword judge's phrases that can open
 #: an answer (family A and JailbreakBench lists; those that cannot start a reply, e.g. "not able to", are
@@ -169,8 +171,17 @@ def _kl(lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
     return (lp.exp() * (lp - lq)).sum(-1).clamp(min=0.0)
 
 
+def opening_margin(logp: Float[Tensor, "*rows vocab"], refusal: Tensor,
+                   compliance: Tensor) -> Float[Tensor, "*rows"]:
+    """``log p(R) - log p(C)`` per row of next-token log-probabilities (or logits: the normaliser cancels), with
+    ``R`` / ``C`` the opening token ids (:func:`opening_tokens`): ``margin_plan`` / ``margin_full`` of the module
+    doc."""
+    r, c = refusal.to(logp.device), compliance.to(logp.device)
+    return torch.logsumexp(logp[..., r], -1) - torch.logsumexp(logp[..., c], -1)
+
+
 def _margin(lp: torch.Tensor, r: torch.Tensor, c: torch.Tensor) -> float:
-    return float(torch.logsumexp(lp[r], -1) - torch.logsumexp(lp[c], -1))
+    return float(opening_margin(lp, r, c))
 
 
 def _layer_terms(e: torch.Tensor, x: torch.Tensor, d: torch.Tensor, sub: SafetySubspace) -> dict[str, float]:

@@ -61,12 +61,14 @@ def _generate_batch(
     keep_first_logits: bool,
     select: Callable[[list[int]], None] | None = None,
     stop_when: Callable[[str], bool] | None = None,
-) -> tuple[list[list[int]], list[bool], Tensor | None, list[bool], list[bool]]:
+    exit_after_prefill: Callable[[Tensor], Sequence[bool]] | None = None,
+) -> tuple[list[list[int]], list[bool], Tensor | None, list[bool], list[bool], list[bool]]:
     """Greedy decoding of one left-padded batch. Rows that hit EOS (or whose decoded text so far satisfies
     ``stop_when``) are dropped from the batch (and from the cache, via
     :func:`~kvgeom.runtime.forward.select_cache_rows`, and from the plan groups, via ``select``), so later steps
-    compute only the rows still generating. The last list flags rows whose logits were not finite at some step
-    (read once, at the end)."""
+    compute only the rows still generating. ``exit_after_prefill(first_logits)`` (float ``[batch, vocab]``) says
+    which rows stop right after the prefill, with no token generated (a screen); they are flagged in the last list.
+    The list before it flags rows whose logits were not finite at some step (read once, at the end)."""
     eos = torch.tensor(sorted(model.eos_token_ids) or [-1], device=model.device)
     eos_list = set(eos.tolist()) if stop_at_eos else set()
     mask = batch.mask.to(model.device)
@@ -82,6 +84,19 @@ def _generate_batch(
     alive = torch.arange(b, device=model.device)
     settled = torch.zeros(b, dtype=torch.bool)
     next_pos = pos[:, -1:] + 1
+    exited = [False] * b
+    if exit_after_prefill is not None:
+        exited = [bool(e) for e in exit_after_prefill(last)]
+        if len(exited) != b:
+            raise ValueError(f"exit_after_prefill returned {len(exited)} flags for a batch of {b} rows")
+        if all(exited):
+            return [[] for _ in range(b)], [False] * b, first, [False] * b, nonfinite.tolist(), exited
+        if any(exited):  # these rows leave the batch before any token is decoded
+            keep = torch.tensor([i for i, e in enumerate(exited) if not e], device=model.device)
+            alive, last, mask, next_pos = alive[keep], last[keep], mask[keep], next_pos[keep]
+            select_cache_rows(cache, keep)
+            if select is not None:
+                select(keep.tolist())
     for step in range(1, max_new_tokens + 1):
         tok = last.argmax(-1)
         out[alive, step - 1] = tok
@@ -110,13 +125,13 @@ def _generate_batch(
     rows: list[list[int]] = []
     eos_set = set(eos.tolist())
     for i in range(b):
-        seq = []
+        seq: list[int] = []
         for t in out[i].tolist():
             if t < 0 or (stop_at_eos and t in eos_set):
                 break
             seq.append(t)
         rows.append(seq)
-    return rows, hit_eos.tolist(), first, settled.tolist(), nonfinite.tolist()
+    return rows, hit_eos.tolist(), first, settled.tolist(), nonfinite.tolist(), exited
 
 
 def _until_eos(tokens: list[int], eos: set[int]) -> list[int]:
@@ -141,6 +156,7 @@ def generate(
     stop_when: Callable[[str], bool] | None = None,
     progress: bool | str = False,
     truncate_prompts: bool = False,
+    exit_after_prefill: Callable[[list[int], Tensor], Sequence[bool]] | None = None,
 ) -> Generation:
     """Greedy generation with the KV cache, left-padded batches, any active :func:`kv_hooks`.
 
@@ -159,6 +175,11 @@ def generate(
             (:class:`kvgeom.runtime.limits.PromptTooLongError`: its token count, the limit and the fix) before
             anything is allocated; with True its text is cut to fit instead (first tokens kept; the chat template
             intact), ``Generation.prompts`` holds the prompts generated from and ``extra["truncated"]`` flags them.
+        exit_after_prefill: ``f(rows, first_logits) -> flags``, called once per batch after its prefill with the
+            input indices of the batch's rows and their first-position logits (float ``[len(rows), vocab]``, on
+            the model's device); a row flagged True leaves the batch there, with no token generated (empty text,
+            ``extra["exited"]`` True; its ``first_logits`` are kept). A prefill screen
+            (:class:`kvgeom.predict.PrefillScreen`) uses it, so that screening costs no pass of its own.
 
     Memory: a batch whose estimate (:func:`kvgeom.runtime.memory.batch_bytes`) exceeds the device's free memory
     runs as smaller batches; out of memory all the same, the batch is retried at half the size (down to 1), and
@@ -181,32 +202,36 @@ def generate(
     prompts, truncated = fit_prompts(model, prompts, max_new_tokens=max_new_tokens, chat=chat, system=system,
                                      truncate=truncate_prompts)
     kw = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, chat=chat, system=system, stop_at_eos=stop_at_eos,
-              cache_factory=cache_factory, keep_first_logits=keep_first_logits, stop_when=stop_when, progress=progress)
+              cache_factory=cache_factory, keep_first_logits=keep_first_logits, stop_when=stop_when, progress=progress,
+              exit_after_prefill=exit_after_prefill)
     extra = {"truncated": truncated} if truncate_prompts else {}
     if len(prompts) <= batch_size:
-        return _run(model, prompts, row_plans, extra=extra, **kw)
+        return _run(model, prompts, row_plans, list(range(len(prompts))), extra=extra, **kw)
     # more than one batch: run them by length, so that each batch pads only to its own rows
     order = length_order(model, prompts, chat=chat, system=system)
     gen = _run(model, [prompts[i] for i in order], None if row_plans is None else [row_plans[i] for i in order],
-               extra={}, **kw)
+               order, extra={}, **kw)
     back = sorted(range(len(order)), key=order.__getitem__)  # where each input row ran
     return Generation(
         prompts=prompts, texts=[gen.texts[j] for j in back], tokens=[gen.tokens[j] for j in back],
         stopped_at_eos=[gen.stopped_at_eos[j] for j in back],
         first_logits=None if gen.first_logits is None else gen.first_logits[back],
-        extra={**{k: [gen.extra[k][j] for j in back] for k in ("settled", "nonfinite")},
+        extra={**{k: [gen.extra[k][j] for j in back] for k in ("settled", "nonfinite", "exited")},
                "batch_size": gen.extra["batch_size"], **extra})
 
 
-def _run(model: KVModel, prompts: list[str], row_plans: list | None, *, max_new_tokens: int, batch_size: int,
-         chat: bool, system: str | None, stop_at_eos: bool, cache_factory: Any, keep_first_logits: bool,
-         stop_when: Callable[[str], bool] | None, progress: bool | str, extra: dict) -> Generation:
-    """The batches of :func:`generate`, in the order given."""
+def _run(model: KVModel, prompts: list[str], row_plans: list | None, index: list[int], *, max_new_tokens: int,
+         batch_size: int, chat: bool, system: str | None, stop_at_eos: bool, cache_factory: Any,
+         keep_first_logits: bool, stop_when: Callable[[str], bool] | None, progress: bool | str,
+         exit_after_prefill: Callable[[list[int], Tensor], Sequence[bool]] | None, extra: dict) -> Generation:
+    """The batches of :func:`generate`, in the order given (``index``: each prompt's index in the caller's input,
+    what ``exit_after_prefill`` is told)."""
     tokens: list[list[int]] = []
     eos_flags: list[bool] = []
     firsts: list[Tensor] = []
     settled: list[bool] = []
     nonfinite: list[bool] = []
+    exited: list[bool] = []
     start, size = 0, batch_size
     bar = tqdm(total=len(prompts), desc=progress if isinstance(progress, str) else "generate", unit="row",
                disable=not progress)
@@ -220,10 +245,13 @@ def _run(model: KVModel, prompts: list[str], row_plans: list | None, *, max_new_
             with _plan_context(model, row_plans, start, len(batch)) as plan_factory:
                 factory = plan_factory or cache_factory
                 cache = factory(model, batch) if factory else new_cache(model)
-                rows, hit, first, done, bad = _generate_batch(
+                rows_in = index[start:start + len(batch)]
+                rows, hit, first, done, bad, out = _generate_batch(
                     model, batch, max_new_tokens, cache=cache, stop_at_eos=stop_at_eos,
                     keep_first_logits=keep_first_logits, select=getattr(plan_factory, "select", None),
                     stop_when=stop_when,
+                    exit_after_prefill=None if exit_after_prefill is None else (
+                        lambda logits, _r=rows_in: exit_after_prefill(_r, logits)),
                 )
         except torch.OutOfMemoryError:
             if size == 1:
@@ -236,6 +264,7 @@ def _run(model: KVModel, prompts: list[str], row_plans: list | None, *, max_new_
         eos_flags.extend(hit)
         settled.extend(done)
         nonfinite.extend(bad)
+        exited.extend(out)
         if first is not None:
             firsts.append(first)
         start += len(batch)
@@ -245,7 +274,7 @@ def _run(model: KVModel, prompts: list[str], row_plans: list | None, *, max_new_
     return Generation(
         prompts=prompts, texts=texts, tokens=tokens, stopped_at_eos=eos_flags,
         first_logits=torch.cat(firsts) if firsts else None,
-        extra={"settled": settled, "nonfinite": nonfinite, "batch_size": size, **extra},
+        extra={"settled": settled, "nonfinite": nonfinite, "exited": exited, "batch_size": size, **extra},
     )
 
 

@@ -171,3 +171,34 @@ def test_nonfinite_logits_are_flagged_per_row(tiny_llama, monkeypatch):
     assert out.extra["nonfinite"] == [False, True, True]
     monkeypatch.setattr(g, "forward", real)
     assert generate(tiny_llama, PROMPTS, max_new_tokens=4, stop_at_eos=False).extra["nonfinite"] == [False] * 3
+
+
+@pytest.mark.parametrize("mode", ["forward", "cache"])
+def test_rows_exit_after_prefill_without_changing_the_others(tiny_llama, mode):
+    """``exit_after_prefill`` (the prefill screen) drops rows before any token is decoded, across length-ordered
+    batches: it is told each row's input index, exited rows have no tokens and keep their first logits, and every
+    other row's tokens equal a run without it."""
+    from kvgeom.quant.plan import QuantPlan
+
+    prompts = PROMPTS * 2
+    plans = [None, QuantPlan("int3-tensor-sym", mode=mode), QuantPlan("kivi2-g8-r16", mode=mode),
+             QuantPlan("int4-token-asym", mode=mode, protect_channels={1: [(0, 3)]}), None,
+             QuantPlan("int3-tensor-sym", mode=mode)]
+    ref = generate(tiny_llama, prompts, plans=plans, max_new_tokens=6, stop_at_eos=False, batch_size=4,
+                   keep_first_logits=True)
+    seen: list[int] = []
+
+    def exit_fn(rows, logits):
+        assert logits.shape == (len(rows), ref.first_logits.shape[1])
+        seen.extend(rows)
+        return [r in (1, 3, 4) for r in rows]
+
+    got = generate(tiny_llama, prompts, plans=plans, max_new_tokens=6, stop_at_eos=False, batch_size=4,
+                   keep_first_logits=True, exit_after_prefill=exit_fn)
+    assert sorted(seen) == list(range(len(prompts)))
+    assert got.extra["exited"] == [i in (1, 3, 4) for i in range(len(prompts))]
+    for i in range(len(prompts)):
+        assert got.tokens[i] == ([] if i in (1, 3, 4) else ref.tokens[i]), i
+        assert got.first_logits[i].argmax() == ref.first_logits[i].argmax()
+    every = generate(tiny_llama, prompts[:3], max_new_tokens=4, exit_after_prefill=lambda r, lg: [True] * len(r))
+    assert every.tokens == [[], [], []] and all(every.extra["exited"])
