@@ -8,6 +8,7 @@ screening which rows an audit needs to decode (issue #19).
   is assumed to be, with a random check of skipped rows; :class:`PrefillScreen` applies it inside generation.
 """
 
+from .screen import PrefillScreen, ScreenRule
 from .signals import (
                       COMPLIANCE_OPENINGS,
                       REFUSAL_OPENINGS,
@@ -18,7 +19,6 @@ from .signals import (
                       opening_margin,
                       opening_tokens,
 )
-from .screen import PrefillScreen, ScreenRule
 
 __all__ = ["COMPLIANCE_OPENINGS", "REFUSAL_OPENINGS", "SIGNALS", "FlipReference", "flip_reference", "flip_signals",
            "PrefillScreen", "ScreenRule", "opening_margin", "opening_tokens"]
