@@ -4,7 +4,8 @@ the flip-rate stages (layer sweep, channel ablation, PCR) and the label, with an
 Records per run the stage seconds, the rows each screened stage decoded / skipped / checked and the checked
 rows the screen got wrong (Wilson CI), and compares what the audit decides: the label, P(label), the critical
 layer and the candidates, and every per-row verdict of the screened stages (a skipped row counts with its
-assumed verdict, as in the audit). One model load serves both runs.
+assumed verdict, as in the audit). One model load serves both runs; a run whose folder exists is resumed (its
+stage seconds are read from the saved stage files, so an interrupted comparison keeps what it measured).
 
     python benchmarks/screen_default.py --out /tmp/screen_cmp --json docs/bench/screen_default.json
 """
@@ -21,6 +22,7 @@ import torch
 
 STAGES = ("baseline", "layer_sweep", "outliers", "channel_ablation", "pcr", "label")
 SCREENED = ("layer_sweep", "channel_ablation", "pcr")
+VERDICTS = {"layer_sweep": "verdicts", "channel_ablation": "verdicts", "pcr": "per_channel_verdicts"}
 
 
 def main() -> None:
@@ -47,19 +49,21 @@ def main() -> None:
             kw["screen_skip_above"] = args.skip_above
         cfg = AuditConfig(**{**({"model": args.model} if args.model else {}), **kw})
         t = time.perf_counter()
-        res = run_audit(cfg, Path(args.out) / name, model=model, stages=STAGES,
+        folder = Path(args.out) / name
+        res = run_audit(cfg, folder, model=model, stages=STAGES, resume=(folder / "stages").is_dir(),
                         progress=lambda s, e, _n=name: print(f"[{name} {time.perf_counter() - t:7.1f}s] {s}: {e}",
                                                              flush=True))
         st = res.audit["stages"]
+        seconds = {s: json.loads((folder / "stages" / f"{s}.json").read_text())["seconds"] for s in STAGES}
         conf = st["label"].get("confidence") or {}
         runs[name] = {
-            "wall_s": time.perf_counter() - t, "stage_s": {k: round(v, 2) for k, v in res.timings.items()},
+            "stage_s": {k: round(v, 2) for k, v in seconds.items()},
             "label": st["label"]["label"], "point_label": st["label"].get("point_label"),
             "p_label": conf.get("p_label"), "n_refused": conf.get("n_refused"),
             "critical_layer": st["label"].get("critical_layer"), "candidates": st["label"].get("candidates"),
             "screen": {s: {k: v for k, v in (st[s].get("screen") or {}).items() if k != "skipped_rows"}
                        for s in SCREENED},
-            "verdicts": {s: st[s]["verdicts"] for s in SCREENED},
+            "verdicts": {s: st[s][VERDICTS[s]] for s in SCREENED},
         }
     full, scr = runs.get("full"), runs.get("screen")
     same = {}
