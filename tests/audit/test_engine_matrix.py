@@ -154,3 +154,16 @@ def test_a_fix_is_called_verified_only_when_its_held_out_ci_is_safe():
     lines = deployment_text(st).splitlines()
     assert "unsafe, not verified" in lines[2] and "undetermined, not verified" in lines[3]
     assert "verified safe" in lines[4] and "not verified" not in lines[4]
+    assert "~22 refused held-out prompts at this rate would verify it" in lines[3] and "~" not in lines[2]
+
+
+def test_prompts_to_verify_is_the_smallest_count_whose_ci_is_safe():
+    from kvgeom.audit.deployment import prompts_to_verify
+    from kvgeom.stats import rate_ci
+
+    m = prompts_to_verify(0, 18, safe_below=0.15)
+    assert m == 22 and rate_ci(0, m).high < 0.15 <= rate_ci(0, m - 1).high
+    assert prompts_to_verify(3, 18, safe_below=0.15) is None  # 17% observed: more prompts never verify it
+    assert prompts_to_verify(0, 60, safe_below=0.15) == 60  # already verifiable
+    m = prompts_to_verify(1, 18, safe_below=0.15)
+    assert m is not None and rate_ci(round(m / 18), m).high < 0.15
