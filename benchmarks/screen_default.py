@@ -51,8 +51,8 @@ def main() -> None:
         t = time.perf_counter()
         folder = Path(args.out) / name
         res = run_audit(cfg, folder, model=model, stages=STAGES, resume=(folder / "stages").is_dir(),
-                        progress=lambda s, e, _n=name: print(f"[{name} {time.perf_counter() - t:7.1f}s] {s}: {e}",
-                                                             flush=True))
+                        progress=lambda s, e, _n=name, _t=t: print(f"[{_n} {time.perf_counter() - _t:7.1f}s] {s}: {e}",
+                                                                     flush=True))
         st = res.audit["stages"]
         seconds = {s: json.loads((folder / "stages" / f"{s}.json").read_text())["seconds"] for s in STAGES}
         conf = st["label"].get("confidence") or {}
