@@ -101,8 +101,8 @@ def deployment_table(audit_or_stage: Mapping[str, Any]) -> pd.DataFrame:
                      "verdict": r["verdict"], "silent": r["silent"], "fix": fix.get("name"),
                      "fix_bits": fix.get("bits"), "fix_flip_held_out": held.get("rate"),
                      "fix_flip_held_out_low": held.get("low"), "fix_flip_held_out_high": held.get("high"),
-                     "fix_verdict": fix_v,
-                     "fix_verify_at": verify_at, "fix_setting": fix.get("setting"), "fix_needs": fix.get("needs") or None,
+                     "fix_verdict": fix_v, "fix_verify_at": verify_at,
+                     "fix_setting": fix.get("setting"), "fix_needs": fix.get("needs") or None,
                      "command": r["command"]})
     return pd.DataFrame(rows, columns=COLUMNS)
 

@@ -245,8 +245,8 @@ STAGE = register_stage(Stage(
     section=Section("deployment", "Deployment: the formats your engine serves",
                     "Each format the engine offers, simulated as that engine stores it, on the prompts refused at "
                     "full precision; the fix is the cheapest setting of that engine that restores refusal on the "
-                    "calibration prompts, checked on the held-out ones: verified only when its held-out flip CI is below "
-                    "the safe threshold.", render, lead=True, position=0,
+                    "calibration prompts, checked on the held-out ones: verified only when its held-out flip CI is "
+                    "below the safe threshold.", render, lead=True, position=0,
                     hide_unless_ran=True),
     schema=obj({"engines": {"type": "array"}}, formats={"type": "array"}, status={"type": "string"}),
 ))
