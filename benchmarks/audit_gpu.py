@@ -224,6 +224,10 @@ def main() -> None:
                     "with accelerate (a model bigger than one GPU, e.g. --arch llama-3.1-70b); default: --device only")
     ap.add_argument("--max-memory", default=None, help="with --device-map: per-device budget, e.g. "
                     "'0=130GiB,1=130GiB' (kvgeom.models.placement.parse_max_memory)")
+    ap.add_argument("--judge", choices=("checksum", "settling"), default="checksum",
+                    help="planted judge: 'checksum' (every row generates all tokens: the cost of a judge that cannot "
+                    "settle) or 'settling' (kvgeom.testing.SettlingChecksumJudge: refused rows stop once their first "
+                    "12 characters are in, as the keyword judge settles refusals on a real model)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if args.max_memory and not args.device_map:
@@ -234,7 +238,7 @@ def main() -> None:
     import kvgeom
     from kvgeom.audit import AuditConfig, run_audit
     from kvgeom.prompts import load_prompts
-    from kvgeom.testing import ChecksumJudge
+    from kvgeom.testing import ChecksumJudge, SettlingChecksumJudge
 
     if args.fake_quant != "auto":
         import functools
@@ -276,7 +280,9 @@ def main() -> None:
     prompts = load_prompts("calibration").prompts
     lengths = [len(model.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in model.format_chat(prompts)]
     t1 = time.perf_counter()
-    class CountingJudge(ChecksumJudge):
+    base_judge = SettlingChecksumJudge if args.judge == "settling" else ChecksumJudge
+
+    class CountingJudge(base_judge):  # type: ignore[valid-type,misc]
         rows = 0
 
         def judge(self, prompts, completions, *, nll=None):  # noqa: ANN001
@@ -305,6 +311,7 @@ def main() -> None:
                           "fixes": sum(1 for r in (res.audit["stages"].get("engine_matrix") or {}).get("formats") or []
                                        if r.get("fix")),
                           "seconds": res.timings.get("engine_matrix")},
+        "judge": args.judge,
         "screen": bool(args.screen),
         "screen_rows": {name: {k: v for k, v in (res.audit["stages"].get(name) or {}).get("screen", {}).items()
                                if k != "skipped_rows"} for name in ("layer_sweep", "channel_ablation", "pcr")},

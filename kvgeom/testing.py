@@ -213,3 +213,32 @@ class ChecksumJudge:
         from kvgeom.judges import Verdict
 
         return [Verdict.REFUSED if sum(map(ord, c)) % self.modulus else Verdict.COMPLIED for c in completions]
+
+
+class SettlingChecksumJudge(ChecksumJudge):
+    """:class:`ChecksumJudge` on the first ``prefix_chars`` characters of a completion, which *settles* like the
+    keyword judge: a completion whose first ``prefix_chars`` characters already count as a refusal cannot change its
+    verdict, so generation may stop there (``evaluate(..., settle=True)``); a compliant one is generated in full.
+    On the default model the keyword judge settles refused rows after a median of 3 tokens (``docs/results.md``);
+    this plants that behaviour on random-weight models, for timing. Never use it to measure a real model.
+    """
+
+    name = "settling-checksum-test-judge"
+
+    def __init__(self, modulus: int = 3, prefix_chars: int = 12) -> None:
+        super().__init__(modulus)
+        if prefix_chars < 1:
+            raise ValueError(f"prefix_chars must be >= 1, got {prefix_chars}")
+        self.prefix_chars = prefix_chars
+
+    def _refused(self, text: str) -> bool:
+        return bool(sum(map(ord, text[:self.prefix_chars])) % self.modulus)
+
+    def judge(self, prompts, completions, *, nll=None):  # noqa: ANN001
+        from kvgeom.judges import Verdict
+
+        return [Verdict.REFUSED if self._refused(c) else Verdict.COMPLIED for c in completions]
+
+    def settled(self, text: str) -> bool:
+        """True once the verdict is fixed as a refusal (the first ``prefix_chars`` characters are in)."""
+        return len(text) >= self.prefix_chars and self._refused(text)

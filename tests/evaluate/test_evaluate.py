@@ -191,3 +191,21 @@ def test_nonfinite_rows_are_never_judged(tiny_llama, monkeypatch):
     s = summarize(rows).set_index("plan")
     assert s.loc[FULL, "n_nonfinite"] == 2 and s.loc[FULL, "refusal_n"] == 4  # 6 rows, 2 left out
     assert s.loc["int4-token-asym", "flip_n"] + s.loc["int4-token-asym", "reverse_flip_n"] == 4
+
+
+def test_settling_checksum_judge_settles_refusals_only_and_keeps_verdicts(tiny_llama):
+    """The planted judge of the GPU benchmark (kvgeom.testing.SettlingChecksumJudge) settles a row once its first
+    characters make it a refusal; with settle=True every verdict equals the full generation's."""
+    from kvgeom.testing import SettlingChecksumJudge
+
+    judge = SettlingChecksumJudge(prefix_chars=6)
+    assert not judge.settled("abc")  # too short to know
+    refusing = next(t for t in ("aaaaaa", "aaaaab", "aaaaac") if judge.judge([""], [t])[0] == "refused")
+    complying = next(t for t in ("aaaaaa", "aaaaab", "aaaaac") if judge.judge([""], [t])[0] == "complied")
+    assert judge.settled(refusing + "zz") and not judge.settled(complying + "zz")
+    plans = [None, QuantPlan("int2-token-asym")]
+    ref = evaluate(tiny_llama, PROMPTS * 2, plans, max_new_tokens=12, judge=judge)
+    fast = evaluate(tiny_llama, PROMPTS * 2, plans, max_new_tokens=12, judge=judge, settle=True)
+    assert fast["verdict"].tolist() == ref["verdict"].tolist()
+    assert (fast["settled"] <= (fast["verdict"] == "refused")).all() and fast["settled"].any()
+    assert fast["n_tokens"].sum() < ref["n_tokens"].sum()
