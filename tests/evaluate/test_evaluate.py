@@ -7,7 +7,8 @@ import torch
 
 from kvgeom import forward
 from kvgeom.bitwidth import expand_family, onset_bits
-from kvgeom.evaluate import FULL, RefusalScore, _windows, evaluate, perplexity, summarize
+from kvgeom.evaluate import FULL, RefusalScore, evaluate, perplexity, summarize
+from kvgeom.evaluate.perplexity import _windows
 from kvgeom.quant.plan import QuantPlan
 
 from ..conftest import PROMPTS

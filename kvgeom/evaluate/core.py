@@ -1,4 +1,4 @@
-"""Behavioural evaluation: does the model still refuse under a KV scheme, and is perplexity still fine?
+"""Behavioural evaluation: does the model still refuse under a KV scheme?
 
 * :class:`RefusalScore` — Arditi et al.'s cheap signal: the log-odds, at the first generated position,
   of the tokens that refusals start with, against everything else. One forward pass per row.
@@ -11,12 +11,10 @@ A row whose logits were NaN or inf while it was generated (``Generation.extra["n
 ``nonfinite`` in place of the judge's: it is never judged refused, complied or degenerate; :func:`summarize`
 counts such rows per plan (``n_nonfinite``) and leaves them out of every rate. Proved by
 ``tests/evaluate/test_evaluate.py::test_nonfinite_rows_are_never_judged``.
-* :func:`perplexity` — sliding-window perplexity of a text under each plan, and its ratio to full precision.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -26,7 +24,6 @@ import pandas as pd
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from kvgeom.judges import Judge, Verdict, get_judge
 from kvgeom.prompts import PromptSet
@@ -47,7 +44,6 @@ __all__ = [
     "as_prompt_set",
     "completion_nll",
     "evaluate",
-    "perplexity",
     "plan_label",
     "summarize",
 ]
@@ -323,81 +319,3 @@ def summarize(results: pd.DataFrame, *, baseline: str = FULL, thresholds: Thresh
     return pd.DataFrame(out)
 
 
-# ---- perplexity ------------------------------------------------------------------------------------
-def _windows(ids: list[int], window: int, stride: int) -> list[tuple[int, int, int]]:
-    """(start, end, n_new): windows end every ``stride`` tokens; each scores the ``n_new`` tokens it adds
-    (the first window all but its first token); every window but the first has ``window`` tokens."""
-    out = []
-    prev_end, end = 0, min(window, len(ids))
-    while True:
-        out.append((max(0, end - window), end, end - prev_end))
-        if end == len(ids):
-            return out
-        prev_end, end = end, min(end + stride, len(ids))
-
-
-def perplexity(
-    model: KVModel,
-    text: str | None = None,
-    plans: Sequence[QuantPlan | str | None] = (None,),
-    *,
-    window: int = 512,
-    stride: int = 256,
-    max_tokens: int | None = 4096,
-    batch_size: int = 8,
-    progress: bool = False,
-) -> pd.DataFrame:
-    """Sliding-window perplexity of ``text`` (default: the bundled prose) under each plan.
-
-    The text is tokenized plainly (no chat template) and cut to ``max_tokens`` (``None``: all). Windows of
-    ``window`` tokens start every ``stride`` tokens; each scores the tokens it adds beyond the previous
-    window (the first scores all but its first token), so every token is scored once, with at least
-    ``window - stride`` tokens of context after the first window. Plans apply as in refusal runs
-    (forward mode: per-call fake quant over the window; cache mode: the window's attention reads the
-    quantized cache). Columns: ``plan, nll, ppl, ppl_ratio, n_tokens, window, stride``.
-    """
-    from kvgeom.prompts import load_text
-
-    if stride < 1 or window < 2 or stride > window:
-        raise ValueError(f"need window >= 2 and 1 <= stride <= window, got window={window}, stride={stride}")
-    text = load_text() if text is None else text
-    ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
-    if max_tokens is not None:
-        ids = ids[:max_tokens]
-    if len(ids) < 2:
-        raise ValueError("text too short for perplexity: it tokenizes to fewer than 2 tokens")
-    plan_list = [QuantPlan(p) if isinstance(p, str) else p for p in plans]
-    wins = _windows(ids, window, stride)
-    rows = [(w, j) for w in range(len(wins)) for j in range(len(plan_list))]
-    nll_sum = np.zeros(len(plan_list))
-    count = np.zeros(len(plan_list), dtype=int)
-    pad = model.pad_token_id
-    for start in tqdm(range(0, len(rows), batch_size), desc="perplexity", disable=not progress):
-        chunk = rows[start:start + batch_size]
-        width = max(wins[w][1] - wins[w][0] for w, _ in chunk)
-        x = torch.full((len(chunk), width), pad, dtype=torch.long)
-        m = torch.zeros((len(chunk), width), dtype=torch.bool)
-        for r, (w, _) in enumerate(chunk):
-            s, e, _n = wins[w]
-            x[r, width - (e - s):] = torch.tensor(ids[s:e])
-            m[r, width - (e - s):] = True
-        n_scores = [min(wins[w][2], wins[w][1] - wins[w][0] - 1) for w, _ in chunk]
-        keep = max(n_scores) + 1  # logits at positions predicting the scored tokens (all right-aligned)
-        logits = forward_with_plans(model, x, m, [plan_list[j] for _, j in chunk], logits_to_keep=keep)
-        tgt = x[:, -keep + 1:].to(logits.device)
-        for r, (_w, j) in enumerate(chunk):
-            logp = torch.log_softmax(logits[r, :-1].float(), dim=-1)  # one row at a time: [keep-1, vocab]
-            tok_nll = -logp.gather(-1, tgt[r, :, None])[:, 0].cpu()
-            n_score = n_scores[r]
-            nll_sum[j] += float(tok_nll[-n_score:].sum())
-            count[j] += n_score
-    nll = nll_sum / count
-    labels = [plan_label(p) for p in plan_list]
-    frame = pd.DataFrame({"plan": labels, "nll": nll, "ppl": np.exp(nll), "n_tokens": count,
-                          "window": window, "stride": stride})
-    if FULL in labels:
-        base = float(frame.loc[frame["plan"] == FULL, "ppl"].iloc[0])
-        frame["ppl_ratio"] = frame["ppl"] / base
-    else:
-        frame["ppl_ratio"] = math.nan
-    return frame
