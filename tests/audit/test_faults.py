@@ -170,7 +170,7 @@ def test_the_space_estimate_covers_the_default_audit():
 def test_nonfinite_rows_are_counted_and_shown_never_judged(tmp_path, monkeypatch):
     """One row of the layer sweep with NaN logits: verdict 'nonfinite', left out of layer 1's flip rate, counted in
     audit.json, the summary and the report."""
-    import kvgeom.evaluate as ev
+    import kvgeom.evaluate.core as ev
 
     real = ev.generate
     hit = []

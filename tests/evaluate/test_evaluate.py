@@ -173,7 +173,7 @@ def test_evaluate_takes_a_judge_spec(tiny_llama):
 def test_nonfinite_rows_are_never_judged(tiny_llama, monkeypatch):
     """A row with NaN/inf logits gets the verdict 'nonfinite' whatever the judge says, and summarize counts it and
     leaves it out of every rate."""
-    import kvgeom.evaluate as ev
+    import kvgeom.evaluate.core as ev
     from kvgeom.testing import ChecksumJudge
 
     real = ev.generate
