@@ -19,7 +19,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from kvgeom.quant import FP8Spec, GGMLSpec, IntSpec, KIVISpec, Scheme, fake_quant  # noqa: E402
+from kvgeom.quant import FP8Spec, GGMLSpec, IntSpec, KIVISpec, Scheme, StreamQuantizer, fake_quant  # noqa: E402
 from kvgeom.quant.triton import common, dispatch  # noqa: E402
 from kvgeom.quant.triton import kivi as tkivi  # noqa: E402
 
@@ -27,9 +27,10 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 COVERED = (
     "int4-token-sym int4-token-asym int2-token-asym int8-token-sym int3-head-sym int4-head-asym "
     "int4-group32-asym int4-group16-sym int5-group64-asym int4-group48-asym int4-tensor-asym int2-tensor-sym "
-    "int8-channel-asym int4-channel-sym q8_0 q4_0 q5_0 q4_1 q5_1 fp8_e4m3 fp8_e5m2 fp8_e4m3@amax fp8_e5m2@amax"
+    "int8-channel-asym int4-channel-sym q8_0 q4_0 q5_0 q4_1 q5_1 fp8_e4m3 fp8_e5m2 fp8_e4m3@amax fp8_e5m2@amax "
+    "q8_0+rot q4_0+rot q5_0+rot q4_1+rot q5_1+rot"
 ).split()
-FALLBACK = ("iq4_nl", "q4_0+rot", "q8_0+rot", "bf16", "fp16")
+FALLBACK = ("iq4_nl", "iq4_nl+rot", "bf16", "fp16")
 #: KIVI (forward mode): default G=32 R=128, R = G, R = 2G, small groups, a group size not a power of two
 KIVI = ("kivi2", "kivi4", "kivi2-g32-r32", "kivi4-g16-r32", "kivi2-g8-r16", "kivi4-g4-r8", "kivi2-g12-r24")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -250,6 +251,44 @@ def test_old_module_paths_still_work():
     with pytest.warns(DeprecationWarning, match="kvgeom.quant.triton.kivi"):
         from kvgeom.quant.triton_kivi import KIVI_TUNE
     assert fused_fake_quant is dispatch.fused_fake_quant and KIVI_TUNE is tkivi.KIVI_TUNE
+
+
+CUDA_ONLY = pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.cuda
+@CUDA_ONLY
+@pytest.mark.parametrize("role", ["k", "v"])
+@pytest.mark.parametrize("name", ["q4_0+rot", "q8_0+rot", "q5_1+rot", "q8_0", "int4-token-asym", "int4-group32-sym",
+                                  "fp8_e4m3", "iq4_nl+rot", "int8_per_token_head"])
+def test_cache_mode_runs_the_kernels_with_the_eager_bits(name, role, monkeypatch):
+    """A streaming cache (prefill, then one position at a time) on a GPU quantizes each chunk with the format's
+    fused kernel where it has one, and stores exactly what the eager math stores."""
+    x = random_kv((3, 45, 2, 128), seed=11).to("cuda", torch.bfloat16)
+    mask = padded_mask(x.shape, "cuda")
+    spec = Scheme.parse(name).for_role(role)
+    calls: list[bool] = []
+    fused = dispatch.fused_fake_quant
+
+    def spy(*args, **kwargs):
+        out = fused(*args, **kwargs)
+        calls.append(out is not None)
+        return out
+
+    def stream() -> list[torch.Tensor]:
+        sq = StreamQuantizer(name, role)
+        outs = [sq.append(x[:, :40], mask[:, :40])]
+        outs += [sq.append(x[:, p:p + 1], mask[:, p:p + 1]) for p in range(40, 45)]
+        return outs
+
+    monkeypatch.setattr(dispatch, "fused_fake_quant", spy)
+    monkeypatch.setattr("kvgeom.quant.triton.fused_fake_quant", spy)
+    got = stream()
+    assert calls and all(calls) == (spec.kernel() is not None), (name, calls)
+    monkeypatch.setattr(type(spec), "quantize_fast", lambda self, v, m, r: self.quantize(v, m, r))
+    want = stream()
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert_same(g, w, f"{name} {role} append {i}")
 
 
 @pytest.mark.parametrize("name", FALLBACK)

@@ -14,6 +14,7 @@ member                      what                                              as
 ``__str__``                 canonical name, ``parse(str(s)) == s``            everyone
 ``bits_per_element``        stored bits per element (fp16 overhead counted)   ``Scheme``, mitigation costs
 ``quantize``                eager fake-quant, fp32 in/out, mask semantics     ``fake_quant``, the stream
+``quantize_fast``           the same by the fused kernel where one covers it  the stream (cache mode)
 ``is_identity``             stores the input exactly (``none``)               ``fake_quant``, the stream
 ``cache_rule``              how a growing cache stores new positions          :class:`kvgeom.quant.StreamQuantizer`
 ``check``, ``kernel``       shape errors, the optional fused Triton kernel    :mod:`kvgeom.quant.triton.dispatch`
@@ -39,6 +40,7 @@ from typing import TYPE_CHECKING, ClassVar
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from kvgeom.quant.kernels import triton_package
 from kvgeom.quant.role import Role
 
 from .cache import CacheRule, PerPosition
@@ -104,6 +106,18 @@ class KVFormat(ABC):
     def quantize(self, x: KV, mask: Bool[Tensor, "batch pos"], role: Role) -> KV:
         """Quantize-dequantize fp32 ``x`` (padding, ``mask`` False, already zeroed and outside every range);
         outputs at padding are arbitrary (the caller restores the input there)."""
+
+    def quantize_fast(self, x: KV, mask: Bool[Tensor, "batch pos"], role: Role) -> KV:
+        """:meth:`quantize` by the format's fused kernel where one covers ``x`` (a CUDA tensor; same bits:
+        ``tests/quant/test_triton_kernels.py``), else the eager math. A streaming cache calls this for every
+        arriving chunk, so a GPU decode step runs one launch per layer and role instead of the eager op chain."""
+        if x.is_cuda:
+            package = triton_package()
+            if package is not None and not isinstance(self, package.OPT_IN):
+                out = package.fused_fake_quant(x, self, role, mask)
+                if out is not None:
+                    return out
+        return self.quantize(x, mask, role)
 
     @property
     def is_identity(self) -> bool:

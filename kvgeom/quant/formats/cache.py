@@ -46,6 +46,11 @@ class CachedFormat(Protocol):
         """Eager quantize-dequantize (fp32; padding zeroed and outside every range)."""
         ...
 
+    def quantize_fast(self, x: Float[Tensor, "batch pos kv_head d_head"], mask: Bool[Tensor, "batch pos"],
+                      role: Role) -> Float[Tensor, "batch pos kv_head d_head"]:
+        """The same bits as ``quantize``, by a fused kernel where one covers ``x``."""
+        ...
+
 
 @dataclass
 class CacheStore:
@@ -104,7 +109,8 @@ class CacheRule(ABC):
 
 
 class PerPosition(CacheRule):
-    """Each position quantized on arrival with ``spec.quantize``, independently of the others."""
+    """Each position quantized on arrival with ``spec.quantize_fast`` (``spec.quantize``'s bits, by the format's
+    fused kernel on a GPU where it has one), independently of the others."""
 
     def append(self, store: CacheStore, x: Tensor, mask: Tensor, first: bool) -> None:
         m4 = mask[:, :, None, None]
@@ -113,7 +119,7 @@ class PerPosition(CacheRule):
         store.push(q, mask, mask if self.spec.is_identity else torch.zeros_like(mask))
 
     def quantize(self, raw: Tensor, mask: Tensor, first: bool) -> Tensor:
-        return self.spec.quantize(raw, mask, self.role)
+        return self.spec.quantize_fast(raw, mask, self.role)
 
 
 class FrozenOnPrefill(PerPosition):

@@ -95,9 +95,12 @@ class GGMLSpec(KVFormat):
 
     def kernel(self):
         package = triton_package()
-        if package is None or self.rotate:
+        if package is None:
             return None
-        return package.block.ggml_blocks(self.qtype, QK)
+        inner = package.block.ggml_blocks(self.qtype, QK)
+        if inner is None or not self.rotate:
+            return inner
+        return package.rotated.RotatedKernel(inner)  # the same rotations around the unrotated type's kernel
 
     def llama_cpp(self) -> LlamaCppType:
         return LlamaCppType(self.qtype, rotated=self.rotate)

@@ -4,6 +4,7 @@
 * :mod:`.block`: per-position blocks (``int{b}-{token|head|group{G}}-*``, llama.cpp ``q8_0`` ... ``q5_1``);
 * :mod:`.ranged`: ranges over a row (``int{b}-{tensor|channel}-*``, ``fp8_*`` static and ``@amax``);
 * :mod:`.kivi`: KIVI (forward mode);
+* :mod:`.rotated`: llama.cpp's ``+rot`` types (the block kernel between two Hadamard rotations);
 * :mod:`.dispatch`: :func:`~.dispatch.fused_fake_quant`, which runs a spec's kernel (or returns None).
 
 Importing this package needs Triton (``kvgeom.quant.kernels.triton_package`` returns None without it). Which
@@ -11,12 +12,12 @@ format runs which kernel is declared by the format (:meth:`kvgeom.quant.formats.
 Proved by ``tests/quant/test_triton_kernels.py``.
 """
 
-from . import block, common, dispatch, kivi, ranged
+from . import block, common, dispatch, kivi, ranged, rotated
 from .common import GRID_YZ, MAX_BLOCK, TUNE, Kernel
 from .dispatch import OPT_IN, fused_fake_quant, supported
 from .kivi import KIVI_TUNE, kivi_fused, kivi_supported
 
 __all__ = [
     "GRID_YZ", "KIVI_TUNE", "MAX_BLOCK", "OPT_IN", "TUNE", "Kernel", "block", "common", "dispatch",
-    "fused_fake_quant", "kivi", "kivi_fused", "kivi_supported", "ranged", "supported",
+    "fused_fake_quant", "kivi", "kivi_fused", "kivi_supported", "ranged", "rotated", "supported",
 ]

@@ -1,6 +1,7 @@
 """Fused Triton kernel for per-position blocks: ``int{b}-{token|head|group{G}}-*`` and llama.cpp ``q8_0``,
 ``q4_0``, ``q5_0``, ``q4_1``, ``q5_1`` (blocks of 32 along d_head), one pass over the data, bit-identical to the
-eager path (:mod:`kvgeom.quant.triton.common` says how). ``iq4_nl`` and ``+rot`` have no kernel.
+eager path (:mod:`kvgeom.quant.triton.common` says how). ``iq4_nl`` has no kernel; the ``+rot`` types run this one
+between two Hadamard rotations (:mod:`kvgeom.quant.triton.rotated`).
 
 Proved by ``tests/quant/test_triton_kernels.py`` (random inputs, rounding ties, padding, against eager).
 """
