@@ -22,7 +22,7 @@ from torch import Tensor
 from kvgeom.deprecation import moved
 
 from .formats import KVFormat, Role
-from .kernels import triton_package
+from .kernels import fused_auto, triton_package
 from .scheme import Scheme
 
 KV = Float[Tensor, "batch pos kv_head d_head"]
@@ -36,11 +36,11 @@ def _dispatch() -> ModuleType | None:
 
 
 def _fused(x: KV, mask: Tensor | None, spec: KVFormat, role: Role, backend: Backend) -> KV | None:
-    if backend == "eager" or (backend == "auto" and not x.is_cuda):
+    if backend == "eager":
         return None
+    if backend == "auto":  # CUDA only; a kernel not yet run on a GPU (OPT_IN) only on request (backend="triton")
+        return fused_auto(x, spec, role, mask)
     kernels = _dispatch()
-    if backend == "auto" and kernels is not None and isinstance(spec, kernels.OPT_IN):
-        return None  # a kernel not yet run on a GPU: only on request (backend="triton")
     out = kernels.fused_fake_quant(x, spec, role, mask) if kernels is not None else None
     if out is None and backend == "triton":
         why = "Triton is not installed" if kernels is None else "no Triton kernel covers it"

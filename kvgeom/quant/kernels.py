@@ -9,7 +9,7 @@ from __future__ import annotations
 from functools import cache
 from types import ModuleType
 
-__all__ = ["triton_package"]
+__all__ = ["fused_auto", "triton_package"]
 
 
 @cache
@@ -20,3 +20,12 @@ def triton_package() -> ModuleType | None:
     except ImportError:
         return None
     return package
+
+
+def fused_auto(x, spec, role: str, mask=None):  # noqa: ANN001 (spec: a KVFormat; this module sits below them)
+    """What ``backend="auto"`` runs: the spec's fused kernel on a CUDA tensor where one covers it and has run on a
+    GPU (not in ``OPT_IN``), else None (the caller takes the eager path). The same bits as eager."""
+    package = triton_package()
+    if package is None or not x.is_cuda or isinstance(spec, package.OPT_IN):
+        return None
+    return package.fused_fake_quant(x, spec, role, mask)

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, ClassVar
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from kvgeom.quant.kernels import triton_package
+from kvgeom.quant.kernels import fused_auto
 from kvgeom.quant.role import Role
 
 from .cache import CacheRule, PerPosition
@@ -111,13 +111,8 @@ class KVFormat(ABC):
         """:meth:`quantize` by the format's fused kernel where one covers ``x`` (a CUDA tensor; same bits:
         ``tests/quant/test_triton_kernels.py``), else the eager math. A streaming cache calls this for every
         arriving chunk, so a GPU decode step runs one launch per layer and role instead of the eager op chain."""
-        if x.is_cuda:
-            package = triton_package()
-            if package is not None and not isinstance(self, package.OPT_IN):
-                out = package.fused_fake_quant(x, self, role, mask)
-                if out is not None:
-                    return out
-        return self.quantize(x, mask, role)
+        out = fused_auto(x, self, role, mask)
+        return self.quantize(x, mask, role) if out is None else out
 
     @property
     def is_identity(self) -> bool:
