@@ -49,7 +49,7 @@ ARCHS = {
 }
 
 
-def build(arch: str, device: str, dtype: torch.dtype):
+def build(arch: str, device: str, dtype: torch.dtype, attention: str = "auto"):
     import transformers
 
     from kvgeom.models import wrap_hf_model
@@ -64,7 +64,7 @@ def build(arch: str, device: str, dtype: torch.dtype):
     # tokens decode to text (the matmul, and so the timing, keeps the real vocabulary size).
     with torch.no_grad():
         hf.get_output_embeddings().weight[len(tok):].zero_()
-    return wrap_hf_model(hf, tok, name=f"random-{arch}", device=device, dtype=dtype)
+    return wrap_hf_model(hf, tok, name=f"random-{arch}", device=device, dtype=dtype, attention=attention)
 
 
 def build_dispatched(arch: str, dtype: torch.dtype, device_map: str, max_memory: dict | None):
@@ -228,6 +228,9 @@ def main() -> None:
                     help="planted judge: 'checksum' (every row generates all tokens: the cost of a judge that cannot "
                     "settle) or 'settling' (kvgeom.testing.SettlingChecksumJudge: refused rows stop once their first "
                     "12 characters are in, as the keyword judge settles refusals on a real model)")
+    ap.add_argument("--attention", choices=("auto", "sdpa", "eager"), default="auto",
+                    help="attention backend (kvgeom.models.attention; auto: fused sdpa on CUDA, the bridge's eager "
+                    "attention on the CPU)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if args.max_memory and not args.device_map:
@@ -255,7 +258,7 @@ def main() -> None:
         model, dmap = build_dispatched(args.arch, dtype, args.device_map,
                                        parse_max_memory(args.max_memory) if args.max_memory else None)
     else:
-        model = build(args.arch, args.device, dtype)
+        model = build(args.arch, args.device, dtype, args.attention)
     sync(model)
     build_s = time.perf_counter() - t0
     peak_build = peak_memory_per_gpu()
@@ -302,7 +305,7 @@ def main() -> None:
         "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor(),
         "versions": {"kvgeom": kvgeom.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
                      "python": platform.python_version()},
-        "n_layers": model.n_layers, "prompt_tokens_mean": sum(lengths) / len(lengths),
+        "attention": model.attention, "n_layers": model.n_layers, "prompt_tokens_mean": sum(lengths) / len(lengths),
         "build_s": build_s, "audit_s": audit_s, "total_s": build_s + audit_s,
         "stage_s": {k: round(v, 3) for k, v in res.timings.items()}, "rows_judged": n_rows,
         "rows_generated_by_kvgeom": CountingJudge.rows,

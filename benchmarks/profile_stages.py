@@ -41,6 +41,10 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=1000)
     ap.add_argument("--workers", default="8")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--attention", default="eager,sdpa",
+                    help="attention backends to time the generation batch with (kvgeom.models.attention); the "
+                    "CUDA profile runs under the last")
+    ap.add_argument("--skip-sensitivity", action="store_true")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -52,7 +56,7 @@ def main() -> None:
     harmful = (load_prompts("harmful").prompts * 4)[: args.n]
     harmless = (load_prompts("harmless").prompts * 4)[: args.n]
     out: dict = {"arch": args.arch, "n": args.n, "sensitivity": {}, "layer_sweep": {}}
-    for w in [int(x) for x in args.workers.split(",")]:
+    for w in ([] if args.skip_sensitivity else [int(x) for x in args.workers.split(",")]):
         log: dict = {}
         orig = [timed(sens, f, log) for f in ("capture_padded", "_layer_stats", "_layer_record")]
         sync(model)
@@ -70,15 +74,29 @@ def main() -> None:
     n_layers = model.n_layers
     plans = [QuantPlan("int3-tensor-sym", layers=(i % n_layers,)) for i in range(args.rows)]
     import kvgeom
+    from kvgeom.models.attention import use_attention
 
-    for name, pl in (("no plans", None), ("one-layer plans", plans)):
-        kvgeom.generate(model, prompts[:64], plans=None if pl is None else pl[:64], max_new_tokens=4, batch_size=64)
-        sync(model)
-        t0 = time.perf_counter()
-        kvgeom.generate(model, prompts, plans=pl, max_new_tokens=32, batch_size=args.rows, stop_at_eos=False)
-        sync(model)
-        out["layer_sweep"][name] = time.perf_counter() - t0
-        print(name, out["layer_sweep"][name], flush=True)
+    tokens: dict = {}
+    for backend in args.attention.split(","):
+        use_attention(model, backend)
+        for name, pl in (("no plans", None), ("one-layer plans", plans)):
+            kvgeom.generate(model, prompts[:64], plans=None if pl is None else pl[:64], max_new_tokens=4,
+                            batch_size=64)
+            sync(model)
+            t0 = time.perf_counter()
+            g = kvgeom.generate(model, prompts, plans=pl, max_new_tokens=32, batch_size=args.rows,
+                                stop_at_eos=False)
+            sync(model)
+            key = f"{name} [{model.attention}]"
+            out["layer_sweep"][key] = time.perf_counter() - t0
+            tokens[backend, name] = g.tokens
+            print(key, out["layer_sweep"][key], flush=True)
+    backends = args.attention.split(",")
+    if len(backends) > 1:  # how often the fused kernel's rounding changes a greedy row (bf16)
+        for name in ("no plans", "one-layer plans"):
+            a, b = tokens[backends[0], name], tokens[backends[1], name]
+            out["layer_sweep"][f"rows with identical tokens, {name}"] = sum(x == y for x, y in zip(a, b)) / len(a)
+        print({k: v for k, v in out["layer_sweep"].items() if k.startswith("rows")}, flush=True)
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -88,7 +106,7 @@ def main() -> None:
         wall = time.perf_counter() - t0
     ka = prof.key_averages()
     cuda_total = sum(e.self_device_time_total for e in ka) / 1e6
-    out["layer_sweep"]["profiled"] = {"wall_s": wall, "kernel_s": cuda_total}
+    out["layer_sweep"]["profiled"] = {"wall_s": wall, "kernel_s": cuda_total, "attention": model.attention}
     table = ka.table(sort_by="self_device_time_total", row_limit=25)
     table_cpu = ka.table(sort_by="self_cpu_time_total", row_limit=25)
     print(table)

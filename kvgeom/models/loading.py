@@ -28,6 +28,7 @@ from kvgeom.hub import hub_problem
 from kvgeom.registry import DEFAULT_MODEL, REGISTRY, cache_dir, ensure_model_file
 from kvgeom.sites import SITES
 
+from .attention import resolve_attention, use_attention
 from .files import ACCEPTED_MODELS, check_gguf, not_a_model
 from .model import KVModel, ModelFacts, ModelLoadError
 
@@ -147,6 +148,7 @@ def load_model(
     system_prompt: str | None = None,
     device_map: str | dict | None = None,
     max_memory: dict | None = None,
+    attention: str = "auto",
 ) -> KVModel:
     """Load a model and wrap it for K/V analysis.
 
@@ -161,7 +163,10 @@ def load_model(
         device_map, max_memory: models larger than one GPU: HF/accelerate placement (``device_map="auto"``,
             optionally with ``max_memory={0: "20GiB", "cpu": "200GiB"}``); ``device`` is then ignored and
             inputs go to the device of the embedding layer.
+        attention: ``"auto"`` (fused ``scaled_dot_product_attention`` on CUDA, the bridge's eager attention on
+            the CPU), ``"sdpa"`` or ``"eager"``: :mod:`kvgeom.models.attention`.
     """
+    resolve_attention(attention, "cpu")  # a bad name fails before anything is loaded
     placement = None
     if device_map is not None:
         placement = {"device_map": device_map, **({"max_memory": max_memory} if max_memory else {})}
@@ -258,10 +263,14 @@ def wrap_hf_model(
     chat_template: str | None = None,
     system_prompt: str | None = None,
     info: dict | None = None,
+    attention: str = "auto",
 ) -> KVModel:
-    """Wrap an already-built HF causal LM (e.g. a tiny random model) in a TransformerBridge."""
+    """Wrap an already-built HF causal LM (e.g. a tiny random model) in a TransformerBridge.
+
+    ``attention``: as in :func:`load_model` (:func:`kvgeom.models.attention.use_attention`)."""
     from transformer_lens.model_bridge import TransformerBridge
 
+    resolve_attention(attention, "cpu")  # a bad name fails before the bridge is built
     dt = dtype or next(hf.parameters()).dtype
     dmap = getattr(hf, "hf_device_map", None) or {}
     targets = {str(v) for v in dmap.values()}
@@ -293,6 +302,7 @@ def wrap_hf_model(
                     device=dev, dtype=dt, chat_template=chat_template, system_prompt=system_prompt,
                     info=dict(info or {}))
     model.sites_available = _probe_sites(model)
+    model.info["attention"] = use_attention(model, attention)
     return model
 
 

@@ -78,6 +78,8 @@ class KVModel:
         name: what the user asked for; ``source``: the file or directory loaded.
         chat_template: a Jinja template overriding the tokenizer's own (``None``: use the tokenizer's).
         sites_available: the sites the bridge really fires for this architecture (probed at wrap time).
+        attention: how attention is computed, ``"sdpa"`` (one fused kernel where the architecture allows) or
+            ``"eager"`` (the bridge's own); set by :func:`kvgeom.models.attention.use_attention` only.
         hook_sessions: the :class:`kvgeom.sites.HookSession` s of the ``kv_hooks`` blocks open on this
             model, outermost first; each forward call is announced to all of them. Managed by ``kv_hooks``
             only: do not edit.
@@ -97,6 +99,7 @@ class KVModel:
     system_prompt: str | None = None
     info: dict = field(default_factory=dict)
     sites_available: tuple[str, ...] = tuple(SITES)
+    attention: str = "eager"
     hook_sessions: list[HookSession] = field(default_factory=list, repr=False, compare=False)
 
     # ---- facts -------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ pytestmark = pytest.mark.cuda
 def test_gpu_equals_cpu(arch, plan):
     cpu = tiny_model(arch, device="cpu")
     gpu = tiny_model(arch, device="cuda")
+    assert gpu.attention == ("eager" if arch == "gemma2" else "sdpa")  # auto: the fused kernel on CUDA
     a = generate(cpu, PROMPTS, plans=plan, max_new_tokens=8, stop_at_eos=False)
     b = generate(gpu, PROMPTS, plans=plan, max_new_tokens=8, stop_at_eos=False)
     assert a.tokens == b.tokens
