@@ -8,7 +8,8 @@
 
 is decomposed by *uncentred* PCA: scikit-learn's ``PCA`` fitted on ``[D; -D]`` (zero mean by
 construction, so its components are the right singular vectors of ``D`` and its explained-variance
-ratios are ``s_j² / Σ s²``). Uncentred, so the mean difference (the refusal direction) lies in ``S``.
+ratios are ``s_j² / Σ s²``; solver ``covariance_eigh`` when the rows outnumber the features, ``full``
+otherwise: the same components, ``tests/geometry/test_geometry.py::test_pca_solvers_agree``). Uncentred, so the mean difference (the refusal direction) lies in ``S``.
 ``S`` = the span of the first ``k`` components, with ``k`` given or the smallest ``k`` whose cumulative
 ratio reaches ``var`` (default 0.9): that ``k`` is the **effective rank**. The participation ratio
 ``(Σ λ)² / Σ λ²`` is reported beside it. ``S`` is *undefined* when ``||D||_F <= 1e-6 ||X||_F`` (the
@@ -120,7 +121,12 @@ def safety_subspace(
         return SafetySubspace(site, layer, None, np.zeros(dim), var, method, math.nan,
                               "undefined: harmful and harmless activations identical (no separation)")
     dd = d.cpu().numpy()
-    pca = PCA(svd_solver="full").fit(np.concatenate([dd, -dd]))
+    # With at least as many (mirrored) rows as features, the eigendecomposition of the D x D covariance gives the
+    # same leading components as the SVD of the rows (up to sign, which both solvers fix the same way) at a
+    # fraction of the cost: ~0.3 s instead of ~0.75 s for 1,408 x 1,024 on the 2-core CPU, the sensitivity
+    # stage's main host-side cost on a 7B model. Fewer rows than features keep the exact SVD.
+    solver = "covariance_eigh" if 2 * dd.shape[0] >= dd.shape[1] else "full"
+    pca = PCA(svd_solver=solver).fit(np.concatenate([dd, -dd]))
     ratios = pca.explained_variance_ratio_
     lam = pca.explained_variance_
     pr = float(lam.sum() ** 2 / (lam ** 2).sum())

@@ -73,6 +73,21 @@ def test_pca_rank_recovery():
     assert not same.defined and "undefined" in same.note
 
 
+def test_pca_solvers_agree():
+    """Many rows (covariance solver) and few rows (exact SVD) both give the right singular vectors of D."""
+    g = torch.Generator().manual_seed(1)
+    for n in (40, 3):  # 2*40*4 rows >= 96 features; 2*3*4 < 96
+        harmful = torch.randn(n, 4, 96, generator=g, dtype=torch.float64) * torch.linspace(3, 0.1, 96)
+        harmless = torch.randn(n, 4, 96, generator=g, dtype=torch.float64)
+        s = safety_subspace(harmful, harmless, k=3)
+        d = (harmful - harmless.mean(0)).reshape(-1, 96)
+        sv = torch.linalg.svdvals(d)
+        np.testing.assert_allclose(s.explained[: len(sv)], (sv ** 2 / (sv ** 2).sum()).numpy(), atol=1e-10)
+        _, _, vh = torch.linalg.svd(d, full_matrices=False)
+        cos = (s.basis.T @ vh[:3].T).diagonal().abs()
+        assert cos.min() > 1 - 1e-8
+
+
 def test_selection_trace_roundtrip(tiny_llama, tmp_path):
     v = 3.0 * torch.randn(256, generator=torch.Generator().manual_seed(0))
     ch, cb = _planted(tiny_llama, v)
