@@ -11,6 +11,11 @@ dequantized, as attention reads it. How new positions are stored is the format's
 * KIVI: the prefill rule on the first call, then KIVI's decode rule per new real token (keys flushed R at
   a time, values one at a time once more than R are held), so stored keys change when flushed.
 
+``append_new`` is the same for formats whose stored positions never change after arrival (``stable``: every
+rule above but KIVI's and HF quanto's): it returns the stored values of the new positions only and keeps no
+history, for a cache that stores them itself (:class:`kvgeom.runtime.PlanCache`: each call then costs the new
+positions, not the whole history; ``tests/quant/test_formats.py::test_append_new_equals_append``).
+
 Padding positions (mask False) are stored and returned unchanged and never enter a range; rows are
 independent. Construct a new instance (or call :meth:`reset`) per generation. Proved by
 ``tests/quant/test_quant_kivi_stream.py``, ``tests/quant/test_quant_fp8_batching.py`` and
@@ -42,10 +47,17 @@ class StreamQuantizer:
         self._cache = CacheStore()
         self._rule = self.spec.cache_rule(self.role)
         self._dtype: torch.dtype | None = None
+        self._shape: tuple[int, ...] | None = None  # (batch, kv_head, d_head) of what append_new has seen
+        self._n_new = 0  # positions passed through append_new
+
+    @property
+    def stable(self) -> bool:
+        """Stored positions never change after arrival: :meth:`append_new` applies."""
+        return self._rule.stable
 
     @property
     def n_positions(self) -> int:
-        return self._cache.n_positions
+        return self._cache.n_positions or self._n_new
 
     def full_precision_mask(self) -> Bool[Tensor, "batch pos"]:
         """True at real positions whose stored value is still the raw (unquantized) input."""
@@ -82,10 +94,46 @@ class StreamQuantizer:
         assert self._cache.values is not None
         return self._cache.values.to(self._dtype)
 
+    def append_new(
+        self,
+        x_new: Float[Tensor, "batch new kv_head d_head"],
+        mask_new: Bool[Tensor, "batch new"] | None = None,
+        *,
+        check_finite: bool = True,
+    ) -> Float[Tensor, "batch new kv_head d_head"]:
+        """Store the K/V of new positions and return their stored values only (stable formats; see module doc).
+
+        The same values as the last ``new`` positions of :meth:`append`, which must not be mixed with it on one
+        instance: here the caller keeps the history.
+        """
+        if not self._rule.stable:
+            raise TypeError(f"{self.spec} revisits stored positions (its cache rule is not stable): use append(), "
+                            "which keeps and returns the whole history")
+        if self._cache.values is not None:
+            raise RuntimeError("append() already stored positions in this cache: use one of append() and "
+                               "append_new() per generation (or call reset())")
+        mask_new = check_input(x_new, mask_new, self.role, self.site, check_finite=check_finite)
+        shape = (x_new.shape[0], *x_new.shape[2:])
+        if self._shape is not None:
+            if shape != self._shape:
+                raise ValueError(
+                    f"append_new got shape {tuple(x_new.shape)} but earlier calls had batch, kv_head, d_head = "
+                    f"{self._shape}: they must stay the same (call reset() for a new generation)")
+            if x_new.dtype != self._dtype:
+                raise ValueError(f"append_new got dtype {x_new.dtype}, earlier calls {self._dtype}")
+        first = self._n_new == 0
+        self._shape, self._dtype = shape, x_new.dtype
+        q = self._rule.encode(x_new.to(torch.float32), mask_new, first)
+        self._n_new += x_new.shape[1]
+        return q.to(x_new.dtype)
+
     def select(self, rows: Tensor) -> None:
         """Keep only batch rows ``rows`` (in that order): generation drops rows that have finished."""
-        if self._cache.values is None:
+        if self._cache.values is not None:
+            rows = rows.to(self._cache.values.device)
+            self._cache.select(rows)
+        elif self._shape is not None:
+            self._shape = (len(rows), *self._shape[1:])
+        else:
             return
-        rows = rows.to(self._cache.values.device)
-        self._cache.select(rows)
         self._rule.select(rows)

@@ -23,7 +23,6 @@ per row and its verdict is ``nonfinite`` (:mod:`kvgeom.runtime.finite`); the oth
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING, Any
@@ -31,13 +30,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from kvgeom.quant.fake import fake_quant, resolve_spec
+from kvgeom.quant.fake import fake_quant
 from kvgeom.quant.plan import QuantPlan
 from kvgeom.quant.scheme import Scheme
-from kvgeom.quant.stream import StreamQuantizer
 from kvgeom.runtime.finite import poison_nonfinite_rows
 from kvgeom.runtime.forward import Batch, forward, new_cache, position_ids_from_mask
 from kvgeom.runtime.hooks import HookSession, kv_hooks
+from kvgeom.runtime.plan_cache import PlanCache, channel_index, plan_cache_class
 from kvgeom.runtime.query import query_hook, query_layers
 
 if TYPE_CHECKING:
@@ -118,20 +117,12 @@ class RowGroups:
             listener(local)
 
 
-@functools.lru_cache(maxsize=4096)
-def _channel_index(chans: tuple[tuple[int, int], ...], device: torch.device) -> tuple[Tensor, Tensor]:
-    """``(heads, dims)`` index tensors of protected channels ``chans`` on ``device``: built once per channel set and
-    device (layers of a dispatched model differ in device), never per hook call."""
-    return (torch.tensor([h for h, _ in chans], dtype=torch.long).to(device),
-            torch.tensor([d for _, d in chans], dtype=torch.long).to(device))
-
-
 def _protected_quant(x: Tensor, plan: QuantPlan, layer: int, role: str, fn: Any) -> Tensor:
     """Apply ``fn(x, mask)`` (a quantizer) keeping protected key channels at full precision."""
     chans = plan.channels(layer) if role == "k" else ()
     if not chans:
         return fn(x)
-    heads, dims = _channel_index(tuple(chans), x.device)
+    heads, dims = channel_index(tuple(chans), x.device)
     kept = x[:, :, heads, dims].clone()
     x0 = x.clone()
     x0[:, :, heads, dims] = 0
@@ -167,142 +158,6 @@ def _forward_hook(groups: RowGroups):
         return out if out is None else poison_nonfinite_rows(x, out, call_mask)
 
     return hook
-
-
-# ---- cache mode: a quantizing DynamicCache ---------------------------------------------------------
-class _Unit:
-    """The streaming state of one (layer, role, spec, prefill, protected channels): the rows of every plan that
-    stores this layer's ``role`` the same way share one :class:`StreamQuantizer` (a row's result does not depend
-    on the other rows, so this equals one quantizer per plan, with one set of quantizer calls instead of one per
-    plan: the engine matrix's fix candidates differ only in a few layers)."""
-
-    __slots__ = ("quant", "members", "raw")
-
-    def __init__(self, quant: StreamQuantizer, members: list[tuple[QuantPlan, int]]) -> None:
-        self.quant = quant
-        self.members = members  # (plan, its rows here), in row order
-        self.raw: list[Tensor] = []  # protected key channels as they arrived, per call
-
-
-class _QuantizingCache:
-    """The quantizing half of :class:`PlanCache`, mixed in before ``transformers.DynamicCache``.
-
-    The raw (full-precision) K/V are kept by the parent class; per (layer, role) the plans that store it the same
-    way (same spec, prefill and protected channels) share a :class:`_Unit` that keeps the quantized view.
-    """
-
-    def __init__(self, model: KVModel, groups: RowGroups, session: HookSession) -> None:
-        super().__init__(config=model.hf_model.config)  # type: ignore[call-arg]
-        self._session = session
-        self._groups = groups
-        self._units: dict[tuple, _Unit] = {}
-        self._layout: dict[tuple[int, torch.device], list] = {}
-        groups.listeners.append(self.select_groups)
-
-    def _unit_layout(self, layer_idx: int, device: torch.device) -> list:
-        """This layer's units: ``[(role, key, plans, rows index, prefill)]``, built once per set of groups."""
-        got = self._layout.get((layer_idx, device))
-        if got is not None:
-            return got
-        out = []
-        for role in ("k", "v"):
-            members: dict[tuple, list[QuantPlan]] = {}
-            for plan in self._groups.groups:
-                if plan.mode != "cache" or not plan.quantizes(layer_idx):
-                    continue
-                spec = resolve_spec(plan.scheme_for(layer_idx), role)
-                chans = plan.channels(layer_idx) if role == "k" else ()
-                members.setdefault((spec, plan.prefill, chans), []).append(plan)
-            for key, plans in members.items():
-                idx = [self._groups.index(p, device) for p in plans]
-                out.append((role, (layer_idx, role, *key), plans, idx[0] if len(idx) == 1 else torch.cat(idx),
-                            key[1]))
-        self._layout[(layer_idx, device)] = out
-        return out
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):  # noqa: ANN001
-        new = key_states.shape[2]
-        k_all, v_all = super().update(key_states, value_states, layer_idx, *args, **kwargs)  # type: ignore[misc]
-        layout = self._unit_layout(layer_idx, key_states.device)  # per device: dispatched layers may differ
-        if not layout:
-            return k_all, v_all
-        mask = self._session.call.mask
-        total = k_all.shape[2]
-        outs = {"k": (key_states, k_all, k_all.clone()), "v": (value_states, v_all, v_all.clone())}
-        for role, key, plans, idx, prefill in layout:
-            x, full, out = outs[role]
-            unit = self._units.get(key)
-            if unit is None:
-                spec = key[2]
-                unit = self._units[key] = _Unit(
-                    StreamQuantizer(spec, role, site=f"cache layer {layer_idx} {role.upper()}"),
-                    [(p, len(self._groups.groups[p])) for p in plans])
-            m = (self._session.call.mask_on(idx.device)[idx]  # the call's mask on this layer's device, once
-                 if mask is not None and mask.shape[1] == new else None)
-            x_rows = x[idx].transpose(1, 2)  # [b, new, h, d]
-            chans = key[4]
-            stored = (self._append_protected(unit, x_rows, chans, m) if chans else
-                      unit.quant.append(x_rows, m, check_finite=False))
-            q = stored[:, -total:].transpose(1, 2).to(full.dtype)
-            if prefill == "full":
-                q = q.clone()
-                q[:, :, -new:] = x[idx]
-            out[idx] = q
-        # once per (layer, role) and call, not per unit: rows with NaN/inf come out NaN (kvgeom.runtime.finite)
-        m_all = self._session.call.mask_on(key_states.device) if mask is not None and mask.shape[1] == new else None
-        return tuple(poison_nonfinite_rows(outs[r][0].transpose(1, 2), outs[r][2], m_all) for r in ("k", "v"))
-
-    def _append_protected(self, unit: _Unit, x_rows: Tensor, chans: tuple, m: Tensor | None) -> Tensor:
-        heads, dims = _channel_index(tuple(chans), x_rows.device)
-        unit.raw.append(x_rows[:, :, heads, dims].clone())
-        x0 = x_rows.clone()
-        x0[:, :, heads, dims] = 0
-        stored = unit.quant.append(x0, m, check_finite=False).clone()
-        stored[:, :, heads, dims] = torch.cat(unit.raw, dim=1).to(stored.dtype)
-        return stored
-
-    def select_groups(self, local: dict) -> None:
-        """Follow RowGroups.select: keep each unit's surviving rows (each plan's kept rows, at its offset)."""
-        self._layout.clear()
-        for key, unit in list(self._units.items()):
-            rows, members, offset = [], [], 0
-            for plan, n in unit.members:
-                kept = local.get(plan, [])
-                rows += [offset + j for j in kept]
-                if kept:
-                    members.append((plan, len(kept)))
-                offset += n
-            if not rows:
-                del self._units[key]
-                continue
-            unit.members = members
-            idx = torch.tensor(rows)
-            unit.quant.select(idx)
-            if unit.raw:
-                idx = idx.to(unit.raw[0].device)
-                unit.raw = [c[idx] for c in unit.raw]
-
-
-@functools.cache
-def plan_cache_class() -> type:
-    """The one ``PlanCache`` class: :class:`_QuantizingCache` over ``transformers.DynamicCache``, defined on
-    first use (importing transformers only then) and the same class ever after."""
-    from transformers import DynamicCache
-
-    return type("PlanCache", (_QuantizingCache, DynamicCache), {"__module__": __name__,
-                                                                 "__doc__": PlanCache.__doc__})
-
-
-class PlanCache:
-    """A ``transformers.DynamicCache`` whose update returns K/V as per-row cache-mode plans store them.
-
-    ``PlanCache(model, groups, session)`` builds an instance of :func:`plan_cache_class` (one class for the
-    process, ``tests/runtime/test_plan.py::test_plan_cache_class_is_defined_once``). ``session`` supplies each
-    call's real-position mask (prefill: the left-padding mask; decode: all real).
-    """
-
-    def __new__(cls, model: KVModel, groups: RowGroups, session: HookSession) -> Any:
-        return plan_cache_class()(model, groups, session)
 
 
 # ---- the context that runs a batch under its plans -------------------------------------------------

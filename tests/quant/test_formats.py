@@ -136,6 +136,36 @@ def test_cache_rules(text, rule):
     assert torch.equal(out, x) == exact
 
 
+@pytest.mark.parametrize("text", ["int4-token-asym", "q4_0", "q8_0+rot", "fp8_e4m3", "int4-tensor-asym",
+                                  "int3-channel-sym", "fp8_e5m2@amax", "none", "kivi2", "quanto4"])
+def test_append_new_equals_append(text):
+    """A stable rule's append_new gives the new positions append stores (prefill with padding, decode steps and a
+    row drop); the others refuse it and say to use append()."""
+    g = torch.Generator().manual_seed(3)
+    chunks = [torch.randn(3, 6, 2, 64, generator=g)] + [torch.randn(3, 1, 2, 64, generator=g) for _ in range(3)]
+    mask0 = torch.tensor([[False, False, True, True, True, True]] * 2 + [[True] * 6])
+    a, b = StreamQuantizer(text, "k"), StreamQuantizer(text, "k")
+    if not b.stable:
+        with pytest.raises(TypeError, match="use append"):
+            b.append_new(chunks[0], mask0)
+        return
+    got, rows = [], torch.arange(3)
+    for i, x in enumerate(chunks):
+        if i == 2:  # row 1 finishes
+            rows = torch.tensor([0, 2])
+            a.select(torch.tensor([0, 2]))
+            b.select(torch.tensor([0, 2]))
+        x = x[rows]
+        m = mask0[rows] if i == 0 else None
+        full = a.append(x, m)
+        new = b.append_new(x, m)
+        assert torch.equal(new, full[:, -x.shape[1]:]), (text, i)
+        got.append(new)
+    assert b.n_positions == a.n_positions == 9
+    with pytest.raises(RuntimeError, match="one of append"):
+        a.append_new(chunks[1][:2])
+
+
 # ---- bit sweeps -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(("text", "family"), [
     ("int4-token-asym", "int{b}-token-asym"), ("int3-group32-sym", "int{b}-group32-sym"),

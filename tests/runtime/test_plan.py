@@ -219,7 +219,7 @@ def test_a_plan_whose_scheme_does_not_apply_is_refused_before_generation():
 
 
 def test_plans_that_store_a_layer_alike_share_a_unit_and_equal_separate_runs(tiny_llama):
-    """Plans storing a layer's K or V the same way share one quantizer (``kvgeom.runtime.plans._Unit``: the engine
+    """Plans storing a layer's K or V the same way share one quantizer (``kvgeom.runtime.plan_cache._Unit``: the engine
     matrix's fix candidates differ in a few layers; a K/V pair shares its K spec with a plain scheme). Each row still
     equals its plan run alone over the same batch, logits exactly at prefill and tokens while rows finish at
     different steps (``stop_when``: the units drop rows of several plans at once)."""
@@ -297,3 +297,46 @@ def test_nonfinite_kv_in_one_row_flags_that_row_only(tiny_llama, mode, prefill):
     bad = rows[rows["nonfinite"]]
     assert list(bad["prompt"]) == [prompts[1], prompts[3]] and set(bad["verdict"]) == {"nonfinite"}
     assert "nonfinite" not in set(rows["verdict"][~rows["nonfinite"]])
+
+
+@pytest.mark.parametrize("scheme, prefill", [("q4_0+rot", "quantized"), ("int4-tensor-asym", "quantized"),
+                                             ("q8_0", "full"), ("fp8_e4m3@amax", "full"),
+                                             ("kivi2-g32-r32", "quantized"), ("quanto4-g32-r2", "full")])
+def test_cache_returns_what_the_stream_quantizer_stores(tiny_llama, scheme, prefill):
+    """Call by call, a cache-mode row's K and V as attention reads them equal a lone StreamQuantizer's whole
+    stored history (each call's own positions raw with ``prefill="full"``), while a full-precision row reads its
+    raw history; for the stable formats the cache quantizes only the new positions (``append_new``), for KIVI and
+    quanto it keeps the quantizer's history: both must give the same."""
+    from kvgeom.quant.fake import resolve_spec
+    from kvgeom.runtime.plans import plan_cache_class
+
+    plan = QuantPlan(scheme, layers=(1,), mode="cache", prefill=prefill)
+    seen = []
+    orig = plan_cache_class().update
+
+    def spy(self, k, v, layer_idx, *a, **kw):  # noqa: ANN001, ANN002, ANN003
+        raw = (k.clone(), v.clone())
+        out = orig(self, k, v, layer_idx, *a, **kw)
+        if layer_idx == 1:
+            m = self._session.call.mask
+            seen.append((raw, tuple(t.clone() for t in out), None if m is None else m.clone()))
+        return out
+
+    import unittest.mock
+
+    prompts = ["hi", "Write a story about a lighthouse keeper."]  # row 0 is left-padded
+    with unittest.mock.patch.object(plan_cache_class(), "update", spy):
+        generate(tiny_llama, prompts, plans=[plan, None], max_new_tokens=5, stop_at_eos=False)
+    assert len(seen) == 5
+    refs = {r: StreamQuantizer(resolve_spec(Scheme.parse(scheme), r), r) for r in ("k", "v")}
+    history = [None, None]
+    for raw, out, m in seen:
+        new = raw[0].shape[2]
+        for j, r in enumerate(("k", "v")):
+            x = raw[j][0:1]
+            want = refs[r].append(x.transpose(1, 2), None if m is None else m[0:1]).transpose(1, 2).clone()
+            if prefill == "full":
+                want[:, :, -new:] = x
+            torch.testing.assert_close(out[j][0:1], want, atol=0, rtol=0)
+            history[j] = raw[j][1:2] if history[j] is None else torch.cat([history[j], raw[j][1:2]], dim=2)
+            torch.testing.assert_close(out[j][1:2], history[j], atol=0, rtol=0)

@@ -91,7 +91,15 @@ def take_rows(obj: Any, rows: Tensor) -> Any:
 
 
 class CacheRule(ABC):
-    """One streaming cache's rule (one role of one layer; a fresh instance per generation)."""
+    """One streaming cache's rule (one role of one layer; a fresh instance per generation).
+
+    ``stable``: a stored position never changes after it arrived. Such a rule also offers :meth:`encode` (the
+    stored values of the new positions, nothing kept), so that a cache can store them itself and touch only the
+    new positions per call (:class:`kvgeom.runtime.PlanCache`); a rule that revisits stored positions (KIVI's
+    flushes, HF quanto's requantization) leaves it False and keeps the history in the :class:`CacheStore`.
+    """
+
+    stable: bool = False
 
     def __init__(self, spec: CachedFormat, role: Role) -> None:
         self.spec = spec
@@ -107,16 +115,26 @@ class CacheRule(ABC):
         """Keep only batch rows ``rows`` of the rule's own state (the store is selected by its owner)."""
         return None
 
+    def encode(self, x: Float[Tensor, "batch new kv_head d_head"], mask: Bool[Tensor, "batch new"],
+               first: bool) -> Float[Tensor, "batch new kv_head d_head"]:
+        """The stored values of new positions ``x`` (fp32), as :meth:`append` would store them (stable rules)."""
+        raise TypeError(f"{type(self).__name__} revisits stored positions (stable=False): it has no encode(); use "
+                        "append() with a CacheStore")
+
 
 class PerPosition(CacheRule):
     """Each position quantized on arrival with ``spec.quantize_fast`` (``spec.quantize``'s bits, by the format's
     fused kernel on a GPU where it has one), independently of the others."""
 
-    def append(self, store: CacheStore, x: Tensor, mask: Tensor, first: bool) -> None:
+    stable = True
+
+    def encode(self, x: Tensor, mask: Tensor, first: bool) -> Tensor:
         m4 = mask[:, :, None, None]
         q = self.quantize(torch.where(m4, x, 0.0), mask, first)
-        q = torch.where(m4, q, x)
-        store.push(q, mask, mask if self.spec.is_identity else torch.zeros_like(mask))
+        return torch.where(m4, q, x)
+
+    def append(self, store: CacheStore, x: Tensor, mask: Tensor, first: bool) -> None:
+        store.push(self.encode(x, mask, first), mask, mask if self.spec.is_identity else torch.zeros_like(mask))
 
     def quantize(self, raw: Tensor, mask: Tensor, first: bool) -> Tensor:
         return self.spec.quantize_fast(raw, mask, self.role)
