@@ -112,6 +112,7 @@ class StreamQuantizer:
         if self._cache.values is not None:
             raise RuntimeError("append() already stored positions in this cache: use one of append() and "
                                "append_new() per generation (or call reset())")
+        all_real = mask_new is None
         mask_new = check_input(x_new, mask_new, self.role, self.site, check_finite=check_finite)
         shape = (x_new.shape[0], *x_new.shape[2:])
         if self._shape is not None:
@@ -123,7 +124,7 @@ class StreamQuantizer:
                 raise ValueError(f"append_new got dtype {x_new.dtype}, earlier calls {self._dtype}")
         first = self._n_new == 0
         self._shape, self._dtype = shape, x_new.dtype
-        q = self._rule.encode(x_new.to(torch.float32), mask_new, first)
+        q = self._rule.encode(x_new.to(torch.float32), mask_new, first, all_real)
         self._n_new += x_new.shape[1]
         return q.to(x_new.dtype)
 

@@ -138,12 +138,14 @@ def forward(
     position_ids: Int[Tensor, "batch new_pos"] | None = None,
     step: int = 0,
     logits_to_keep: int | None = None,
+    new_all_real: bool = False,
 ) -> Float[Tensor, "batch new_pos vocab"]:
     """One forward call of the bridge with hooks informed of the call (step, real-position mask).
 
     ``mask`` spans the cached prefix plus the new tokens, as HF expects. ``logits_to_keep=k`` computes the
     unembedding for the last ``k`` positions only (the vocabulary projection is a quarter of a small
-    model's compute).
+    model's compute). ``new_all_real=True`` (a decode step) tells the hooks that every new position is real
+    (``CallInfo.mask`` None), so the quantizers skip their padding masks.
     """
     dev = model.device
     input_ids = input_ids.to(dev)
@@ -152,7 +154,7 @@ def forward(
     if position_ids is None:
         position_ids = position_ids_from_mask(mask)[:, -new:]
     position_ids = position_ids.to(dev)
-    set_call(model, CallInfo(step=step, mask=mask[:, -new:], position_ids=position_ids))
+    set_call(model, CallInfo(step=step, mask=None if new_all_real else mask[:, -new:], position_ids=position_ids))
     kwargs: dict[str, Any] = {"attention_mask": mask.long(), "position_ids": position_ids}
     if past_key_values is not None:
         kwargs["past_key_values"] = past_key_values

@@ -118,7 +118,8 @@ def _generate_batch(
             if select is not None:
                 select(keep.tolist())
         mask = torch.cat([mask, torch.ones((len(alive), 1), dtype=torch.bool, device=mask.device)], dim=1)
-        logits = forward(model, tok[:, None], mask, past_key_values=cache, position_ids=next_pos, step=step)
+        logits = forward(model, tok[:, None], mask, past_key_values=cache, position_ids=next_pos, step=step,
+                         new_all_real=True)
         last = logits[:, -1].float()
         nonfinite[alive] |= ~torch.isfinite(last).all(-1)
         next_pos = next_pos + 1

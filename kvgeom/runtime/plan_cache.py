@@ -22,10 +22,10 @@ from kvgeom.quant.plan import QuantPlan
 from kvgeom.quant.stream import StreamQuantizer
 from kvgeom.runtime.finite import nonfinite_rows
 from kvgeom.runtime.hooks import HookSession
+from kvgeom.runtime.row_groups import RowGroups
 
 if TYPE_CHECKING:
     from kvgeom.models import KVModel
-    from kvgeom.runtime.plans import RowGroups
 
 __all__ = ["PlanCache", "channel_index", "plan_cache_class"]
 

@@ -116,8 +116,9 @@ class CacheRule(ABC):
         return None
 
     def encode(self, x: Float[Tensor, "batch new kv_head d_head"], mask: Bool[Tensor, "batch new"],
-               first: bool) -> Float[Tensor, "batch new kv_head d_head"]:
-        """The stored values of new positions ``x`` (fp32), as :meth:`append` would store them (stable rules)."""
+               first: bool, all_real: bool = False) -> Float[Tensor, "batch new kv_head d_head"]:
+        """The stored values of new positions ``x`` (fp32), as :meth:`append` would store them (stable rules);
+        ``all_real``: ``mask`` is all True (a decode step), so no position needs keeping apart."""
         raise TypeError(f"{type(self).__name__} revisits stored positions (stable=False): it has no encode(); use "
                         "append() with a CacheStore")
 
@@ -128,7 +129,9 @@ class PerPosition(CacheRule):
 
     stable = True
 
-    def encode(self, x: Tensor, mask: Tensor, first: bool) -> Tensor:
+    def encode(self, x: Tensor, mask: Tensor, first: bool, all_real: bool = False) -> Tensor:
+        if all_real:
+            return self.quantize(x, mask, first)
         m4 = mask[:, :, None, None]
         q = self.quantize(torch.where(m4, x, 0.0), mask, first)
         return torch.where(m4, q, x)

@@ -1,0 +1,66 @@
+"""Which batch rows run under which :class:`~kvgeom.quant.QuantPlan`: :class:`RowGroups`, shared by a batch's
+forward-mode hooks (:mod:`kvgeom.runtime.plans`) and its cache (:mod:`kvgeom.runtime.plan_cache`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from kvgeom.quant.plan import QuantPlan
+
+__all__ = ["RowGroups"]
+
+
+def _groups(plans: Sequence[QuantPlan | None]) -> dict[QuantPlan, list[int]]:
+    groups: dict[QuantPlan, list[int]] = {}
+    for i, p in enumerate(plans):
+        if p is not None:
+            groups.setdefault(p, []).append(i)
+    return groups
+
+
+class RowGroups:
+    """Which batch rows run under which plan; shared by the hooks and the cache of one batch.
+
+    :meth:`select` follows generation when it drops finished rows: the groups are re-indexed and the
+    per-device index tensors rebuilt lazily (built once per group and device, never inside a hook loop).
+    """
+
+    def __init__(self, plans: Sequence[QuantPlan | None]) -> None:
+        self.groups = _groups(plans)
+        self._index: dict[tuple[QuantPlan, torch.device], Tensor] = {}
+        self.listeners: list[Any] = []
+
+    def items(self):
+        return self.groups.items()
+
+    def index(self, plan: QuantPlan, device: torch.device) -> Tensor:
+        idx = self._index.get((plan, device))
+        if idx is None:  # every group's rows for this device in one copy: pinned and non-blocking on a GPU, so
+            # building them does not wait for the queued kernels (a blocking copy per group after every row drop
+            # showed as 11 s of waits in a cProfile of the powered 7B audit, docs/benchmarks.md)
+            plans = list(self.groups)
+            flat = torch.tensor([r for p in plans for r in self.groups[p]], dtype=torch.long)
+            flat = (flat.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else flat.to(device))
+            for p, part in zip(plans, flat.split([len(self.groups[p]) for p in plans]), strict=True):
+                self._index[(p, device)] = part
+            idx = self._index[(plan, device)]
+        return idx
+
+    def select(self, keep: Sequence[int]) -> None:
+        """Keep batch rows ``keep`` (old indices, in order); tell listeners (caches) which rows of each group stay."""
+        new_of = {old: new for new, old in enumerate(keep)}
+        local: dict[QuantPlan, list[int]] = {}
+        groups: dict[QuantPlan, list[int]] = {}
+        for plan, rows in self.groups.items():
+            kept = [j for j, r in enumerate(rows) if r in new_of]
+            local[plan] = kept
+            if kept:
+                groups[plan] = [new_of[rows[j]] for j in kept]
+        self.groups = groups
+        self._index.clear()
+        for listener in self.listeners:
+            listener(local)
