@@ -6,8 +6,8 @@ On the GPU the engine matrix is launch-bound (docs/benchmarks.md §8: about 37 k
 layer, K/V and step), so the number of ops the cache issues is what its cost follows. This counts every op that
 reaches the backend (a ``TorchDispatchMode``: composite ops arrive decomposed, as they would launch) during one
 greedy generation of a tiny random model on the CPU, with every format of ``--engines`` in cache mode, minus the
-same generation without plans, per (layer, role, unit) and forward call (views are not counted: they launch nothing). The CPU runs the
-eager quantizers; on a GPU the formats with a fused kernel issue fewer.
+same generation without plans, per (layer, role, unit) and forward call (views are not counted: they launch
+nothing). The CPU runs the eager quantizers; on a GPU the formats with a fused kernel issue fewer.
 """
 
 from __future__ import annotations

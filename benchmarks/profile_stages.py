@@ -95,7 +95,8 @@ def main() -> None:
     if len(backends) > 1:  # how often the fused kernel's rounding changes a greedy row (bf16)
         for name in ("no plans", "one-layer plans"):
             a, b = tokens[backends[0], name], tokens[backends[1], name]
-            out["layer_sweep"][f"rows with identical tokens, {name}"] = sum(x == y for x, y in zip(a, b)) / len(a)
+            same = sum(x == y for x, y in zip(a, b, strict=True))
+            out["layer_sweep"][f"rows with identical tokens, {name}"] = same / len(a)
         print({k: v for k, v in out["layer_sweep"].items() if k.startswith("rows")}, flush=True)
     from torch.profiler import ProfilerActivity, profile
 

@@ -9,7 +9,8 @@
 is decomposed by *uncentred* PCA: scikit-learn's ``PCA`` fitted on ``[D; -D]`` (zero mean by
 construction, so its components are the right singular vectors of ``D`` and its explained-variance
 ratios are ``s_j² / Σ s²``; solver ``covariance_eigh`` when the rows outnumber the features, ``full``
-otherwise: the same components, ``tests/geometry/test_geometry.py::test_pca_solvers_agree``). Uncentred, so the mean difference (the refusal direction) lies in ``S``.
+otherwise: the same components, ``tests/geometry/test_geometry.py::test_pca_solvers_agree``).
+Uncentred, so the mean difference (the refusal direction) lies in ``S``.
 ``S`` = the span of the first ``k`` components, with ``k`` given or the smallest ``k`` whose cumulative
 ratio reaches ``var`` (default 0.9): that ``k`` is the **effective rank**. The participation ratio
 ``(Σ λ)² / Σ λ²`` is reported beside it. ``S`` is *undefined* when ``||D||_F <= 1e-6 ||X||_F`` (the

@@ -47,7 +47,7 @@ class StreamQuantizer:
         self._cache = CacheStore()
         self._rule = self.spec.cache_rule(self.role)
         self._dtype: torch.dtype | None = None
-        self._shape: tuple[int, ...] | None = None  # (batch, kv_head, d_head) of what append_new has seen
+        self._shape: tuple[int, ...] | None = None  # (batch, kv_head, d_head) of the calls so far
         self._n_new = 0  # positions passed through append_new
 
     @property
@@ -79,17 +79,8 @@ class StreamQuantizer:
         (a device-to-host sync: :class:`kvgeom.runtime.PlanCache` on a GPU flags them on the device instead).
         """
         mask_new = check_input(x_new, mask_new, self.role, self.site, check_finite=check_finite)
-        store = self._cache.values
-        first = store is None
-        if store is not None:
-            if x_new.shape[0] != store.shape[0] or x_new.shape[2:] != store.shape[2:]:
-                raise ValueError(
-                    f"append got shape {tuple(x_new.shape)} but the cache holds {tuple(store.shape)}: "
-                    f"batch, kv_head and d_head must stay the same (call reset() for a new generation)"
-                )
-            if x_new.dtype != self._dtype:
-                raise ValueError(f"append got dtype {x_new.dtype}, the cache holds {self._dtype}")
-        self._dtype = x_new.dtype
+        first = self._cache.values is None
+        self._check_like_earlier(x_new, "append", first)
         self._rule.append(self._cache, x_new.to(torch.float32), mask_new, first)
         assert self._cache.values is not None
         return self._cache.values.to(self._dtype)
@@ -114,27 +105,30 @@ class StreamQuantizer:
                                "append_new() per generation (or call reset())")
         all_real = mask_new is None
         mask_new = check_input(x_new, mask_new, self.role, self.site, check_finite=check_finite)
-        shape = (x_new.shape[0], *x_new.shape[2:])
-        if self._shape is not None:
-            if shape != self._shape:
-                raise ValueError(
-                    f"append_new got shape {tuple(x_new.shape)} but earlier calls had batch, kv_head, d_head = "
-                    f"{self._shape}: they must stay the same (call reset() for a new generation)")
-            if x_new.dtype != self._dtype:
-                raise ValueError(f"append_new got dtype {x_new.dtype}, earlier calls {self._dtype}")
         first = self._n_new == 0
-        self._shape, self._dtype = shape, x_new.dtype
+        self._check_like_earlier(x_new, "append_new", first)
         q = self._rule.encode(x_new.to(torch.float32), mask_new, first, all_real)
         self._n_new += x_new.shape[1]
         return q.to(x_new.dtype)
 
+    def _check_like_earlier(self, x_new: Tensor, method: str, first: bool) -> None:
+        """Batch, kv_head, d_head and dtype as in earlier calls (then remembered)."""
+        shape = (x_new.shape[0], *x_new.shape[2:])
+        if not first:
+            if shape != self._shape:
+                raise ValueError(
+                    f"{method} got shape {tuple(x_new.shape)} but earlier calls had batch, kv_head, d_head = "
+                    f"{self._shape}: they must stay the same (call reset() for a new generation)")
+            if x_new.dtype != self._dtype:
+                raise ValueError(f"{method} got dtype {x_new.dtype}, earlier calls {self._dtype}")
+        self._shape, self._dtype = shape, x_new.dtype
+
     def select(self, rows: Tensor) -> None:
         """Keep only batch rows ``rows`` (in that order): generation drops rows that have finished."""
+        if self._shape is None:
+            return
         if self._cache.values is not None:
             rows = rows.to(self._cache.values.device)
             self._cache.select(rows)
-        elif self._shape is not None:
-            self._shape = (len(rows), *self._shape[1:])
-        else:
-            return
+        self._shape = (len(rows), *self._shape[1:])
         self._rule.select(rows)

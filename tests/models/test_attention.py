@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from kvgeom import encode, forward, generate
+from kvgeom.models import wrap_hf_model
 from kvgeom.models.attention import resolve_attention, sdpa_eligible, use_attention
 from kvgeom.quant.plan import QuantPlan
 from kvgeom.runtime.hooks import kv_hooks
 from kvgeom.sites import hook_name
-from kvgeom.models import wrap_hf_model
 from kvgeom.testing import tiny_hf_model, tiny_model
 
 from ..conftest import PROMPTS
@@ -73,7 +73,7 @@ def test_fused_path_hooks_see_the_same_tensors(fused_model):
     for backend in ("eager", "sdpa"):
         use_attention(fused_model, backend)
         grabbed = {}
-        hooks = {hook_name(s, layer): (lambda x, ctx, _k=(s, layer): grabbed.setdefault(_k, x.clone()))
+        hooks = {hook_name(s, layer): (lambda x, ctx, _k=(s, layer), _g=grabbed: _g.setdefault(_k, x.clone()))
                  for s in sites for layer in (0, 1)}
         with torch.inference_mode(), kv_hooks(fused_model, hooks):
             forward(fused_model, b.input_ids, b.mask)
