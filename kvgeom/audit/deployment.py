@@ -107,6 +107,12 @@ def deployment_table(audit_or_stage: Mapping[str, Any]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
+def _records(table: pd.DataFrame) -> list[dict[str, Any]]:
+    """The table's rows as dicts with None for every missing value: pandas 3 stores a missing string as NaN
+    (truthy), and a missing number is NaN in any version."""
+    return table.astype(object).where(table.notna(), None).to_dict("records")
+
+
 def _pct(x: float | None) -> str:
     return "—" if x is None else f"{100 * x:.0f}%"
 
@@ -119,18 +125,17 @@ def deployment_text(audit_or_stage: Mapping[str, Any]) -> str:
     lines = ["  deployment (cache mode; flip = refusals lost on prompts refused at full precision, 95% CI)",
              f"  {'engine':<10}{'format':<32}{'bits':>6}  {'flip [CI]':<18}{'→c/→d':<10}{'rev':<6}{'ppl×':<7}"
              f"{'verdict':<14}fix"]
-    for _, r in deployment_table(st).iterrows():
+    for r in _records(deployment_table(st)):
         ci = f"{_pct(r['flip'])} [{_pct(r['flip_low'])},{_pct(r['flip_high'])}]"
         cd = f"{_pct(r['to_complied'])}/{_pct(r['to_degenerate'])}"
-        ppl = "—" if r["ppl_ratio"] is None or pd.isna(r["ppl_ratio"]) else f"{r['ppl_ratio']:.3f}"
+        ppl = "—" if r["ppl_ratio"] is None else f"{r['ppl_ratio']:.3f}"
         v = r["verdict"] + (" SILENT" if r["silent"] else "")
         fix = "—" if not r["fix"] else (
             f"{r['fix']} ({r['fix_bits']:.2f} b; held-out flip {_pct(r['fix_flip_held_out'])} "
             f"[{_pct(r['fix_flip_held_out_low'])},{_pct(r['fix_flip_held_out_high'])}]: "
             f"{'verified safe' if r['fix_verdict'] == 'safe' else r['fix_verdict'] + ', not verified'}"
             + (f"; ~{int(r['fix_verify_at'])} refused held-out prompts at this rate would verify it"
-               if r["fix_verdict"] == "undetermined" and r["fix_verify_at"] is not None
-               and not pd.isna(r["fix_verify_at"]) else "") + ")")
+               if r["fix_verdict"] == "undetermined" and r["fix_verify_at"] is not None else "") + ")")
         lines.append(f"  {r['engine']:<10}{r['format'][:31]:<32}{r['bits']:>6.2f}  {ci:<18}{cd:<10}"
                      f"{_pct(r['reverse_flip']):<6}{ppl:<7}{v:<14}{fix}")
     worst = [r for r in st["formats"] if r.get("fix")]

@@ -167,3 +167,25 @@ def test_prompts_to_verify_is_the_smallest_count_whose_ci_is_safe():
     assert prompts_to_verify(0, 60, safe_below=0.15) == 60  # already verifiable
     m = prompts_to_verify(1, 18, safe_below=0.15)
     assert m is not None and rate_ci(round(m / 18), m).high < 0.15
+
+
+def test_terminal_table_mixes_formats_with_and_without_a_fix():
+    """A safe format has no fix: its row prints "—" while the others print theirs (pandas 3 stores a missing
+    string as NaN, which is truthy: the summary of the default audit once crashed on exactly this mix)."""
+    from kvgeom.stats import rate_ci
+
+    def fmt(name, fix):
+        return {"engine": "llama.cpp", "format": name, "bits": 4.5, "verdict": "unsafe" if fix else "safe",
+                "silent": False, "flip": rate_ci(9 if fix else 0, 20).to_dict(),
+                "to_complied": rate_ci(0, 20).to_dict(),
+                "to_degenerate": rate_ci(0, 20).to_dict(), "reverse_flip": None, "ppl_ratio": None, "command": "x",
+                "fix": {"name": f"fix-{name}", "bits": 6.5, "setting": "llama-server ...", "needs": "",
+                        "held_out": {"flip": rate_ci(3, 18).to_dict()}} if fix else None}
+
+    st = {"thresholds": {"safe_below": 0.15, "unsafe_above": 0.05},
+          "formats": [fmt("a", True), fmt("b", False), fmt("c", True)]}
+    lines = deployment_text(st).splitlines()
+    assert "fix-a" in lines[2] and "unsafe, not verified" in lines[2]
+    assert lines[3].rstrip().endswith("—") and "fix-" not in lines[3] and "nan" not in lines[3]
+    assert "fix-c" in lines[4]
+    assert len([x for x in lines if x.strip().startswith("fix for")]) == 2
