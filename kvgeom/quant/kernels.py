@@ -26,6 +26,6 @@ def fused_auto(x, spec, role: str, mask=None):  # noqa: ANN001 (spec: a KVFormat
     """What ``backend="auto"`` runs: the spec's fused kernel on a CUDA tensor where one covers it and has run on a
     GPU (not in ``OPT_IN``), else None (the caller takes the eager path). The same bits as eager."""
     package = triton_package()
-    if package is None or not x.is_cuda or isinstance(spec, package.OPT_IN):
-        return None
-    return package.fused_fake_quant(x, spec, role, mask)
+    if package is None or not x.is_cuda or isinstance(spec, package.dispatch.OPT_IN):  # the dispatch's own list,
+        return None                                                                  # read at each call
+    return package.dispatch.fused_fake_quant(x, spec, role, mask)

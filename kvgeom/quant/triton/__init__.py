@@ -4,7 +4,7 @@
 * :mod:`.block`: per-position blocks (``int{b}-{token|head|group{G}}-*``, llama.cpp ``q8_0`` ... ``q5_1``);
 * :mod:`.ranged`: ranges over a row (``int{b}-{tensor|channel}-*``, ``fp8_*`` static and ``@amax``);
 * :mod:`.kivi`: KIVI (forward mode);
-* :mod:`.rotated`: llama.cpp's ``+rot`` types (the block kernel between two Hadamard rotations);
+* :mod:`.rotated`: llama.cpp's ``+rot`` types (rotation, block quantizer and rotation back in one kernel);
 * :mod:`.dispatch`: :func:`~.dispatch.fused_fake_quant`, which runs a spec's kernel (or returns None).
 
 Importing this package needs Triton (``kvgeom.quant.kernels.triton_package`` returns None without it). Which

@@ -34,7 +34,7 @@ from .common import (
     use_fast_div,
 )
 
-__all__ = ["BlockKernel", "ggml_blocks", "int_blocks"]
+__all__ = ["BlockKernel", "ggml_blocks", "ggml_quant", "int_blocks"]
 
 #: llama.cpp type -> (KIND, P1) of :func:`_block_kernel`
 _GGML = {"q8_0": (2, 127.0), "q4_0": (3, 8.0), "q5_0": (3, 16.0), "q4_1": (4, 15.0), "q5_1": (4, 31.0)}
@@ -55,6 +55,35 @@ def _first_absmax16(raw, e, IO: tl.constexpr):
         return mb.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
     else:
         return (mb << 16).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def ggml_quant(x, raw, e, lane, lo, hi, KIND: tl.constexpr, P1: tl.constexpr, IO: tl.constexpr, GP: tl.constexpr):
+    """A llama.cpp type (``KIND`` Q8_0, Q_0 or Q_1) on each row of ``x`` (fp32, ``lane`` the real columns,
+    ``lo``/``hi`` their min/max; ``raw`` the loaded 16-bit values when ``IO`` is not 0): the dequantized rows,
+    bit for bit :func:`kvgeom.quant.ggml.ggml_fake_quant`."""
+    if KIND == Q8_0:  # ggml quantize_q8_0: roundf(x*id) = t + trunc(2*(v - t)); codes q+128
+        d = tl.math.div_rn(tl.maximum(tl.abs(lo), tl.abs(hi)), 127.0)
+        v = x * recip(d)[:, None]
+        t = trunc(v)
+        code = (t + trunc(2.0 * (v - t))) + 128.0
+        y = fp16(d)[:, None] * (code - 128.0)
+    elif KIND == Q_0:  # d = max/-half, max the first value of largest magnitude
+        if IO == 0:
+            ax = tl.where(lane, tl.abs(x), -1.0)
+            amax = tl.max(ax, axis=1)
+            first = tl.min(tl.where(ax == amax[:, None], e[None, :], GP), axis=1)
+            mx = tl.max(tl.where(e[None, :] == first[:, None], x, float("-inf")), axis=1)
+        else:  # 16-bit input: one integer max over keys (|x|'s bits, first position, sign)
+            mx = _first_absmax16(raw, e, IO)
+        d = tl.math.div_rn(mx, -P1)
+        q = tl.minimum(tl.maximum(trunc(x * recip(d)[:, None] + (P1 + 0.5)), 0.0), 2.0 * P1 - 1.0)
+        y = fp16(d)[:, None] * (q - P1)
+    else:  # Q_1: d = (max-min)/levels, x̂ = q*fp16(d) + fp16(min)
+        d = tl.math.div_rn(hi - lo, P1)
+        q = tl.minimum(tl.maximum(trunc((x - lo[:, None]) * recip(d)[:, None] + 0.5), 0.0), P1)
+        y = fp16(d)[:, None] * q + fp16(lo)[:, None]
+    return y
 
 
 @triton.jit
@@ -82,27 +111,8 @@ def _block_kernel(x_ptr, out_ptr, mask_ptr, n_blocks, NB: tl.constexpr, G: tl.co
     if KIND == INT_SYM or KIND == INT_ASYM:
         scale, zp, safe, r, fast = int_params(lo, hi, KIND, P1, FAST)
         y = int_apply(x, scale[:, None], zp[:, None], safe[:, None], r[:, None], fast, KIND, P1, FAST)
-    elif KIND == Q8_0:  # ggml quantize_q8_0: roundf(x*id) = t + trunc(2*(v - t)); codes q+128
-        d = tl.math.div_rn(tl.maximum(tl.abs(lo), tl.abs(hi)), 127.0)
-        v = x * recip(d)[:, None]
-        t = trunc(v)
-        code = (t + trunc(2.0 * (v - t))) + 128.0
-        y = fp16(d)[:, None] * (code - 128.0)
-    elif KIND == Q_0:  # d = max/-half, max the first value of largest magnitude
-        if IO == 0:
-            ax = tl.where(lane, tl.abs(x), -1.0)
-            amax = tl.max(ax, axis=1)
-            first = tl.min(tl.where(ax == amax[:, None], e[None, :], GP), axis=1)
-            mx = tl.max(tl.where(e[None, :] == first[:, None], x, float("-inf")), axis=1)
-        else:  # 16-bit input: one integer max over keys (|x|'s bits, first position, sign)
-            mx = _first_absmax16(raw, e, IO)
-        d = tl.math.div_rn(mx, -P1)
-        q = tl.minimum(tl.maximum(trunc(x * recip(d)[:, None] + (P1 + 0.5)), 0.0), 2.0 * P1 - 1.0)
-        y = fp16(d)[:, None] * (q - P1)
-    else:  # Q_1: d = (max-min)/levels, x̂ = q*fp16(d) + fp16(min)
-        d = tl.math.div_rn(hi - lo, P1)
-        q = tl.minimum(tl.maximum(trunc((x - lo[:, None]) * recip(d)[:, None] + 0.5), 0.0), P1)
-        y = fp16(d)[:, None] * q + fp16(lo)[:, None]
+    else:
+        y = ggml_quant(x, raw, e, lane, lo, hi, KIND, P1, IO, GP)
     store(out_ptr, offs, ok, y, raw, real[:, None], IO)
 
 

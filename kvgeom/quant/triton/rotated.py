@@ -1,45 +1,106 @@
-"""llama.cpp's rotated cache types (``q8_0+rot`` ... ``q5_1+rot``) by a fused block kernel between two rotations.
+"""llama.cpp's rotated cache types (``q8_0+rot`` ... ``q5_1+rot``) in one fused kernel: rotate, quantize, rotate back.
 
 The eager math (:func:`kvgeom.quant.formats.ggml.ggml_kv`) is: rotate each head vector's blocks of ``n`` by
-``H_n/sqrt(n)`` (:func:`kvgeom.quant.hadamard.fwht`, fp32 butterflies), quantize blocks of 32 with the llama.cpp
-type, rotate back. :class:`RotatedKernel` runs the same two rotations (the same torch function on the same fp32
-values) around the block kernel of the unrotated type (:mod:`.block`, bit-identical to the eager block quantizer),
-so its result is the eager path's bit for bit while the ~60 eager ops of the block quantizer become one launch.
-Padding positions (mask False) are returned unchanged, as the eager path returns them. ``iq4_nl+rot`` has no block
-kernel and stays eager.
+``H_n/sqrt(n)`` (:func:`kvgeom.quant.hadamard.fwht`: fp32 butterflies ``[a + b, a - b]`` on halves of growing
+size, then one multiply by ``1/sqrt(n)``), quantize blocks of 32 with the llama.cpp type, rotate back.
+:func:`_rotated_kernel` holds ``ROWS`` rotation blocks per program in registers and runs the very same fp32
+operations in the same order (each butterfly stage is one reshape/split/join of the tile, each add and subtract
+one IEEE rounding, no fma: ``enable_fp_fusion=False``), the block quantizer of the unrotated type
+(:func:`kvgeom.quant.triton.block.ggml_quant`, bit-identical to the eager one) in between, so its result is the
+eager path's bit for bit in one launch instead of ~50 (the eager butterflies are 3 ops per stage, 7 stages,
+twice per call). Padding positions (mask False) are returned unchanged, as the eager path returns them: a rotation
+block never straddles positions, so padding values never reach a real one. ``iq4_nl+rot`` has no block kernel and
+stays eager.
 
-Proved by ``tests/quant/test_triton_kernels.py`` (``q*_+rot`` in ``COVERED``: random inputs, ties, padding).
+Proved by ``tests/quant/test_triton_kernels.py`` (``q*_+rot`` in ``COVERED``: random inputs, ties, padding, every
+input dtype, d_head 64 and 128, i.e. K blocks of 64 and 128 and V blocks of 64).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
-import torch
+import triton
+import triton.language as tl
 from torch import Tensor
 
-from kvgeom.quant.hadamard import fwht, rotation_block
+from kvgeom.quant.hadamard import rotation_block
 
-from .common import Kernel
+from .block import BlockKernel, ggml_quant
+from .common import IO_CODES, TUNE, io_view, load, store
 
 __all__ = ["RotatedKernel"]
+
+QK: tl.constexpr = tl.constexpr(32)  # llama.cpp's block of values along d_head
+
+
+@triton.jit
+def _wht(y, ROWS: tl.constexpr, N: tl.constexpr, LOG: tl.constexpr):
+    """:func:`kvgeom.quant.hadamard.wht` on each row of the ``[ROWS, N]`` tile (``N = 2**LOG``): stage ``s`` pairs
+    ``a`` = first and ``b`` = second half of each run of ``2h`` values (``h = 2**s``) into ``[a + b, a - b]``."""
+    for s in tl.static_range(LOG):
+        t = tl.reshape(y, [ROWS, N >> (s + 1), 2, 1 << s])
+        a, b = tl.split(tl.permute(t, [0, 1, 3, 2]))
+        t = tl.permute(tl.join(a + b, a - b), [0, 1, 3, 2])
+        y = tl.reshape(t, [ROWS, N])
+    return y
+
+
+@triton.jit
+def _rotated_kernel(x_ptr, out_ptr, mask_ptr, n_rows, inv_sqrt_n, NR: tl.constexpr, ROWS: tl.constexpr,
+                    N: tl.constexpr, LOG: tl.constexpr, KIND: tl.constexpr, P1: tl.constexpr, IO: tl.constexpr,
+                    HAS_MASK: tl.constexpr, I64: tl.constexpr):
+    """``ROWS`` rotation blocks of ``N`` values per program (``NR`` blocks per position)."""
+    pid = tl.program_id(0)
+    if I64:
+        pid = pid.to(tl.int64)
+    row = pid * ROWS + tl.arange(0, ROWS)
+    col = tl.arange(0, N)
+    row_ok = row < n_rows
+    ok = row_ok[:, None] & (col < N)[None, :]
+    offs = row[:, None] * N + col[None, :]
+    x, raw = load(x_ptr, offs, ok, IO)
+    if HAS_MASK:
+        real = row_ok & (tl.load(mask_ptr + row // NR, mask=row_ok, other=0) != 0)
+    else:
+        real = row_ok
+    y = _wht(x, ROWS, N, LOG) * inv_sqrt_n
+    # the blocks of 32 of the rotated values: eager zeroes padding before quantizing
+    b = tl.reshape(tl.where(real[:, None], y, 0.0), [ROWS * (N // QK), QK])
+    e = tl.arange(0, QK)
+    lane = (e < QK)[None, :]
+    lo = tl.min(b, axis=1)
+    hi = tl.max(b, axis=1)
+    q = ggml_quant(b, b, e, lane, lo, hi, KIND, P1, 0, QK)  # fp32 values: the quantizer's fp32 (IO 0) path
+    back = _wht(tl.reshape(q, [ROWS, N]), ROWS, N, LOG) * inv_sqrt_n
+    store(out_ptr, offs, ok, back, raw, real[:, None], IO)
 
 
 @dataclass(frozen=True)
 class RotatedKernel:
-    """``inner`` (a per-position kernel) between llama.cpp's Hadamard rotations of the role's block size."""
+    """``inner`` (a llama.cpp type's :class:`~kvgeom.quant.triton.block.BlockKernel`, blocks of 32 within a head)
+    between llama.cpp's Hadamard rotations of the role's block size, fused into one kernel."""
 
-    inner: Kernel
+    inner: BlockKernel
+
+    def __post_init__(self) -> None:
+        if not (self.inner.within_head and self.inner.block == QK):
+            raise ValueError(f"RotatedKernel wraps a llama.cpp type's kernel (blocks of {QK} within a head), "
+                             f"got {self.inner}")
 
     def supported(self, x: Tensor) -> bool:
         return self.inner.supported(x)
 
     def launch(self, x: Tensor, out: Tensor, mask: Tensor | None, role: str) -> None:
         n = rotation_block(x.shape[-1], role)  # type: ignore[arg-type]
-        y = fwht(x.to(torch.float32), n).contiguous()  # per position: padding values never reach a real one
-        q = torch.empty_like(y)
-        self.inner.launch(y, q, mask, role)
-        back = fwht(q, n).to(x.dtype)
-        if mask is not None:
-            back = torch.where(mask.view(torch.bool)[:, :, None, None], back, x)
-        out.copy_(back)
+        has_mask = mask is not None
+        m = mask if mask is not None else x  # x: placeholder, never read
+        B, P, H, D = x.shape
+        n_rows = B * P * H * D // n
+        rows = max(1, TUNE["block_elems"] // n)
+        _rotated_kernel[(triton.cdiv(n_rows, rows),)](
+            io_view(x), io_view(out), m, n_rows, 1.0 / math.sqrt(n), NR=H * D // n, ROWS=rows, N=n,
+            LOG=n.bit_length() - 1, KIND=self.inner.kind, P1=float(self.inner.p1), IO=IO_CODES[x.dtype],
+            HAS_MASK=has_mask, I64=x.numel() + rows * n >= 2**31,
+            num_warps=min(16, max(TUNE["block_warps"], rows * n // 512)), enable_fp_fusion=False)
