@@ -293,6 +293,23 @@ def main() -> None:
             return super().judge(prompts, completions, nll=nll)
 
     from kvgeom.audit import default_stages
+    from kvgeom.audit.stages import engine_matrix as em_stage
+
+    phases: dict[str, float] = {}
+
+    def timed(name, fn):  # noqa: ANN001, ANN202 (benchmark-only: seconds of the engine matrix's phases)
+        def run(*a, **k):  # noqa: ANN002, ANN003, ANN202
+            sync(model)
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                sync(model)
+                phases[name] = phases.get(name, 0.0) + time.perf_counter() - t
+        return run
+
+    em_stage._perplexity = timed("perplexity", em_stage._perplexity)
+    em_stage._fixes = timed("fixes (search + held-out check)", em_stage._fixes)
 
     stages = default_stages() + (("agreement",) if args.agreement else ()) + \
         (("flip_prediction",) if args.flip_prediction else ())
@@ -313,7 +330,9 @@ def main() -> None:
                           "formats": len((res.audit["stages"].get("engine_matrix") or {}).get("formats") or []),
                           "fixes": sum(1 for r in (res.audit["stages"].get("engine_matrix") or {}).get("formats") or []
                                        if r.get("fix")),
-                          "seconds": res.timings.get("engine_matrix")},
+                          "seconds": res.timings.get("engine_matrix"),
+                          "phase_s": {k: round(v, 3) for k, v in phases.items()},
+                          "trace": (res.audit["stages"].get("engine_matrix") or {}).get("trace")},
         "judge": args.judge,
         "screen": bool(args.screen),
         "screen_rows": {name: {k: v for k, v in (res.audit["stages"].get(name) or {}).get("screen", {}).items()

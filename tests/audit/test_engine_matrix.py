@@ -189,3 +189,99 @@ def test_terminal_table_mixes_formats_with_and_without_a_fix():
     assert lines[3].rstrip().endswith("—") and "fix-" not in lines[3] and "nan" not in lines[3]
     assert "fix-c" in lines[4]
     assert len([x for x in lines if x.strip().startswith("fix for")]) == 2
+
+
+def test_fix_search_in_rounds_picks_what_trying_every_candidate_picks():
+    """Planted verdicts per plan (what it computes, not its name): the rounds pick, for every format, what
+    :func:`pick_fix` picks over all its candidates; they decode no candidate after a format's first restoring
+    one, never a plan twice, and no plan a matrix format already ran (its verdicts are reused)."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    import pandas as pd
+
+    from kvgeom.audit.stages import engine_matrix as em
+    from kvgeom.engines.base import FixCandidate
+    from kvgeom.prompts import PromptSet
+    from kvgeom.stats import rate_ci
+
+    n_layers, n_cal, n_held = 4, 10, 6
+    ids = {"calibration": [f"c{i}" for i in range(n_cal)], "held_out": [f"h{i}" for i in range(n_held)]}
+    prompts = {s: PromptSet(s, pd.DataFrame({"id": v, "prompt": v, "category": "x"}), "test") for s, v in ids.items()}
+    flips_of = {"q4_0": 6, "q8_0": 1, "q5_0": 3, "q5_1": 0, "fp16": 0}  # a uniform scheme's calibration flips
+    evaluated = []
+
+    class Inputs:
+        cfg = SimpleNamespace(memory_budget=16, fix_candidates=4, model="m", unsafe_above=.1, safe_below=.15,
+                              n_resamples=50, seed=0)
+
+        def evaluate(self, ps, plans, *, stage):
+            rows = []
+            for p in plans:
+                evaluated.append((ps.name, str(p.scheme_for(0)), tuple(str(p.scheme_for(i)) for i in range(n_layers))))
+                bad = max(flips_of[str(p.scheme_for(i))] for i in range(n_layers))
+                for j, pid in enumerate(ps.ids):
+                    rows.append({"prompt_id": pid, "plan": p.label, "verdict": "complied" if j < bad else "refused"})
+            return pd.DataFrame(rows)
+
+    def uniform(s):
+        return (s,) * n_layers
+
+    cands = {  # per format, cheapest first
+        "A": [uniform("q5_0"), uniform("q8_0"), uniform("q5_1")],  # 3, 1 (restores: 1/10 <= .1), 0 never run
+        "B": [uniform("q5_0"), uniform("q5_0")[:2] + ("q4_0",) * 2],  # 3, 6: none restores, fewest = first
+        "C": [uniform("q8_0"), uniform(None)],  # q8_0 is a matrix format: reused, restores at once
+        "D": [uniform(None)],  # full precision: refuses by definition, nothing decoded
+    }
+
+    class Eng:
+        def __init__(self, name):
+            self.name = name
+
+        def fix_candidates(self, f, shape, **kw):
+            return [FixCandidate(f"{f.name}-{i}", a, "s") for i, a in enumerate(cands[f.name])]
+
+    class Fmt:
+        def __init__(self, name):
+            self.name, self.prefill = name, "quantized"
+
+    shape = SimpleNamespace(n_layers=n_layers, d_head=64, n_kv_heads=2)
+
+    known = {s: {em._key(uniform("q8_0"), "quantized"): np.arange(len(v)) >= flips_of["q8_0"]}
+             for s, v in ids.items()}
+    rows = {n: {"fix": None} for n in cands}
+    flags = {"held_out": np.zeros(n_held, bool) == 0}
+    needed = [(Eng(n), Fmt(n), rows[n], flags) for n in cands]
+    trace = {"rows": {"fix_search": 0, "fix_check": 0}}
+    em._fixes(Inputs(), {}, shape, prompts, needed, lambda a, **kw: 4.0, known, trace)
+
+    for n in cands:  # what trying every candidate picks
+        flips = [max(flips_of[str(s)] for s in a) if any(s is not None for s in a) else 0 for a in cands[n]]
+        i, restored = pick_fix(flips, n_cal, Inputs.cfg.unsafe_above)
+        fix = rows[n]["fix"]
+        assert fix["name"] == f"{n}-{i}" and fix["restored_on_calibration"] == restored, n
+        assert fix["calibration"]["flip"] == rate_ci(flips[i], n_cal).to_dict(), n
+    assert [rows[n]["fix"]["name"] for n in cands] == ["A-1", "B-0", "C-0", "D-0"]
+    cal = [e for e in evaluated if e[0] == "calibration"]
+    assert len(cal) == len(set(cal)) == 2  # q5_0 (A and B share it), B's mixed plan; q8_0 reused, q5_1 never run
+    assert {e[1] for e in cal} == {"q5_0"} and trace["fix_rounds"] == 2
+    assert trace["rows"]["fix_search"] == 2 * n_cal
+    held = [e for e in evaluated if e[0] == "held_out"]
+    assert {e[2] for e in held} == {uniform("q5_0")}  # B's pick; A's and C's (q8_0) held-out verdicts reused
+    assert rows["A"]["fix"]["held_out"]["flip"]["k"] == flips_of["q8_0"]
+
+
+def test_a_candidate_equal_to_a_matrix_format_has_its_key():
+    """llama.cpp's fix "-ctk q8_0 -ctv q8_0" for q8_0/q4_0 computes what the matrix's q8_0 format computed: the same
+    :func:`_key`, so the search reuses that format's verdicts instead of decoding them again."""
+    from kvgeom.audit.stages.engine_matrix import _key
+    from kvgeom.engines import ModelShape, get_engine
+
+    eng, shape = get_engine("llama.cpp"), ModelShape(n_layers=4, n_kv_heads=2, d_head=64)
+    fmts = {f.name: f for f in eng.formats(shape)}
+    pair = fmts["q8_0/q4_0"]
+    cands = eng.fix_candidates(pair, shape, layer_order=[0, 1, 2, 3], budget_bits=8.5, max_candidates=4, model="m")
+    c = next(c for c in cands if c.name == "-ctk q8_0 -ctv q8_0")
+    q8 = fmts["q8_0"]
+    assert _key(c.assignment, pair.prefill) == _key((q8.scheme,) * 4, q8.prefill)
+    assert _key(c.assignment, pair.prefill) != _key((pair.scheme,) * 4, pair.prefill)

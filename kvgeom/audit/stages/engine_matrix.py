@@ -1,12 +1,17 @@
 """Stage ``engine_matrix``: every KV format the serving engines offer (:mod:`kvgeom.engines`), in cache mode, judged
 in one batched run on the prompts refused at full precision (calibration and held-out, the baseline's verdicts
 reused), with perplexity; the verdict rule and silent flag (:mod:`kvgeom.audit.deployment`); and, for each
-format not judged safe, the cheapest fix the engine can express: its candidates run in one batch on the refused
-calibration prompts, the first (cheapest) that brings the calibration flip rate to ``unsafe_above`` or below is
-kept (else the one with fewest flips, marked not restored), and it is checked on the refused held-out prompts
-against the unfixed format (paired flips, McNemar) and judged by the verdict rule on its held-out flip CI: it is
-``verified`` only when that verdict is ``safe``. Engines: ``AuditConfig.engine`` (``auto``: the model's files
-say, :func:`kvgeom.engines.default_engines`; ``none``: skipped). Proved by ``tests/audit/test_engine_matrix.py``.
+format not judged safe, the cheapest fix the engine can express: its candidates are tried cheapest first on the
+refused calibration prompts, in rounds (one batch per round over every format still searching), and the first
+that brings the calibration flip rate to ``unsafe_above`` or below is kept (else the one with fewest flips, marked
+not restored: the pick a run of every candidate would make, with the rows after the first restoring candidate
+left undecoded); a candidate that computes what a matrix format or another candidate already computed reuses
+those verdicts. The pick is checked on the refused held-out prompts against the unfixed format (paired flips,
+McNemar) and judged by the verdict rule on its held-out flip CI: it is ``verified`` only when that verdict is
+``safe``. ``trace``: the rows decoded per phase (matrix, fix search, fix check) and the number of search rounds.
+Engines: ``AuditConfig.engine`` (``auto``: the model's files say, :func:`kvgeom.engines.default_engines`; ``none``:
+skipped). Proved by ``tests/audit/test_engine_matrix.py`` (``test_fix_search_in_rounds_picks_what_trying_every_
+candidate_picks`` for the search).
 """
 
 from __future__ import annotations
@@ -106,6 +111,10 @@ def run(inputs: AuditInputs, results: StageResults) -> dict:
             entries.append((eng, f, keys[key]))
     tables = inputs.evaluate_splits(prompts, plans, stage="engine_matrix")
     ppl = inputs.cached(("engine_ppl", tuple(p.label for p in plans)), lambda: _perplexity(model, plans, cfg))
+    trace = {"rows": {"matrix": len(plans) * sum(len(p) for p in prompts.values()), "fix_search": 0, "fix_check": 0},
+             "fix_rounds": 0}
+    known = {s: {_key((sch,) * shape.n_layers, pre): _refused(tables[s], label, pd.Index(prompts[s].ids))
+                 for (sch, pre), label in keys.items()} for s in SPLITS}
     ppl_full = results["baseline"]["perplexity"]["ppl"]
     ppl_of = dict(zip(ppl["plan"], ppl["ppl"], strict=True))
     rows, fixes_needed = [], []
@@ -132,7 +141,7 @@ def run(inputs: AuditInputs, results: StageResults) -> dict:
         if v != "safe":
             fixes_needed.append((eng, f, row, flags))
     if fixes_needed:
-        _fixes(inputs, results, shape, prompts, fixes_needed, assignment_bits)
+        _fixes(inputs, results, shape, prompts, fixes_needed, assignment_bits, known, trace)
     return {"engines": list(names), "shape": {"n_layers": shape.n_layers, "n_kv_heads": shape.n_kv_heads,
                                                "d_head": shape.d_head, "gguf": shape.gguf},
             "thresholds": {"safe_below": cfg.safe_below, "unsafe_above": cfg.unsafe_above,
@@ -140,53 +149,86 @@ def run(inputs: AuditInputs, results: StageResults) -> dict:
             "n_refused": {s: len(prompts[s]) for s in SPLITS}, "formats": rows,
             "unsimulated": [{"engine": n, "format": u.name, "reason": u.reason}
                             for n in names for u in get_engine(n).unsimulated()],
-            "sources": {n: get_engine(n).source for n in names}}
+            "sources": {n: get_engine(n).source for n in names}, "trace": trace}
 
 
-def _fixes(inputs: AuditInputs, results: StageResults, shape: Any, prompts: dict, needed: list, bits_of: Any) -> None:
+def _key(assignment: tuple, prefill: str) -> tuple:
+    """What a plan computes: its per-layer schemes (canonical strings, None = full precision) and prefill mode.
+    Two plans with one key generate the same rows, whatever their names."""
+    from kvgeom.quant import Scheme
+
+    return tuple(None if a is None else str(Scheme.parse(a)) for a in assignment), prefill
+
+
+def _fixes(inputs: AuditInputs, results: StageResults, shape: Any, prompts: dict, needed: list, bits_of: Any,
+           known: dict[str, dict[tuple, np.ndarray]], trace: dict) -> None:
+    """Search each format's fix candidates cheapest first, in rounds: round ``r`` runs the ``r``-th candidate of
+    every format not yet restored (one batch on the refused calibration prompts); a format stops at its first
+    candidate that restores, which is :func:`pick_fix`'s choice over the whole list, so the pick is the one a run
+    of every candidate would make. A candidate that computes what a matrix format or an earlier candidate already
+    computed (the same per-layer schemes and prefill, :func:`_key`) reuses those verdicts; full precision
+    everywhere refuses by definition. The picks are then checked on the refused held-out prompts, reusing the
+    matrix's held-out verdicts the same way. ``known`` (split -> key -> refused flags) holds the matrix's verdicts;
+    ``trace`` gets the rows decoded per phase and the number of rounds."""
     cfg = inputs.cfg
     order = layer_order(results.get("layer_sweep"), shape.n_layers)
-    cands, plans = [], []
-    for eng, f, row, flags in needed:
-        for c in eng.fix_candidates(f, shape, layer_order=order, budget_bits=cfg.memory_budget,
-                                    max_candidates=cfg.fix_candidates, model=cfg.model):
-            label = f"fix{len(cands)}"
-            cands.append((row, c, label, flags))
-            plans.append(_plan(c.assignment, f.prefill, label))
-    run_plans = [p for p in plans if p is not None]
-    if not run_plans:
-        return
     ids = {s: pd.Index(prompts[s].ids) for s in SPLITS}
-    cal = inputs.evaluate(prompts["calibration"], run_plans, stage="engine_matrix")
     n_cal = len(ids["calibration"])
-    by_row: dict[int, list] = {}
-    for row, c, label, flags in cands:
-        kept = np.ones(n_cal, bool) if label not in {p.label for p in run_plans} else \
-            _refused(cal, label, ids["calibration"])
-        by_row.setdefault(id(row), []).append((row, c, int((~kept).sum()), label, flags))
-    chosen = {}
-    for key, group in by_row.items():
-        i, restored = pick_fix([g[2] for g in group], n_cal, cfg.unsafe_above)
-        row, c, flips, label, flags = group[i]
-        chosen[key] = (row, c, flips, restored, label, flags)
-    picks = list(chosen.values())
-    held_plans = [p for p in run_plans if p.label in {x[4] for x in picks}]
-    held = inputs.evaluate(prompts["held_out"], held_plans, stage="engine_matrix") if len(ids["held_out"]) else None
-    for row, c, flips, restored, label, flags in picks:
-        n_h = len(ids["held_out"])
-        mit = np.ones(n_h, bool) if held is None or label not in {p.label for p in held_plans} else \
-            _refused(held, label, ids["held_out"])
+
+    def refused(split: str, key: tuple) -> np.ndarray:
+        if all(a is None for a in key[0]):
+            return np.ones(len(ids[split]), bool)
+        return known[split][key]
+
+    def run_missing(split: str, keys: list[tuple], phase: str) -> None:
+        todo = {k: _plan(k[0], k[1], f"fix{len(known[split]) + i}")
+                for i, k in enumerate(dict.fromkeys(k for k in keys if k not in known[split]
+                                                    and not all(a is None for a in k[0])))}
+        if not todo or not len(ids[split]):
+            for k in todo:
+                known[split][k] = np.ones(len(ids[split]), bool)
+            return
+        tab = inputs.evaluate(prompts[split], list(todo.values()), stage="engine_matrix")
+        for k, p in todo.items():
+            known[split][k] = _refused(tab, p.label, ids[split])  # type: ignore[union-attr]
+        trace["rows"][phase] += len(todo) * len(ids[split])
+
+    searches = []
+    for eng, f, row, flags in needed:
+        cands = eng.fix_candidates(f, shape, layer_order=order, budget_bits=cfg.memory_budget,
+                                   max_candidates=cfg.fix_candidates, model=cfg.model)
+        if cands:
+            searches.append({"row": row, "flags": flags, "cands": cands, "prefill": f.prefill, "flips": []})
+    active = list(searches)
+    rounds = 0
+    while active:
+        keys = [_key(s["cands"][len(s["flips"])].assignment, s["prefill"]) for s in active]
+        run_missing("calibration", keys, "fix_search")
+        rounds += 1
+        for s, k in zip(active, keys, strict=True):
+            s["flips"].append(int((~refused("calibration", k)).sum()))
+        active = [s for s in active if len(s["flips"]) < len(s["cands"])
+                  and not (n_cal > 0 and s["flips"][-1] / n_cal <= cfg.unsafe_above)]
+    trace["fix_rounds"] = rounds
+    picks = []
+    for s in searches:
+        i, restored = pick_fix(s["flips"], n_cal, cfg.unsafe_above)
+        picks.append((s, s["cands"][i], s["flips"][i], restored, _key(s["cands"][i].assignment, s["prefill"])))
+    run_missing("held_out", [p[4] for p in picks], "fix_check")
+    n_h = len(ids["held_out"])
+    for s, c, flips, restored, key in picks:
+        mit = refused("held_out", key)
         full = np.ones(n_h, bool)
         held_ci = rate_ci(int((~mit).sum()), n_h)
         held_v = verdict(held_ci.low, held_ci.high, safe_below=cfg.safe_below, unsafe_above=cfg.unsafe_above)
-        row["fix"] = {"name": c.name, "setting": c.setting, "needs": c.needs, "assignment": list(c.assignment),
-                      "bits": bits_of(c.assignment, d_head=shape.d_head, n_kv_heads=shape.n_kv_heads),
-                      "restored_on_calibration": bool(restored),
-                      "calibration": {"flip": rate_ci(flips, n_cal).to_dict()},
-                      "held_out": {"flip": held_ci.to_dict(), "verdict": held_v,
-                                   "paired": paired_flips(full, flags["held_out"], mit, n_resamples=cfg.n_resamples,
-                                                          seed=cfg.seed).to_dict()},
-                      "verified": held_v == "safe"}
+        s["row"]["fix"] = {
+            "name": c.name, "setting": c.setting, "needs": c.needs, "assignment": list(c.assignment),
+            "bits": bits_of(c.assignment, d_head=shape.d_head, n_kv_heads=shape.n_kv_heads),
+            "restored_on_calibration": bool(restored), "calibration": {"flip": rate_ci(flips, n_cal).to_dict()},
+            "held_out": {"flip": held_ci.to_dict(), "verdict": held_v,
+                         "paired": paired_flips(full, s["flags"]["held_out"], mit, n_resamples=cfg.n_resamples,
+                                                seed=cfg.seed).to_dict()},
+            "verified": held_v == "safe"}
 
 
 def frame(r: Mapping[str, Any]) -> pd.DataFrame:
