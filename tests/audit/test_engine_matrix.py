@@ -191,10 +191,12 @@ def test_terminal_table_mixes_formats_with_and_without_a_fix():
     assert len([x for x in lines if x.strip().startswith("fix for")]) == 2
 
 
-def test_fix_search_in_rounds_picks_what_trying_every_candidate_picks():
-    """Planted verdicts per plan (what it computes, not its name): the rounds pick, for every format, what
-    :func:`pick_fix` picks over all its candidates; they decode no candidate after a format's first restoring
-    one, never a plan twice, and no plan a matrix format already ran (its verdicts are reused)."""
+@pytest.mark.parametrize("strategy", ["rounds", "batch"])
+def test_fix_search_in_rounds_picks_what_trying_every_candidate_picks(strategy):
+    """Planted verdicts per plan (what it computes, not its name): both strategies pick, for every format, what
+    :func:`pick_fix` picks over all its candidates; neither decodes a plan twice, nor one a matrix format already
+    ran (its verdicts are reused); rounds decode no candidate after a format's first restoring one, the batch
+    decodes every other candidate in one call."""
     from types import SimpleNamespace
 
     import numpy as np
@@ -252,8 +254,8 @@ def test_fix_search_in_rounds_picks_what_trying_every_candidate_picks():
     rows = {n: {"fix": None} for n in cands}
     flags = {"held_out": np.zeros(n_held, bool) == 0}
     needed = [(Eng(n), Fmt(n), rows[n], flags) for n in cands]
-    trace = {"rows": {"fix_search": 0, "fix_check": 0}}
-    em._fixes(Inputs(), {}, shape, prompts, needed, lambda a, **kw: 4.0, known, trace)
+    trace = {"rows": {"fix_search": 0, "fix_check": 0}, "calls": {"fix_search": 0, "fix_check": 0}}
+    em._fixes(Inputs(), {}, shape, prompts, needed, lambda a, **kw: 4.0, known, trace, strategy)
 
     for n in cands:  # what trying every candidate picks
         flips = [max(flips_of[str(s)] for s in a) if any(s is not None for s in a) else 0 for a in cands[n]]
@@ -263,12 +265,24 @@ def test_fix_search_in_rounds_picks_what_trying_every_candidate_picks():
         assert fix["calibration"]["flip"] == rate_ci(flips[i], n_cal).to_dict(), n
     assert [rows[n]["fix"]["name"] for n in cands] == ["A-1", "B-0", "C-0", "D-0"]
     cal = [e for e in evaluated if e[0] == "calibration"]
-    assert len(cal) == len(set(cal)) == 2  # q5_0 (A and B share it), B's mixed plan; q8_0 reused, q5_1 never run
-    assert {e[1] for e in cal} == {"q5_0"} and trace["fix_rounds"] == 2
-    assert trace["rows"]["fix_search"] == 2 * n_cal
+    assert len(cal) == len(set(cal))
+    if strategy == "rounds":  # q5_0 (A and B share it), B's mixed plan; q8_0 reused, q5_1 never run
+        assert len(cal) == 2 and {e[1] for e in cal} == {"q5_0"} and trace["calls"]["fix_search"] == 2
+    else:  # the same and q5_1, in one call
+        assert len(cal) == 3 and {e[1] for e in cal} == {"q5_0", "q5_1"} and trace["calls"]["fix_search"] == 1
+    assert trace["rows"]["fix_search"] == len(cal) * n_cal and trace["fix_search"] == strategy
     held = [e for e in evaluated if e[0] == "held_out"]
     assert {e[2] for e in held} == {uniform("q5_0")}  # B's pick; A's and C's (q8_0) held-out verdicts reused
-    assert rows["A"]["fix"]["held_out"]["flip"]["k"] == flips_of["q8_0"]
+    assert rows["A"]["fix"]["held_out"]["flip"]["k"] == flips_of["q8_0"] and trace["calls"]["fix_check"] == 1
+
+
+def test_search_strategy_follows_the_device():
+    from types import SimpleNamespace
+
+    from kvgeom.audit.stages.engine_matrix import search_strategy
+
+    assert search_strategy(SimpleNamespace(device="cpu")) == "rounds"
+    assert search_strategy(SimpleNamespace(device="cuda:0")) == "batch"
 
 
 def test_a_candidate_equal_to_a_matrix_format_has_its_key():

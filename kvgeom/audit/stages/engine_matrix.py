@@ -2,13 +2,15 @@
 in one batched run on the prompts refused at full precision (calibration and held-out, the baseline's verdicts
 reused), with perplexity; the verdict rule and silent flag (:mod:`kvgeom.audit.deployment`); and, for each
 format not judged safe, the cheapest fix the engine can express: its candidates are tried cheapest first on the
-refused calibration prompts, in rounds (one batch per round over every format still searching), and the first
+refused calibration prompts (on the CPU in rounds, one batch per round over every format still searching; on a
+GPU all in one batch: :func:`search_strategy`), and the first
 that brings the calibration flip rate to ``unsafe_above`` or below is kept (else the one with fewest flips, marked
 not restored: the pick a run of every candidate would make, with the rows after the first restoring candidate
 left undecoded); a candidate that computes what a matrix format or another candidate already computed reuses
 those verdicts. The pick is checked on the refused held-out prompts against the unfixed format (paired flips,
 McNemar) and judged by the verdict rule on its held-out flip CI: it is ``verified`` only when that verdict is
-``safe``. ``trace``: the rows decoded per phase (matrix, fix search, fix check) and the number of search rounds.
+``safe``. ``trace``: the rows decoded per phase (matrix, fix search, fix check), the decode calls of the fix phases
+and the search strategy (:func:`search_strategy`).
 Engines: ``AuditConfig.engine`` (``auto``: the model's files say, :func:`kvgeom.engines.default_engines`; ``none``:
 skipped). Proved by ``tests/audit/test_engine_matrix.py`` (``test_fix_search_in_rounds_picks_what_trying_every_
 candidate_picks`` for the search).
@@ -21,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 
 from kvgeom.effects import paired_flips, paired_text
 from kvgeom.evaluate import perplexity
@@ -112,7 +115,7 @@ def run(inputs: AuditInputs, results: StageResults) -> dict:
     tables = inputs.evaluate_splits(prompts, plans, stage="engine_matrix")
     ppl = inputs.cached(("engine_ppl", tuple(p.label for p in plans)), lambda: _perplexity(model, plans, cfg))
     trace = {"rows": {"matrix": len(plans) * sum(len(p) for p in prompts.values()), "fix_search": 0, "fix_check": 0},
-             "fix_rounds": 0}
+             "calls": {"fix_search": 0, "fix_check": 0}}
     known = {s: {_key((sch,) * shape.n_layers, pre): _refused(tables[s], label, pd.Index(prompts[s].ids))
                  for (sch, pre), label in keys.items()} for s in SPLITS}
     ppl_full = results["baseline"]["perplexity"]["ppl"]
@@ -160,16 +163,27 @@ def _key(assignment: tuple, prefill: str) -> tuple:
     return tuple(None if a is None else str(Scheme.parse(a)) for a in assignment), prefill
 
 
+def search_strategy(model: Any) -> str:
+    """How :func:`_fixes` runs the candidates: ``"batch"`` (all in one call) on a GPU, where a decode call costs
+    its kernel launches however few rows it holds, so one call is cheapest (docs/benchmarks.md §12: 4 rounds made
+    the H200's fix search slower); ``"rounds"`` on the CPU, where each row costs its matmuls, so rows not decoded
+    are time saved. Both give the same picks."""
+    device = getattr(model, "device", None)
+    return "batch" if device is not None and torch.device(device).type == "cuda" else "rounds"
+
+
 def _fixes(inputs: AuditInputs, results: StageResults, shape: Any, prompts: dict, needed: list, bits_of: Any,
-           known: dict[str, dict[tuple, np.ndarray]], trace: dict) -> None:
-    """Search each format's fix candidates cheapest first, in rounds: round ``r`` runs the ``r``-th candidate of
-    every format not yet restored (one batch on the refused calibration prompts); a format stops at its first
-    candidate that restores, which is :func:`pick_fix`'s choice over the whole list, so the pick is the one a run
-    of every candidate would make. A candidate that computes what a matrix format or an earlier candidate already
-    computed (the same per-layer schemes and prefill, :func:`_key`) reuses those verdicts; full precision
-    everywhere refuses by definition. The picks are then checked on the refused held-out prompts, reusing the
-    matrix's held-out verdicts the same way. ``known`` (split -> key -> refused flags) holds the matrix's verdicts;
-    ``trace`` gets the rows decoded per phase and the number of rounds."""
+           known: dict[str, dict[tuple, np.ndarray]], trace: dict, strategy: str | None = None) -> None:
+    """Search each format's fix candidates cheapest first, in rounds: round ``r`` takes the ``r``-th candidate of
+    every format not yet restored; a format stops at its first candidate that restores, which is
+    :func:`pick_fix`'s choice over the whole list, so the pick is the one a run of every candidate would make.
+    ``strategy`` (default :func:`search_strategy`): ``"rounds"`` decodes each round's new candidates in one call
+    on the refused calibration prompts, ``"batch"`` decodes every candidate in one call first. A candidate that
+    computes what a matrix format or another candidate already computed (the same per-layer schemes and prefill,
+    :func:`_key`) reuses those verdicts; full precision everywhere refuses by definition. The picks are then
+    checked on the refused held-out prompts, reusing the matrix's held-out verdicts the same way. ``known``
+    (split -> key -> refused flags) holds the matrix's verdicts; ``trace`` gets the rows and calls per phase and
+    the strategy."""
     cfg = inputs.cfg
     order = layer_order(results.get("layer_sweep"), shape.n_layers)
     ids = {s: pd.Index(prompts[s].ids) for s in SPLITS}
@@ -192,6 +206,7 @@ def _fixes(inputs: AuditInputs, results: StageResults, shape: Any, prompts: dict
         for k, p in todo.items():
             known[split][k] = _refused(tab, p.label, ids[split])  # type: ignore[union-attr]
         trace["rows"][phase] += len(todo) * len(ids[split])
+        trace["calls"][phase] += 1
 
     searches = []
     for eng, f, row, flags in needed:
@@ -199,17 +214,21 @@ def _fixes(inputs: AuditInputs, results: StageResults, shape: Any, prompts: dict
                                    max_candidates=cfg.fix_candidates, model=cfg.model)
         if cands:
             searches.append({"row": row, "flags": flags, "cands": cands, "prefill": f.prefill, "flips": []})
+    strategy = strategy or search_strategy(inputs.model)
+    if strategy not in ("rounds", "batch"):
+        raise ValueError(f"fix search strategy {strategy!r}: use 'rounds' or 'batch'")
+    if strategy == "batch":
+        run_missing("calibration", [_key(c.assignment, s["prefill"]) for s in searches for c in s["cands"]],
+                    "fix_search")
+    trace["fix_search"] = strategy
     active = list(searches)
-    rounds = 0
     while active:
         keys = [_key(s["cands"][len(s["flips"])].assignment, s["prefill"]) for s in active]
         run_missing("calibration", keys, "fix_search")
-        rounds += 1
         for s, k in zip(active, keys, strict=True):
             s["flips"].append(int((~refused("calibration", k)).sum()))
         active = [s for s in active if len(s["flips"]) < len(s["cands"])
                   and not (n_cal > 0 and s["flips"][-1] / n_cal <= cfg.unsafe_above)]
-    trace["fix_rounds"] = rounds
     picks = []
     for s in searches:
         i, restored = pick_fix(s["flips"], n_cal, cfg.unsafe_above)
