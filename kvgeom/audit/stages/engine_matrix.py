@@ -1,18 +1,17 @@
-"""Stage ``engine_matrix``: every KV format the serving engines offer (:mod:`kvgeom.engines`), in cache mode, judged
-in one batched run on the prompts refused at full precision (calibration and held-out, the baseline's verdicts
-reused), with perplexity; the verdict rule and silent flag (:mod:`kvgeom.audit.deployment`); and, for each
-format not judged safe, the cheapest fix the engine can express: its candidates are tried cheapest first on the
-refused calibration prompts (on the CPU in rounds, one batch per round over every format still searching; on a
-GPU all in one batch: :func:`search_strategy`), and the first
-that brings the calibration flip rate to ``unsafe_above`` or below is kept (else the one with fewest flips, marked
-not restored: the pick a run of every candidate would make, with the rows after the first restoring candidate
-left undecoded); a candidate that computes what a matrix format or another candidate already computed reuses
-those verdicts. The pick is checked on the refused held-out prompts against the unfixed format (paired flips,
-McNemar) and judged by the verdict rule on its held-out flip CI: it is ``verified`` only when that verdict is
-``safe``. ``trace``: the rows decoded per phase (matrix, fix search, fix check), the decode calls of the fix phases
-and the search strategy (:func:`search_strategy`).
-Engines: ``AuditConfig.engine`` (``auto``: the model's files say, :func:`kvgeom.engines.default_engines`; ``none``:
-skipped). Proved by ``tests/audit/test_engine_matrix.py`` (``test_fix_search_in_rounds_picks_what_trying_every_
+"""Stage ``engine_matrix``: every KV format the serving engines offer (:mod:`kvgeom.engines`), in cache mode, judged in
+one batched run on the prompts refused at full precision (calibration and held-out, the baseline's verdicts reused),
+with perplexity; the verdict rule and silent flag (:mod:`kvgeom.audit.deployment`); and, for each format not judged
+safe, the cheapest fix the engine can express: its candidates are tried cheapest first on the refused calibration
+prompts (on the CPU in rounds, one batch per round over every format still searching; on a GPU all in one batch:
+:func:`search_strategy`), and the first that brings the calibration flip rate to ``unsafe_above`` or below is kept
+(else the one with fewest flips, marked not restored: the pick a run of every candidate would make from the same
+verdicts, with the rows after the first restoring candidate left undecoded); a candidate that computes what a matrix
+format or another candidate already computed reuses those verdicts. The pick is checked on the refused held-out
+prompts against the unfixed format (paired flips, McNemar) and judged by the verdict rule on its held-out flip CI:
+it is ``verified`` only when that verdict is ``safe``. ``trace``: the rows decoded per phase (matrix, fix search,
+fix check), the decode calls of the fix phases and the search strategy (:func:`search_strategy`). Engines:
+``AuditConfig.engine`` (``auto``: the model's files say, :func:`kvgeom.engines.default_engines`; ``none``: skipped).
+Proved by ``tests/audit/test_engine_matrix.py`` (``test_fix_search_in_rounds_picks_what_trying_every_
 candidate_picks`` for the search).
 """
 
@@ -167,7 +166,8 @@ def search_strategy(model: Any) -> str:
     """How :func:`_fixes` runs the candidates: ``"batch"`` (all in one call) on a GPU, where a decode call costs
     its kernel launches however few rows it holds, so one call is cheapest (docs/benchmarks.md §12: 4 rounds made
     the H200's fix search slower); ``"rounds"`` on the CPU, where each row costs its matmuls, so rows not decoded
-    are time saved. Both give the same picks."""
+    are time saved. Both pick alike from the same verdicts (a borderline row's greedy text can still change with
+    the batch it is decoded in: docs/benchmarks.md §12)."""
     device = getattr(model, "device", None)
     return "batch" if device is not None and torch.device(device).type == "cuda" else "rounds"
 
