@@ -26,6 +26,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--profile", action="store_true", help="also a torch.profiler table of the all-formats batch")
+    ap.add_argument("--cprofile", default=None, metavar="DIR",
+                    help="also cProfile (host Python time) of the no-plans and all-formats batches: DIR/*.txt")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -82,6 +84,25 @@ def main() -> None:
         print(ka.table(sort_by="self_device_time_total", row_limit=20))
         print(ka.table(sort_by="self_cpu_time_total", row_limit=25))
         print(json.dumps(out["profiled"]))
+    if args.cprofile:
+        import cProfile
+        import io
+        import os
+        import pstats
+
+        os.makedirs(args.cprofile, exist_ok=True)
+        for name, rows_plans in (("no_plans", None), ("all_formats", every)):
+            prof = cProfile.Profile()
+            prof.enable()
+            wall = gen(rows_plans, every_prompts)
+            prof.disable()
+            buf = io.StringIO()
+            st = pstats.Stats(prof, stream=buf)
+            st.sort_stats("tottime").print_stats(45)
+            st.sort_stats("cumulative").print_stats(60)
+            with open(os.path.join(args.cprofile, f"{name}.txt"), "w") as fh:
+                fh.write(f"wall {wall:.3f} s (profiled)\n" + buf.getvalue())
+            out.setdefault("cprofile_wall_s", {})[name] = wall
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(out, fh, indent=2)

@@ -28,9 +28,9 @@ COVERED = (
     "int4-token-sym int4-token-asym int2-token-asym int8-token-sym int3-head-sym int4-head-asym "
     "int4-group32-asym int4-group16-sym int5-group64-asym int4-group48-asym int4-tensor-asym int2-tensor-sym "
     "int8-channel-asym int4-channel-sym q8_0 q4_0 q5_0 q4_1 q5_1 fp8_e4m3 fp8_e5m2 fp8_e4m3@amax fp8_e5m2@amax "
-    "q8_0+rot q4_0+rot q5_0+rot q4_1+rot q5_1+rot"
+    "q8_0+rot q4_0+rot q5_0+rot q4_1+rot q5_1+rot iq4_nl iq4_nl+rot"
 ).split()
-FALLBACK = ("iq4_nl", "iq4_nl+rot", "bf16", "fp16")
+FALLBACK = ("bf16", "fp16")
 #: KIVI (forward mode): default G=32 R=128, R = G, R = 2G, small groups, a group size not a power of two
 KIVI = ("kivi2", "kivi4", "kivi2-g32-r32", "kivi4-g16-r32", "kivi2-g8-r16", "kivi4-g4-r8", "kivi2-g12-r24")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -86,6 +86,9 @@ def tie_kv(shape, name: str, seed: int) -> torch.Tensor:
                 3 * 2**-17, 248.0, 500.0, -600.0, 448.0, 6e4, -6.1e4, 0.0, -0.0, 2.5, 1.25, 96.0 + 8]
     elif isinstance(spec, GGMLSpec) and spec.qtype == "q8_0":
         lead, pool = [15.875], [(k + 0.5) / 8 for k in range(-127, 126)] + [0.0, -0.0]
+    elif isinstance(spec, GGMLSpec) and spec.qtype == "iq4_nl":  # d0 = -127/-127 = 1: values on the midpoints
+        from kvgeom.quant.ggml import KVALUES_IQ4NL as kv
+        lead, pool = [-127.0], [(kv[i - 1] + kv[i]) / 2 for i in range(1, 16)] + [float(v) for v in kv[1:]] + [0.0]
     elif isinstance(spec, GGMLSpec) and spec.qtype.endswith("_0"):
         lead, pool = [-2.0], [k / 8 for k in range(-15, 16)]
     elif isinstance(spec, IntSpec) and spec.symmetric:
@@ -190,6 +193,42 @@ def test_no_fma_contraction(name, device):
     x = torch.from_numpy(blocks).reshape(1, 20, 1, 64).to(device)
     got, want = run_both(x, name, "k", None)
     assert_same(got, want, f"{name} fma traps")
+
+
+def _order_traps(n: int, seed: int) -> torch.Tensor:
+    """Blocks of 32 whose iq4_nl scale ``fp16(Σwqx / Σwq²)`` changes when the sums are added in another order
+    (reversed): a kernel that reduced them as a tree instead of ggml's element order would store other scales."""
+    from kvgeom.quant.ggml import KVALUES_IQ4NL, best_index_iq4nl, signed_absmax
+
+    g = torch.Generator().manual_seed(seed)
+    kv = torch.tensor(KVALUES_IQ4NL, dtype=torch.float32)
+    found: list[torch.Tensor] = []
+    while sum(len(f) for f in found) < n:
+        b = torch.randn(200_000, 32, generator=g) * torch.rand(200_000, 1, generator=g).mul(8).exp2()
+        q = kv[best_index_iq4nl((1.0 / (signed_absmax(b) / -127.0)) * b)]
+        wq = b * b * q
+        tx, tq = wq * b, wq * q
+
+        def scale(cols):
+            sx = torch.zeros(len(b))
+            sq = torch.zeros(len(b))
+            for j in cols:
+                sx, sq = sx + tx[:, j], sq + tq[:, j]
+            return (sx / sq).half()
+
+        found.append(b[scale(range(32)) != scale(range(31, -1, -1))])
+    return torch.cat(found)[:n]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_iq4_nl_sums_in_element_order(device):
+    """iq4_nl's least-squares sums are ggml's loop, element by element (fp32, no fma): on blocks where another
+    summation order stores another fp16 scale, the kernel stores eager's (``iq4_nl+rot`` runs the same block
+    quantizer on the rotated values)."""
+    traps = _order_traps(64, seed=2)
+    x = traps.reshape(1, 32, 1, 64).to(device)
+    got, want = run_both(x, "iq4_nl", "k", None)
+    assert_same(got, want, "iq4_nl order traps")
 
 
 def subnormal_kv(shape, seed: int) -> torch.Tensor:

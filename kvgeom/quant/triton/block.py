@@ -1,9 +1,14 @@
 """Fused Triton kernel for per-position blocks: ``int{b}-{token|head|group{G}}-*`` and llama.cpp ``q8_0``,
-``q4_0``, ``q5_0``, ``q4_1``, ``q5_1`` (blocks of 32 along d_head), one pass over the data, bit-identical to the
-eager path (:mod:`kvgeom.quant.triton.common` says how). ``iq4_nl`` has no kernel; the ``+rot`` types run this one
-between two Hadamard rotations (:mod:`kvgeom.quant.triton.rotated`).
+``q4_0``, ``q5_0``, ``q4_1``, ``q5_1``, ``iq4_nl`` (blocks of 32 along d_head), one pass over the data,
+bit-identical to the eager path (:mod:`kvgeom.quant.triton.common` says how); the ``+rot`` types run the same
+block quantizer between two Hadamard rotations (:mod:`kvgeom.quant.triton.rotated`).
 
-Proved by ``tests/quant/test_triton_kernels.py`` (random inputs, rounding ties, padding, against eager).
+``iq4_nl`` (:func:`kvgeom.quant.ggml.quantize_iq4_nl`, ggml's ``quantize_row_iq4_nl_ref``): levels by the midpoint
+rule, then the least-squares scale ``Σ w q x / Σ w q²`` whose two sums ggml accumulates in fp32 in element order;
+the kernel adds the 32 products one element at a time in that order (:func:`_iq4_nl`), so ``d`` has eager's bits.
+
+Proved by ``tests/quant/test_triton_kernels.py`` (random inputs, rounding ties, padding, against eager;
+``test_iq4_nl_sums_in_element_order``: blocks whose fp16 scale depends on the summation order).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from .common import (
     INT_ASYM,
     INT_SYM,
     IO_CODES,
+    IQ4_NL,
     MAX_BLOCK,
     Q8_0,
     Q_0,
@@ -36,8 +42,12 @@ from .common import (
 
 __all__ = ["BlockKernel", "ggml_blocks", "ggml_quant", "int_blocks"]
 
-#: llama.cpp type -> (KIND, P1) of :func:`_block_kernel`
-_GGML = {"q8_0": (2, 127.0), "q4_0": (3, 8.0), "q5_0": (3, 16.0), "q4_1": (4, 15.0), "q5_1": (4, 31.0)}
+#: llama.cpp type -> (KIND, P1) of :func:`_block_kernel` (iq4_nl: P1 = -kvalues[0], its d = max/-127)
+_GGML = {"q8_0": (2, 127.0), "q4_0": (3, 8.0), "q5_0": (3, 16.0), "q4_1": (4, 15.0), "q5_1": (4, 31.0),
+         "iq4_nl": (6, 127.0)}
+#: iq4_nl's levels ``kvalues_iq4nl`` (:data:`kvgeom.quant.ggml.KVALUES_IQ4NL`) as the kernel walks them: level i
+#: is taken once ``2*al >= kv[i-1] + kv[i]`` (ggml ``best_index_int8``, ties go up) and adds ``kv[i] - kv[i-1]``
+IQ4_FIRST: tl.constexpr = tl.constexpr(-127.0)
 
 
 @triton.jit
@@ -69,21 +79,77 @@ def ggml_quant(x, raw, e, lane, lo, hi, KIND: tl.constexpr, P1: tl.constexpr, IO
         code = (t + trunc(2.0 * (v - t))) + 128.0
         y = fp16(d)[:, None] * (code - 128.0)
     elif KIND == Q_0:  # d = max/-half, max the first value of largest magnitude
-        if IO == 0:
-            ax = tl.where(lane, tl.abs(x), -1.0)
-            amax = tl.max(ax, axis=1)
-            first = tl.min(tl.where(ax == amax[:, None], e[None, :], GP), axis=1)
-            mx = tl.max(tl.where(e[None, :] == first[:, None], x, float("-inf")), axis=1)
-        else:  # 16-bit input: one integer max over keys (|x|'s bits, first position, sign)
-            mx = _first_absmax16(raw, e, IO)
-        d = tl.math.div_rn(mx, -P1)
+        d = tl.math.div_rn(_signed_absmax(x, raw, e, lane, IO, GP), -P1)
         q = tl.minimum(tl.maximum(trunc(x * recip(d)[:, None] + (P1 + 0.5)), 0.0), 2.0 * P1 - 1.0)
         y = fp16(d)[:, None] * (q - P1)
+    elif KIND == IQ4_NL:
+        y = _iq4_nl(x, raw, e, lane, lo, hi, IO, GP)
     else:  # Q_1: d = (max-min)/levels, x̂ = q*fp16(d) + fp16(min)
         d = tl.math.div_rn(hi - lo, P1)
         q = tl.minimum(tl.maximum(trunc((x - lo[:, None]) * recip(d)[:, None] + 0.5), 0.0), P1)
         y = fp16(d)[:, None] * q + fp16(lo)[:, None]
     return y
+
+
+@triton.jit
+def _signed_absmax(x, raw, e, lane, IO: tl.constexpr, GP: tl.constexpr):
+    """Per row: the value of largest magnitude, the first one on ties (:func:`kvgeom.quant.ggml.signed_absmax`)."""
+    if IO == 0:
+        ax = tl.where(lane, tl.abs(x), -1.0)
+        amax = tl.max(ax, axis=1)
+        first = tl.min(tl.where(ax == amax[:, None], e[None, :], GP), axis=1)
+        mx = tl.max(tl.where(e[None, :] == first[:, None], x, float("-inf")), axis=1)
+    else:  # 16-bit input: one integer max over keys (|x|'s bits, first position, sign)
+        mx = _first_absmax16(raw, e, IO)
+    return mx
+
+
+@triton.jit
+def _level(q, two_al, s, step):
+    """One midpoint of ggml's ``best_index_int8``: past it (``2*al >= s``, exact) the level rises by ``step``."""
+    return q + tl.where(two_al >= s, step, 0.0)
+
+
+@triton.jit
+def _iq4_nl(x, raw, e, lane, lo, hi, IO: tl.constexpr, GP: tl.constexpr):
+    """:func:`kvgeom.quant.ggml.quantize_iq4_nl` (``ntry=-1``) then :func:`~kvgeom.quant.ggml.ggml_dequant` on each
+    row of 32: ``d0 = max/-127``, levels ``kv[best_index(x/d0)]`` (the levels are small integers: every sum here is
+    exact), ``d = Σ w q x / Σ w q²`` with ``w = x²`` summed in element order, ``x̂ = fp16(d) * q``; a block with
+    ``amax < 1e-15`` stores ``d = 0`` and level ``kv[0]``."""
+    amax = tl.maximum(tl.abs(lo), tl.abs(hi))
+    live = amax >= 1e-15  # GROUP_MAX_EPS
+    mx = tl.where(live, _signed_absmax(x, raw, e, lane, IO, GP), 1.0)
+    d0 = tl.math.div_rn(mx, IQ4_FIRST)
+    al = tl.math.div_rn(tl.zeros_like(d0) + 1.0, d0)[:, None] * x
+    two_al = al + al
+    q = tl.zeros_like(x) + IQ4_FIRST
+    q = _level(q, two_al, -231.0, 23.0)
+    q = _level(q, two_al, -187.0, 21.0)
+    q = _level(q, two_al, -148.0, 18.0)
+    q = _level(q, two_al, -114.0, 16.0)
+    q = _level(q, two_al, -84.0, 14.0)
+    q = _level(q, two_al, -57.0, 13.0)
+    q = _level(q, two_al, -32.0, 12.0)
+    q = _level(q, two_al, -9.0, 11.0)
+    q = _level(q, two_al, 14.0, 12.0)
+    q = _level(q, two_al, 38.0, 12.0)
+    q = _level(q, two_al, 63.0, 13.0)
+    q = _level(q, two_al, 91.0, 15.0)
+    q = _level(q, two_al, 122.0, 16.0)
+    q = _level(q, two_al, 158.0, 20.0)
+    q = _level(q, two_al, 202.0, 24.0)
+    wq = (x * x) * q
+    tx = wq * x
+    tq = wq * q
+    sx = tl.zeros_like(lo)
+    sq = tl.zeros_like(lo)
+    for j in tl.static_range(32):  # ggml's loop: one rounding per element, in element order
+        at = e[None, :] == j
+        sx = sx + tl.sum(tl.where(at, tx, 0.0), axis=1)  # the one product of element j (plus exact zeros)
+        sq = sq + tl.sum(tl.where(at, tq, 0.0), axis=1)
+    pos = sq > 0.0
+    d = tl.where(pos & live, tl.math.div_rn(sx, tl.where(pos, sq, 1.0)), 0.0)
+    return fp16(d)[:, None] * tl.where(live[:, None], q, IQ4_FIRST)
 
 
 @triton.jit
@@ -157,7 +223,7 @@ def int_blocks(bits: int, symmetric: bool, block: int | Literal["token", "head"]
 
 
 def ggml_blocks(qtype: str, block: int) -> BlockKernel | None:
-    """A llama.cpp type on blocks of ``block`` (32) along d_head; None for a type without a kernel (iq4_nl)."""
+    """A llama.cpp type on blocks of ``block`` (32) along d_head; None for a type without a kernel."""
     if qtype not in _GGML:
         return None
     kind, p1 = _GGML[qtype]

@@ -28,7 +28,7 @@ import triton.language as tl
 from torch import Tensor
 
 __all__ = [
-    "FAST_HI", "FAST_LO", "FP8", "GRID_YZ", "INT_ASYM", "INT_SYM", "IO_CODES", "MAX_BLOCK", "Q8_0", "Q_0", "Q_1",
+    "FAST_HI", "FAST_LO", "FP8", "GRID_YZ", "INT_ASYM", "INT_SYM", "IO_CODES", "IQ4_NL", "MAX_BLOCK", "Q8_0", "Q_0", "Q_1",
     "TUNE", "Kernel", "copysign", "divide", "divisor", "fast_div", "fast_div_nonneg", "fast_ok", "fp16",
     "int_apply", "int_params", "interpreting", "io_view", "launchable", "load", "rcp", "recip", "rint", "store",
     "trunc", "use_fast_div",
@@ -40,6 +40,7 @@ Q8_0: tl.constexpr = tl.constexpr(2)
 Q_0: tl.constexpr = tl.constexpr(3)  # q4_0 / q5_0: P1 = half (8 / 16)
 Q_1: tl.constexpr = tl.constexpr(4)  # q4_1 / q5_1: P1 = levels (15 / 31)
 FP8: tl.constexpr = tl.constexpr(5)  # fp8_e4m3 / fp8_e5m2, static or @amax
+IQ4_NL: tl.constexpr = tl.constexpr(6)  # llama.cpp iq4_nl (non-linear levels, least-squares block scale)
 
 #: the input dtypes the kernels read and write, and their ``IO`` code
 IO_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}

@@ -1,4 +1,4 @@
-"""llama.cpp's rotated cache types (``q8_0+rot`` ... ``q5_1+rot``) in one fused kernel: rotate, quantize, rotate back.
+"""llama.cpp's rotated cache types (``q8_0+rot`` ... ``q5_1+rot``, ``iq4_nl+rot``) in one fused kernel: rotate, quantize, rotate back.
 
 The eager math (:func:`kvgeom.quant.formats.ggml.ggml_kv`) is: rotate each head vector's blocks of ``n`` by
 ``H_n/sqrt(n)`` (:func:`kvgeom.quant.hadamard.fwht`: fp32 butterflies ``[a + b, a - b]`` on halves of growing
@@ -9,8 +9,7 @@ one IEEE rounding, no fma: ``enable_fp_fusion=False``), the block quantizer of t
 (:func:`kvgeom.quant.triton.block.ggml_quant`, bit-identical to the eager one) in between, so its result is the
 eager path's bit for bit in one launch instead of ~50 (the eager butterflies are 3 ops per stage, 7 stages,
 twice per call). Padding positions (mask False) are returned unchanged, as the eager path returns them: a rotation
-block never straddles positions, so padding values never reach a real one. ``iq4_nl+rot`` has no block kernel and
-stays eager.
+block never straddles positions, so padding values never reach a real one. ``iq4_nl+rot`` runs here too.
 
 Proved by ``tests/quant/test_triton_kernels.py`` (``q*_+rot`` in ``COVERED``: random inputs, ties, padding, every
 input dtype, d_head 64 and 128, i.e. K blocks of 64 and 128 and V blocks of 64).
