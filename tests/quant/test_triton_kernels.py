@@ -209,9 +209,9 @@ def _order_traps(n: int, seed: int) -> torch.Tensor:
         wq = b * b * q
         tx, tq = wq * b, wq * q
 
-        def scale(cols):
-            sx = torch.zeros(len(b))
-            sq = torch.zeros(len(b))
+        def scale(cols, tx=tx, tq=tq):
+            sx = torch.zeros(len(tx))
+            sq = torch.zeros(len(tx))
             for j in cols:
                 sx, sq = sx + tx[:, j], sq + tq[:, j]
             return (sx / sq).half()

@@ -1,4 +1,5 @@
-"""llama.cpp's rotated cache types (``q8_0+rot`` ... ``q5_1+rot``, ``iq4_nl+rot``) in one fused kernel: rotate, quantize, rotate back.
+"""llama.cpp's rotated cache types (``q8_0+rot`` ... ``q5_1+rot``, ``iq4_nl+rot``) in one fused kernel: rotate,
+quantize, rotate back.
 
 The eager math (:func:`kvgeom.quant.formats.ggml.ggml_kv`) is: rotate each head vector's blocks of ``n`` by
 ``H_n/sqrt(n)`` (:func:`kvgeom.quant.hadamard.fwht`: fp32 butterflies ``[a + b, a - b]`` on halves of growing
