@@ -29,7 +29,7 @@ from torch import Tensor
 
 __all__ = [
     "FAST_HI", "FAST_LO", "FP8", "GRID_YZ", "INT_ASYM", "INT_SYM", "IO_CODES", "IQ4_NL", "MAX_BLOCK", "Q8_0", "Q_0",
-    "Q_1",    "TUNE", "Kernel", "copysign", "divide", "divisor", "fast_div", "fast_div_nonneg", "fast_ok", "fp16",
+    "Q_1", "TUNE", "Kernel", "copysign", "divide", "divisor", "fast_div", "fast_div_nonneg", "fast_ok", "fp16",
     "int_apply", "int_params", "interpreting", "io_view", "launchable", "load", "rcp", "recip", "rint", "store",
     "trunc", "use_fast_div",
 ]
