@@ -26,6 +26,7 @@ from .scheme import (
     expand_family,
     valid_forms,
 )
+from .row_mix import RowMix, mix_code
 from .stream import StreamQuantizer
 
 __all__ = [
@@ -42,10 +43,12 @@ __all__ = [
     "KVFormat",
     "QuantPlan",
     "Role",
+    "RowMix",
     "Scheme",
     "StreamQuantizer",
     "expand_family",
     "fake_quant",
+    "mix_code",
     "register_format",
     "valid_forms",
 ]

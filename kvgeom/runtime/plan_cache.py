@@ -3,7 +3,9 @@ cache-mode :class:`~kvgeom.quant.QuantPlan` stores them (:mod:`kvgeom.runtime.pl
 
 What the parent class stores is what attention reads. Formats whose stored positions never change after
 arrival are quantized on the new positions only, before they enter the cache (a decode step costs the same
-however long the history is); KIVI and HF quanto keep their history in their quantizer. Proved by
+however long the history is); KIVI and HF quanto keep their history in their quantizer. On a GPU the rows of every
+llama.cpp type of a layer are quantized by one launch (:class:`kvgeom.quant.RowMix`), not one per format
+(``tests/quant/test_triton_kernels.py::test_plan_cache_mixes_llama_cpp_rows_with_the_same_bits``). Proved by
 ``tests/runtime/test_plan.py``: ``test_cache_returns_what_the_stream_quantizer_stores`` (call by call, a row reads
 what a lone :class:`~kvgeom.quant.StreamQuantizer` stores), ``test_plans_that_store_a_layer_alike_share_a_unit_and_
 equal_separate_runs`` and ``test_nonfinite_kv_in_one_row_flags_that_row_only``.
@@ -19,6 +21,7 @@ from torch import Tensor
 
 from kvgeom.quant.fake import resolve_spec
 from kvgeom.quant.plan import QuantPlan
+from kvgeom.quant.row_mix import RowMix, mix_code
 from kvgeom.quant.stream import StreamQuantizer
 from kvgeom.runtime.finite import nonfinite_rows
 from kvgeom.runtime.hooks import HookSession
@@ -72,15 +75,18 @@ class _QuantizingCache:
         self._session = session
         self._groups = groups
         self._units: dict[tuple, _Unit] = {}
-        self._layout: dict[tuple[int, torch.device], list] = {}
+        self._layout: dict[tuple[int, torch.device], tuple[dict, list]] = {}
+        self._mixes: dict[tuple, RowMix | None] = {}
         groups.listeners.append(self.select_groups)
 
-    def _unit_layout(self, layer_idx: int, device: torch.device) -> list:
-        """This layer's units: ``[(role, key, plans, rows index, prefill)]``, built once per set of groups."""
+    def _unit_layout(self, layer_idx: int, device: torch.device, n_rows: int, d_head: int) -> tuple[dict, list]:
+        """This layer's :class:`~kvgeom.quant.RowMix` per role (the rows of every llama.cpp type quantized by one
+        launch, where the device runs one) and its units ``[(role, key, plans, rows index, prefill)]`` for the
+        other rows; built once per set of groups."""
         got = self._layout.get((layer_idx, device))
         if got is not None:
             return got
-        out = []
+        out, mixes = [], {}
         for role in ("k", "v"):
             members: dict[tuple, list[QuantPlan]] = {}
             for plan in self._groups.groups:
@@ -89,12 +95,29 @@ class _QuantizingCache:
                 spec = resolve_spec(plan.scheme_for(layer_idx), role)
                 chans = plan.channels(layer_idx) if role == "k" else ()
                 members.setdefault((spec, plan.prefill, chans), []).append(plan)
+            row_specs: list = [None] * n_rows
+            mixed = {key for key in members
+                     if key[1] == "quantized" and not key[2] and mix_code(key[0], role) is not None}
+            for key in mixed:
+                for p in members[key]:
+                    for r in self._groups.groups[p]:
+                        row_specs[r] = key[0]
+            mix = None
+            if mixed:  # layers whose rows store alike share one mix (its codes copied to the device once)
+                mkey = (role, tuple(row_specs), device)
+                if mkey not in self._mixes:
+                    self._mixes[mkey] = RowMix.of(row_specs, role, d_head, device)
+                mix = self._mixes[mkey]
+            if mix is not None:
+                mixes[role] = mix
             for key, plans in members.items():
+                if mix is not None and key in mixed:
+                    continue  # these rows are the mix's
                 idx = [self._groups.index(p, device) for p in plans]
                 out.append((role, (layer_idx, role, *key), plans, idx[0] if len(idx) == 1 else torch.cat(idx),
                             key[1]))
-        self._layout[(layer_idx, device)] = out
-        return out
+        self._layout[(layer_idx, device)] = got = (mixes, out)
+        return got
 
     def _unit(self, key: tuple, plans: list[QuantPlan]) -> _Unit:
         unit = self._units.get(key)
@@ -105,8 +128,8 @@ class _QuantizingCache:
         return unit
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):  # noqa: ANN001
-        layout = self._unit_layout(layer_idx, key_states.device)  # per device: dispatched layers may differ
-        if not layout:
+        mixes, layout = self._unit_layout(layer_idx, key_states.device, key_states.shape[0], key_states.shape[-1])
+        if not layout and not mixes:  # per device: dispatched layers may differ
             return super().update(key_states, value_states, layer_idx, *args, **kwargs)  # type: ignore[misc]
         new = key_states.shape[2]
         mask = self._session.call.mask
@@ -116,7 +139,9 @@ class _QuantizingCache:
         # NaN (kvgeom.runtime.finite), whatever a saturating quantizer makes of the bad values
         bad = {r: nonfinite_rows(raw[r].transpose(1, 2), m_all)[:, None, None, None] for r in raw}
         nan = torch.full((), float("nan"), dtype=key_states.dtype, device=key_states.device)
-        enc = {"k": key_states.clone(), "v": value_states.clone()}  # what enters the cache
+        enc = {}  # what enters the cache: the mix's rows quantized, the others raw until their units run
+        for r in raw:
+            enc[r] = mixes[r](raw[r].transpose(1, 2), m_all).transpose(1, 2) if r in mixes else raw[r].clone()
         pending, late = [], []
         for role, key, plans, idx, prefill in layout:
             unit = self._unit(key, plans)
@@ -175,6 +200,7 @@ class _QuantizingCache:
     def select_groups(self, local: dict) -> None:
         """Follow RowGroups.select: keep each unit's surviving rows (each plan's kept rows, at its offset)."""
         self._layout.clear()
+        self._mixes.clear()
         for key, unit in list(self._units.items()):
             rows, members, offset = [], [], 0
             for plan, n in unit.members:

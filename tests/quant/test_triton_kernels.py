@@ -562,3 +562,100 @@ def test_both_divisions_agree(name, monkeypatch):
                 for mask in (None, left_padded(shape[1], lengths, "cuda")):
                     got, want = run_both(x, name, role, mask)
                     assert_same(got, want, f"{name} fast={fast} {what} {role} mask={mask is not None}")
+
+
+# ---- rows of several llama.cpp types in one launch (kvgeom.quant.RowMix) -----------------------------------
+MIX_NAMES = ("q8_0", "q4_0", "q5_0", "q4_1", "q5_1", "iq4_nl")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("rotated", [True, False], ids=["with_rot", "no_rot"])
+@pytest.mark.parametrize("d_head", [64, 128])
+def test_mixed_rows_equal_each_rows_own_format(d_head, rotated, dtype, device):
+    """Each batch row of a mix gets exactly what its own format's ``fake_quant`` gives it (eager), padding kept;
+    rows without a format come back unchanged."""
+    from kvgeom.quant import RowMix, mix_code
+
+    names = [*MIX_NAMES, *(n + "+rot" for n in MIX_NAMES)] if rotated else list(MIX_NAMES)
+    row_names = [*names, None, names[0], None]
+    shape = (len(row_names), 9, 2, d_head)
+    x = random_kv(shape, seed=d_head + rotated).to(dtype).to(device)
+    mask = torch.ones(shape[:2], dtype=torch.bool)
+    mask[1, :4] = False
+    mask[2, :] = False
+    mask[-2, :2] = False
+    mask = mask.to(device)
+    for role in ("k", "v"):
+        specs = [None if n is None else Scheme.parse(n).for_role(role) for n in row_names]
+        assert all(s is None or mix_code(s, role) is not None for s in specs)
+        mix = RowMix.of(specs, role, d_head, x.device)
+        assert mix is not None
+        for m in (mask, None):
+            got = mix(x, m)
+            for i, n in enumerate(row_names):
+                want = x[i:i + 1] if n is None else fake_quant(x[i:i + 1], n, role=role,
+                                                                 mask=None if m is None else m[i:i + 1],
+                                                                 backend="eager")
+                assert_same(got[i:i + 1], want, f"row {i} {n} role={role} {dtype} mask={m is not None}")
+
+
+def test_mix_codes_cover_llama_cpp_types_only():
+    from kvgeom.quant import RowMix, mix_code
+
+    for name in ("int4-token-asym", "fp8_e4m3", "int4-tensor-sym", "bf16", "fp8_e4m3@amax"):
+        assert mix_code(Scheme.parse(name).k, "k") is None, name
+    codes = {mix_code(Scheme.parse(n).k, "k") for n in (*MIX_NAMES, *(n + "+rot" for n in MIX_NAMES))}
+    assert codes == set(range(12))
+    with pytest.raises(ValueError, match="cannot share a RowMix"):
+        RowMix.of([Scheme.parse("int4-token-asym").k], "k", 64, torch.device("cuda"))
+
+
+PLAN_CACHE_DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRET, reason="CPU runs need TRITON_INTERPRET=1")),
+    pytest.param("cuda", marks=[pytest.mark.cuda, CUDA_ONLY]),
+]
+
+
+@pytest.mark.parametrize("device", PLAN_CACHE_DEVICES)
+def test_plan_cache_mixes_llama_cpp_rows_with_the_same_bits(device, monkeypatch):
+    """A cache-mode batch with a llama.cpp type (or K/V pair, or per-layer assignment) per row, next to rows the mix
+    does not cover (an int format, ``prefill="full"``, full precision): the logits of a quantized-prefill pass and
+    the greedy tokens equal those of the same batch with the mix turned off, and the mix really ran."""
+    import kvgeom
+    from kvgeom.quant import QuantPlan
+    from kvgeom.quant.triton import mixed
+    from kvgeom.runtime import plan_cache
+    from kvgeom.runtime.forward import encode
+    from kvgeom.runtime.plans import forward_with_plans
+    from kvgeom.testing import tiny_model
+
+    model = tiny_model("llama", n_layers=3, device=device)
+    if device == "cuda":
+        model.hf_model.to(torch.bfloat16)
+    names = ["q4_0+rot", "q8_0", "iq4_nl+rot", "q5_1", "K:q8_0+rot,V:q4_0", "int4-token-asym", "q4_1", None]
+    plans = [None if n is None else QuantPlan(n, mode="cache", site="rot_k", name=f"p{i}")
+             for i, n in enumerate(names)]
+    plans[6] = QuantPlan("q4_1", mode="cache", site="rot_k", prefill="full", name="p6")
+    plans.append(QuantPlan("q8_0", layers=(0, 2), layer_schemes={1: "q4_0+rot"}, mode="cache", site="rot_k",
+                           name="layers"))
+    prompts = [f"Tell me about item {i} in some detail." for i in range(len(plans))]
+    batch = encode(model, prompts)
+    launches: list[int] = []
+    real = mixed.mixed_launch
+
+    def spy(*args, **kwargs):
+        launches.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mixed, "mixed_launch", spy)
+    mix_logits = forward_with_plans(model, batch.input_ids, batch.mask, plans, logits_to_keep=1)
+    mix_gen = kvgeom.generate(model, prompts, plans=plans, max_new_tokens=4, stop_at_eos=False)
+    assert launches, "the mix never ran"
+    monkeypatch.setattr(plan_cache, "mix_code", lambda spec, role: None)
+    n = len(launches)
+    ref_logits = forward_with_plans(model, batch.input_ids, batch.mask, plans, logits_to_keep=1)
+    ref_gen = kvgeom.generate(model, prompts, plans=plans, max_new_tokens=4, stop_at_eos=False)
+    assert len(launches) == n  # the reference ran without it
+    assert_same(mix_logits, ref_logits, "logits with and without the mix")
+    assert mix_gen.tokens == ref_gen.tokens

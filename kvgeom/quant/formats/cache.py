@@ -97,9 +97,12 @@ class CacheRule(ABC):
     stored values of the new positions, nothing kept), so that a cache can store them itself and touch only the
     new positions per call (:class:`kvgeom.runtime.PlanCache`); a rule that revisits stored positions (KIVI's
     flushes, HF quanto's requantization) leaves it False and keeps the history in the :class:`CacheStore`.
+    ``stateless``: nothing of earlier calls enters a later one (a per-position quantizer), so any caller may run
+    the format's kernel on new positions in the rule's place (:class:`kvgeom.quant.RowMix`).
     """
 
     stable: bool = False
+    stateless: bool = False
 
     def __init__(self, spec: CachedFormat, role: Role) -> None:
         self.spec = spec
@@ -128,6 +131,7 @@ class PerPosition(CacheRule):
     fused kernel on a GPU where it has one), independently of the others."""
 
     stable = True
+    stateless = True
 
     def encode(self, x: Tensor, mask: Tensor, first: bool, all_real: bool = False) -> Tensor:
         if all_real:
@@ -147,6 +151,8 @@ class FrozenOnPrefill(PerPosition):
     """Parameters measured by ``measure(raw, mask)`` on the prefill (per row, real positions) and frozen;
     ``apply(raw, params)`` quantizes with them (codes clamp to the code range). ``params``: a tensor or a
     dataclass of tensors with the batch first, so that :meth:`select` can keep rows."""
+
+    stateless = False
 
     def __init__(self, spec: CachedFormat, role: Role, measure: Callable[[Tensor, Tensor], Any],
                  apply: Callable[[Tensor, Any], Tensor]) -> None:

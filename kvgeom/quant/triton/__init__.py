@@ -5,6 +5,7 @@
 * :mod:`.ranged`: ranges over a row (``int{b}-{tensor|channel}-*``, ``fp8_*`` static and ``@amax``);
 * :mod:`.kivi`: KIVI (forward mode);
 * :mod:`.rotated`: llama.cpp's ``+rot`` types (rotation, block quantizer and rotation back in one kernel);
+* :mod:`.mixed`: batch rows of different llama.cpp types (``+rot`` or not) in one launch;
 * :mod:`.dispatch`: :func:`~.dispatch.fused_fake_quant`, which runs a spec's kernel (or returns None).
 
 Importing this package needs Triton (``kvgeom.quant.kernels.triton_package`` returns None without it). Which
@@ -12,12 +13,12 @@ format runs which kernel is declared by the format (:meth:`kvgeom.quant.formats.
 Proved by ``tests/quant/test_triton_kernels.py``.
 """
 
-from . import block, common, dispatch, kivi, ranged, rotated
+from . import block, common, dispatch, kivi, mixed, ranged, rotated
 from .common import GRID_YZ, MAX_BLOCK, TUNE, Kernel
 from .dispatch import OPT_IN, fused_fake_quant, supported
 from .kivi import KIVI_TUNE, kivi_fused, kivi_supported
 
 __all__ = [
     "GRID_YZ", "KIVI_TUNE", "MAX_BLOCK", "OPT_IN", "TUNE", "Kernel", "block", "common", "dispatch",
-    "fused_fake_quant", "kivi", "kivi_fused", "kivi_supported", "ranged", "rotated", "supported",
+    "fused_fake_quant", "kivi", "kivi_fused", "kivi_supported", "mixed", "ranged", "rotated", "supported",
 ]

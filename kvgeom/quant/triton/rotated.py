@@ -30,13 +30,13 @@ from kvgeom.quant.hadamard import rotation_block
 from .block import BlockKernel, ggml_quant
 from .common import IO_CODES, TUNE, io_view, load, store
 
-__all__ = ["RotatedKernel"]
+__all__ = ["RotatedKernel", "wht_tile"]
 
 QK: tl.constexpr = tl.constexpr(32)  # llama.cpp's block of values along d_head
 
 
 @triton.jit
-def _wht(y, ROWS: tl.constexpr, N: tl.constexpr, LOG: tl.constexpr):
+def wht_tile(y, ROWS: tl.constexpr, N: tl.constexpr, LOG: tl.constexpr):
     """:func:`kvgeom.quant.hadamard.wht` on each row of the ``[ROWS, N]`` tile (``N = 2**LOG``): stage ``s`` pairs
     ``a`` = first and ``b`` = second half of each run of ``2h`` values (``h = 2**s``) into ``[a + b, a - b]``."""
     for s in tl.static_range(LOG):
@@ -65,7 +65,7 @@ def _rotated_kernel(x_ptr, out_ptr, mask_ptr, n_rows, inv_sqrt_n, NR: tl.constex
         real = row_ok & (tl.load(mask_ptr + row // NR, mask=row_ok, other=0) != 0)
     else:
         real = row_ok
-    y = _wht(x, ROWS, N, LOG) * inv_sqrt_n
+    y = wht_tile(x, ROWS, N, LOG) * inv_sqrt_n
     # the blocks of 32 of the rotated values: eager zeroes padding before quantizing
     b = tl.reshape(tl.where(real[:, None], y, 0.0), [ROWS * (N // QK), QK])
     e = tl.arange(0, QK)
@@ -73,7 +73,7 @@ def _rotated_kernel(x_ptr, out_ptr, mask_ptr, n_rows, inv_sqrt_n, NR: tl.constex
     lo = tl.min(b, axis=1)
     hi = tl.max(b, axis=1)
     q = ggml_quant(b, b, e, lane, lo, hi, KIND, P1, 0, QK)  # fp32 values: the quantizer's fp32 (IO 0) path
-    back = _wht(tl.reshape(q, [ROWS, N]), ROWS, N, LOG) * inv_sqrt_n
+    back = wht_tile(tl.reshape(q, [ROWS, N]), ROWS, N, LOG) * inv_sqrt_n
     store(out_ptr, offs, ok, back, raw, real[:, None], IO)
 
 

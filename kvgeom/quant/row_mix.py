@@ -1,0 +1,96 @@
+"""One kernel launch that quantizes each batch row with its own llama.cpp cache type: :class:`RowMix`.
+
+A cache-mode batch holding many formats (the engine matrix decodes every llama.cpp type, and every fix candidate's
+per-layer types, in one batch) would otherwise run one launch per (layer, role, format) plus a gather and a scatter
+of that format's rows; on a GPU that host time, not the rows, set the cost of a decode step. :class:`RowMix` covers
+the rows whose format is a llama.cpp type (``+rot`` or not) with a per-position cache rule, by
+:func:`kvgeom.quant.triton.mixed.mixed_launch`; every row gets the bits of its own format's kernel, hence of the
+eager math. Rows it does not cover are returned unchanged, for the caller to quantize its usual way.
+
+Proved by ``tests/quant/test_triton_kernels.py::test_mixed_rows_equal_each_rows_own_format`` and
+``::test_plan_cache_mixes_llama_cpp_rows_with_the_same_bits``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor
+
+from .formats import KVFormat, Role
+from .hadamard import rotation_block
+from .kernels import triton_package
+
+__all__ = ["RowMix", "mix_code"]
+
+QK = 32  # llama.cpp's block along d_head
+
+
+def mix_code(spec: KVFormat, role: Role) -> int | None:
+    """The code under which ``spec`` can share a :class:`RowMix` launch for ``role``, or None: no Triton, not a
+    llama.cpp type, or a cache rule that carries state from call to call."""
+    package = triton_package()
+    if package is None or not spec.cache_rule(role).stateless:
+        return None
+    return package.mixed.mix_code(spec.kernel())
+
+
+@dataclass(frozen=True)
+class RowMix:
+    """Per-row codes of one role for batches of ``len(codes)`` rows (``-1``: the row is left as it is).
+
+    Build it with :meth:`of` once per set of row formats; call it on each chunk of new positions.
+    """
+
+    codes: Tensor  # int32 [batch], on the device the launches run on
+    block: int  # rotation block of the role, or 32 when no row is rotated
+    n_rows: int
+
+    def __post_init__(self) -> None:
+        if self.codes.dtype != torch.int32 or self.codes.ndim != 1 or len(self.codes) != self.n_rows:
+            raise ValueError(f"RowMix codes must be int32 [{self.n_rows}], got {self.codes.dtype} "
+                             f"{tuple(self.codes.shape)}")
+
+    @classmethod
+    def of(cls, specs: Sequence[KVFormat | None], role: Role, d_head: int, device: torch.device) -> RowMix | None:
+        """The mix of ``specs`` (one per batch row, None = not covered) on ``device``, or None when it would not run
+        there (no CUDA device, and not under the Triton interpreter) or covers no row. A spec that cannot share a
+        launch raises: ask :func:`mix_code` first."""
+        package = triton_package()
+        if package is None or not (torch.device(device).type == "cuda" or package.common.interpreting()):
+            return None
+        codes = []
+        for s in specs:
+            c = -1 if s is None else mix_code(s, role)
+            if c is None:
+                raise ValueError(f"{s} cannot share a RowMix launch (not a llama.cpp type with a per-position cache "
+                                 "rule): check mix_code(spec, role) first")
+            codes.append(c)
+        if all(c < 0 for c in codes):
+            return None
+        block = rotation_block(d_head, role) if any(c >= 0 and c % 2 for c in codes) else QK
+        if d_head % QK:
+            raise ValueError(f"llama.cpp types quantize blocks of {QK} along d_head; d_head={d_head}")
+        flat = torch.tensor(codes, dtype=torch.int32)
+        flat = flat.pin_memory().to(device, non_blocking=True) if torch.device(device).type == "cuda" else \
+            flat.to(device)
+        return cls(flat, block, len(codes))
+
+    def __call__(self, x: Float[Tensor, "batch new kv_head d_head"],
+                 mask: Bool[Tensor, "batch new"] | None = None) -> Float[Tensor, "batch new kv_head d_head"]:
+        """Each row of ``x`` quantized with its code (padding, ``mask`` False, returned unchanged), contiguous."""
+        if x.shape[0] != self.n_rows:
+            raise ValueError(f"RowMix built for {self.n_rows} rows, got a batch of {x.shape[0]}")
+        package = triton_package()
+        assert package is not None
+        x = x.contiguous()
+        out = torch.empty_like(x)
+        m = mask.contiguous().view(torch.uint8) if mask is not None else None
+        with torch.cuda.device(x.device) if x.is_cuda else nullcontext():
+            package.mixed.mixed_launch(x, out, m, self.codes, self.block)
+        return out
+
