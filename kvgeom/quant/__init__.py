@@ -11,6 +11,7 @@ from kvgeom.deprecation import moved
 from .fake import fake_quant
 from .formats import FORMATS, KVFormat, register_format
 from .plan import QuantPlan
+from .row_mix import RowMix, mix_code
 from .scheme import (
     DEFAULT_D_HEAD,
     DEFAULT_N_KV_HEADS,
@@ -26,7 +27,6 @@ from .scheme import (
     expand_family,
     valid_forms,
 )
-from .row_mix import RowMix, mix_code
 from .stream import StreamQuantizer
 
 __all__ = [
