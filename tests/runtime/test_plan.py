@@ -218,12 +218,17 @@ def test_a_plan_whose_scheme_does_not_apply_is_refused_before_generation():
         evaluate(m, ["hi"], [None, QuantPlan("q4_0+rot")], max_new_tokens=2)
 
 
-def test_plans_that_store_a_layer_alike_share_a_unit_and_equal_separate_runs(tiny_llama):
+def test_plans_that_store_a_layer_alike_share_a_unit_and_equal_separate_runs(tiny_llama, monkeypatch):
     """Plans storing a layer's K or V the same way share one quantizer (``kvgeom.runtime.plan_cache._Unit``: the engine
     matrix's fix candidates differ in a few layers; a K/V pair shares its K spec with a plain scheme). Each row still
     equals its plan run alone over the same batch, logits exactly at prefill and tokens while rows finish at
-    different steps (``stop_when``: the units drop rows of several plans at once)."""
+    different steps (``stop_when``: the units drop rows of several plans at once). The llama.cpp rows' one-launch mix
+    (:class:`kvgeom.quant.RowMix`, which runs on a GPU or under the Triton interpreter) is turned off: this is the
+    units' test; the mix has its own (``tests/quant/test_triton_kernels.py``)."""
+    from kvgeom.runtime import plan_cache
     from kvgeom.runtime.plans import plan_cache_class
+
+    monkeypatch.setattr(plan_cache, "mix_code", lambda spec, role: None)
 
     plans = [QuantPlan("q4_0+rot", mode="cache"), QuantPlan("q4_0+rot", layers=(1, 2), mode="cache"),
              QuantPlan("K:q4_0+rot,V:q8_0", mode="cache"),
