@@ -15,20 +15,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
 from .formats import KVFormat, Role
+from .ggml import QK
 from .hadamard import rotation_block
 from .kernels import triton_package
 
 __all__ = ["RowMix", "mix_code"]
-
-QK = 32  # llama.cpp's block along d_head
-
 
 def mix_code(spec: KVFormat, role: Role) -> int | None:
     """The code under which ``spec`` can share a :class:`RowMix` launch for ``role``, or None: no Triton, not a
@@ -49,6 +47,7 @@ class RowMix:
     codes: Tensor  # int32 [batch], on the device the launches run on
     block: int  # rotation block of the role, or 32 when no row is rotated
     n_rows: int
+    _all_real: dict = field(default_factory=dict, compare=False, repr=False)  # (batch, new) -> uint8 ones
 
     def __post_init__(self) -> None:
         if self.codes.dtype != torch.int32 or self.codes.ndim != 1 or len(self.codes) != self.n_rows:
@@ -72,9 +71,9 @@ class RowMix:
             codes.append(c)
         if all(c < 0 for c in codes):
             return None
-        block = rotation_block(d_head, role) if any(c >= 0 and c % 2 for c in codes) else QK
         if d_head % QK:
             raise ValueError(f"llama.cpp types quantize blocks of {QK} along d_head; d_head={d_head}")
+        block = rotation_block(d_head, role) if any(c >= 0 and c % 2 for c in codes) else QK
         flat = torch.tensor(codes, dtype=torch.int32)
         flat = flat.pin_memory().to(device, non_blocking=True) if torch.device(device).type == "cuda" else \
             flat.to(device)
@@ -89,7 +88,13 @@ class RowMix:
         assert package is not None
         x = x.contiguous()
         out = torch.empty_like(x)
-        m = mask.contiguous().view(torch.uint8) if mask is not None else None
+        if mask is None:  # an all-real mask, not a kernel variant without one: one compilation less per role
+            key = (x.shape[0], x.shape[1], x.device)
+            if key not in self._all_real:
+                self._all_real[key] = torch.ones(x.shape[:2], dtype=torch.uint8, device=x.device)
+            m = self._all_real[key]
+        else:
+            m = mask.contiguous().view(torch.uint8)
         with torch.cuda.device(x.device) if x.is_cuda else nullcontext():
             package.mixed.mixed_launch(x, out, m, self.codes, self.block)
         return out
