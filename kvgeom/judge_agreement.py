@@ -1,6 +1,6 @@
 """How far judges agree on the same completions, and what flip rate each would have reported.
 
-:func:`compare_judges` reads a table of judged rows (a run's ``rows/*.jsonl``: :func:`kvgeom.audit.rows.load_rows`,
+:func:`compare_judges` reads a table of judged rows (a run's ``rows/*.jsonl``: :func:`kvgeom.judges.rows.load_rows`,
 or a sweep's ``rows.csv``) with one ``verdict:KEY`` column per judge (:func:`kvgeom.judges.rejudge`) and gives a
 :class:`JudgeComparison`:
 
@@ -182,7 +182,7 @@ def compare_judges(rows: pd.DataFrame, keys: Sequence[str] | None = None, *, n_r
 def load_judged_rows(run_dir: str | os.PathLike) -> pd.DataFrame:
     """The saved rows of a run: an audit's ``rows/*.jsonl`` or a sweep's ``rows.csv``; refused (``ValueError``,
     naming the fix) when ``run_dir`` holds neither."""
-    from kvgeom.audit.rows import load_rows
+    from kvgeom.judges.rows import load_rows
 
     d = Path(run_dir)
     if not d.is_dir():

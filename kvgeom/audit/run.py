@@ -44,6 +44,7 @@ from kvgeom.io import (
     to_jsonable,
 )
 from kvgeom.judges import JudgePanel
+from kvgeom.judges.rows import judge_rows, load_rows, rows_path, save_rows
 from kvgeom.prompts import PromptSet
 from kvgeom.quant import Scheme
 
@@ -52,7 +53,6 @@ from .checks import check_model, check_out_space
 from .config import AuditConfig, AuditError, check_config
 from .inputs import AuditInputs
 from .page import render_html
-from .rows import judge_rows, load_rows, rows_path, save_rows
 from .stage import STAGE_REGISTRY, default_stages, get_stage
 
 if TYPE_CHECKING:
@@ -83,7 +83,7 @@ class AuditResult:
 
     @property
     def rows(self) -> pd.DataFrame:
-        """Every completion of the run with each judge's verdict (``out/rows/*.jsonl``; :mod:`kvgeom.audit.rows`)."""
+        """Every completion of the run with each judge's verdict (``out/rows/*.jsonl``; :mod:`kvgeom.judges.rows`)."""
         if self.rows_log:
             return pd.concat([f for frames in self.rows_log.values() for f in frames], ignore_index=True)
         return load_rows(self.out) if self.out is not None else pd.DataFrame()

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from kvgeom.audit import AuditConfig, AuditError, run_audit
-from kvgeom.audit.rows import load_rows
+from kvgeom.judges.rows import load_rows
 from kvgeom.testing import ChecksumJudge
 
 SMALL = dict(model="tiny", n_calib=6, n_heldout=6, n_borderline=3, max_new_tokens=4, ppl_tokens=64, batch_size=32)
