@@ -10,6 +10,7 @@ from typing import Any, Literal
 import pandas as pd
 
 from kvgeom.quant.formats import int_twin
+from kvgeom.quant.plan import normalise_channels
 from kvgeom.quant.scheme import DEFAULT_D_HEAD, DEFAULT_N_KV_HEADS, Scheme
 from kvgeom.taxonomy import CRUSHES, DILUTION, HYPER, MIXED, OUTLIER_AS_SAFETY, ROBUST, UNDETERMINED, Diagnosis
 
@@ -19,25 +20,12 @@ Assignment = tuple[str | None, ...]
 # ------------------------------------------------------------------------------------------ schemes & costs
 
 
-def _canon(s: str | Scheme | None) -> str | None:
+def canonical_scheme(s: str | Scheme | None) -> str | None:
     """Canonical scheme string; ``None`` and ``"none"`` (identity) both mean full precision → ``None``."""
     if s is None:
         return None
     text = str(Scheme.parse(s))
     return None if text == "none" else text
-
-
-def _channels(value: Any) -> tuple[tuple[int, tuple[tuple[int, int], ...]], ...]:
-    """Normalise ``{layer: [(head, dim), ...]}`` (or QuantPlan's tuple form) to sorted tuples."""
-    if not value:
-        return ()
-    items = value.items() if isinstance(value, Mapping) else value
-    out = []
-    for layer, chans in sorted((int(k), v) for k, v in items):
-        pairs = tuple(sorted({(int(h), int(d)) for h, d in chans}))
-        if pairs:
-            out.append((layer, pairs))
-    return tuple(out)
 
 
 def assignment_bits(
@@ -50,11 +38,11 @@ def assignment_bits(
     """Mean bits per element over layers (module docstring formula); full-precision layers count 16."""
     if len(assignment) == 0:
         raise ValueError("empty assignment: give one scheme (or None) per layer")
-    chans = dict(_channels(protect_channels))
+    chans = dict(normalise_channels(protect_channels))
     n_ch = d_head * n_kv_heads
     total = 0.0
     for layer, s in enumerate(assignment):
-        c = _canon(s)
+        c = canonical_scheme(s)
         if c is None:
             total += 16.0
             continue
@@ -183,8 +171,8 @@ def _plan_has_layer_schemes() -> bool:
 
 def _candidate(name: str, assignment: Sequence[str | None], rationale: str, source: str, *, d_head: int,
                n_kv_heads: int, protect_channels: Any = None) -> Candidate:
-    a = tuple(_canon(s) for s in assignment)
-    ch = _channels(protect_channels)
+    a = tuple(canonical_scheme(s) for s in assignment)
+    ch = normalise_channels(protect_channels)
     return Candidate(name, a, rationale, source,  # type: ignore[arg-type]
                      assignment_bits(a, protect_channels=ch, d_head=d_head, n_kv_heads=n_kv_heads), ch)
 
@@ -241,7 +229,7 @@ def prescribe(
     """
     diag = diagnosis if isinstance(diagnosis, Diagnosis) else Diagnosis.from_dict(diagnosis)
     target = Scheme.parse(target_scheme)
-    t = _canon(target)
+    t = canonical_scheme(target)
     if t is None:
         raise ValueError("target_scheme is full precision: there is nothing to mitigate")
     if n_layers < 1:

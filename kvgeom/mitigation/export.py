@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from kvgeom.quant.formats import KVFormat
+from kvgeom.quant.plan import normalise_channels
 from kvgeom.quant.scheme import DEFAULT_D_HEAD, DEFAULT_N_KV_HEADS, Scheme
 
-from .candidates import Assignment, Candidate, _canon, _channels, assignment_bits
+from .candidates import Assignment, Candidate, assignment_bits, canonical_scheme
 from .search import SearchResult
 
 # ------------------------------------------------------------------------------------------ export
@@ -23,13 +24,13 @@ def _as_assignment(obj: Any, n_layers: int | None) -> tuple[Assignment, tuple]:
     if obj is None or isinstance(obj, str | Scheme):
         if n_layers is None:
             raise ValueError("a single scheme needs n_layers")
-        return tuple([_canon(obj)] * n_layers), ()
+        return tuple([canonical_scheme(obj)] * n_layers), ()
     if isinstance(obj, QuantPlan):
         if n_layers is None:
             raise ValueError("a QuantPlan needs n_layers")
-        s = _canon(obj.scheme)
-        return tuple(s if obj.quantizes(i) else None for i in range(n_layers)), _channels(obj.protect_channels)
-    a = tuple(_canon(s) for s in obj)
+        s = canonical_scheme(obj.scheme)
+        return tuple(s if obj.quantizes(i) else None for i in range(n_layers)), normalise_channels(obj.protect_channels)
+    a = tuple(canonical_scheme(s) for s in obj)
     if n_layers is not None and len(a) != n_layers:
         raise ValueError(f"assignment has {len(a)} entries but the model has {n_layers} layers")
     return a, ()

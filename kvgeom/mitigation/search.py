@@ -18,7 +18,7 @@ from kvgeom.quant.scheme import (
 )
 from kvgeom.stats import BootstrapCI, bootstrap_ci
 
-from .candidates import Assignment, _canon, assignment_bits
+from .candidates import Assignment, assignment_bits, canonical_scheme
 
 # ------------------------------------------------------------------------------------------ recovery
 
@@ -111,7 +111,7 @@ def search_precision(
         raise ValueError(f"n_layers must be >= 1, got {n_layers}")
     if not 0.0 < target <= 1.0:
         raise ValueError(f"target is a share of full-precision refusal in (0, 1], got {target!r}")
-    levels = sorted({_canon(s) for s in schemes_by_cost} - {None},
+    levels = sorted({canonical_scheme(s) for s in schemes_by_cost} - {None},
                     key=lambda s: (Scheme.parse(s).bits_per_element_for(d_head=d_head, n_kv_heads=n_kv_heads), s))
     if not levels:
         raise ValueError("schemes_by_cost holds no quantized scheme")

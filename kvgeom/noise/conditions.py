@@ -24,7 +24,7 @@ from kvgeom.runtime.forward import Batch
 from kvgeom.runtime.hooks import HookFn
 from kvgeom.sites import KV_SITES, hook_name
 
-from .rows import Where, _common_n_post, _flat, _unflat, run_rows
+from .rows import Where, common_n_post, flatten_heads, run_rows, unflatten_heads
 from .vectors import NOISE_KINDS, make_noise, random_subspace
 
 if TYPE_CHECKING:
@@ -115,13 +115,14 @@ def condition_deltas(
             if key not in errors:
                 raise ValueError(f"no scheme error at {key}: capture {cond.site} at layer {la} first")
             like = errors[key]
-            e = _flat(like)
+            e = flatten_heads(like)
             gen = torch.Generator().manual_seed(_seed(seed, cond, la))
             basis = bases.get(la)
             if cond.kind == "random":
                 k = (k_random or {}).get(la, basis.shape[1] if basis is not None else 1)
                 basis = random_subspace(e.shape[-1], k, gen)
-            parts.setdefault(key, []).append((c, _unflat(make_noise(cond.kind, e, basis=basis, generator=gen), like)))
+            noise = make_noise(cond.kind, e, basis=basis, generator=gen)
+            parts.setdefault(key, []).append((c, unflatten_heads(noise, like)))
     slots, values = {}, {}
     for key, lst in parts.items():
         slot = torch.full((n_rows,), -1, dtype=torch.long)
@@ -173,7 +174,7 @@ def score_conditions(
 
     n = len(batch)
     deltas = condition_deltas(conditions, errors, bases, n, k_random=k_random, seed=seed)
-    n_post = _common_n_post(batch) if where == "post" else 0
+    n_post = common_n_post(batch) if where == "post" else 0
     row_prompt = torch.arange(n).repeat(len(conditions))
     logits = run_rows(model, batch, row_prompt, delta_hooks(deltas, where, n_post), where=where, chunk=chunk,
                       progress=progress)

@@ -25,7 +25,7 @@ Where = Literal["post", "all"]
 
 
 # ---- batched row engine ---------------------------------------------------------------------------------
-def _call(model: KVModel, ids: Tensor, mask: Tensor, *, cache: Any = None, pos: Tensor | None = None,
+def forward_logits(model: KVModel, ids: Tensor, mask: Tensor, *, cache: Any = None, pos: Tensor | None = None,
           step: int = 0, keep_last: bool = True) -> Tensor:
     """:func:`kvgeom.runtime.forward.forward`, returning the last position's logits only when ``keep_last`` (saves the
     ``[batch, pos, vocab]`` unembedding), as fp32."""
@@ -67,11 +67,11 @@ def run_rows(
     prefix_cache = None
     n_post = 0
     if where == "post":
-        n_post = _common_n_post(batch)
+        n_post = common_n_post(batch)
         if batch.input_ids.shape[1] - n_post < 1:
             raise ValueError("where='post' needs at least one token before the post-instruction tokens")
         prefix_cache = new_cache(model)
-        _call(model, batch.input_ids[:, :-n_post], batch.mask[:, :-n_post], cache=prefix_cache)
+        forward_logits(model, batch.input_ids[:, :-n_post], batch.mask[:, :-n_post], cache=prefix_cache)
     elif where != "all":
         raise ValueError(f"where must be 'post' or 'all', got {where!r}")
     outs = []
@@ -81,15 +81,15 @@ def run_rows(
         ids, mask = batch.input_ids[idx], batch.mask[idx]
         with kv_hooks(model, dict(hooks_for(rows))):
             if prefix_cache is None:
-                outs.append(_call(model, ids, mask).cpu())
+                outs.append(forward_logits(model, ids, mask).cpu())
             else:
                 cache = _select_cache(model, prefix_cache, PerDevice(idx))
                 pos = position_ids_from_mask(mask)[:, -n_post:]
-                outs.append(_call(model, ids[:, -n_post:], mask, cache=cache, pos=pos, step=1).cpu())
+                outs.append(forward_logits(model, ids[:, -n_post:], mask, cache=cache, pos=pos, step=1).cpu())
     return torch.cat(outs) if outs else torch.empty(0)
 
 
-def _common_n_post(batch: Batch) -> int:
+def common_n_post(batch: Batch) -> int:
     n = set(batch.n_post)
     if len(n) != 1 or next(iter(n)) < 1:
         raise ValueError(f"where='post' needs chat prompts with the same number of post-instruction tokens; got {n}")
@@ -118,15 +118,15 @@ def capture_padded(
     with kv_hooks(model, {hook_name(s, la): grab for s in sites for la in layers}):
         for start in range(0, len(batch), chunk):
             sl = slice(start, start + chunk)
-            _call(model, batch.input_ids[sl], batch.mask[sl])
+            forward_logits(model, batch.input_ids[sl], batch.mask[sl])
     return {k: torch.cat(v) for k, v in store.items()}
 
 
-def _flat(x: Tensor) -> Tensor:
+def flatten_heads(x: Tensor) -> Tensor:
     return rearrange(x, "... h d -> ... (h d)") if x.ndim >= 4 else x
 
 
-def _unflat(x: Tensor, like: Tensor) -> Tensor:
+def unflatten_heads(x: Tensor, like: Tensor) -> Tensor:
     return rearrange(x, "... (h d) -> ... h d", h=like.shape[-2]) if like.ndim >= 4 else x
 
 

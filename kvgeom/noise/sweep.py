@@ -18,7 +18,7 @@ from kvgeom.runtime.hooks import kv_hooks
 from kvgeom.stats import bootstrap_ci
 
 from .conditions import NoiseCondition, condition_deltas, delta_hooks, score_conditions
-from .rows import Where, _call, capture_padded, quant_error
+from .rows import Where, capture_padded, forward_logits, quant_error
 
 if TYPE_CHECKING:
     from kvgeom.models import KVModel
@@ -173,13 +173,14 @@ def text_effects(
         hooks_for = delta_hooks(deltas)
         for w in tqdm(range(n_win), desc="text", disable=not progress):
             rows = torch.arange(len(conds)) * n_win + w
-            clean_lp = torch.log_softmax(_call(model, x[w:w + 1], batch.mask[w:w + 1], keep_last=False)[0, :-1], -1)
+            clean = forward_logits(model, x[w:w + 1], batch.mask[w:w + 1], keep_last=False)
+            clean_lp = torch.log_softmax(clean[0, :-1], -1)
             tgt = x[w, 1:]
             clean_nll = float(-clean_lp.gather(-1, tgt[:, None]).mean())
             for start in range(0, len(rows), chunk):
                 r = rows[start:start + chunk]
                 with kv_hooks(model, hooks_for(r)):
-                    logits = _call(model, x[r % n_win], batch.mask[r % n_win], keep_last=False)
+                    logits = forward_logits(model, x[r % n_win], batch.mask[r % n_win], keep_last=False)
                 lp = torch.log_softmax(logits[:, :-1], -1)
                 nll = -lp.gather(-1, tgt[None, :, None].expand(len(r), -1, 1))[..., 0].mean(-1)
                 kl = (clean_lp.exp()[None] * (clean_lp[None] - lp)).sum(-1).mean(-1)

@@ -11,8 +11,8 @@ from pathlib import Path
 import pandas as pd
 
 from kvgeom.hub import hub_problem
-from kvgeom.prompts.sets import PromptLoadError, PromptSet, _check_count
-from kvgeom.prompts.sources import BUNDLED_SETS, PUBLIC_SETS, _read_bundled
+from kvgeom.prompts.sets import PromptLoadError, PromptSet, check_count
+from kvgeom.prompts.sources import BUNDLED_SETS, PUBLIC_SETS, read_bundled
 from kvgeom.prompts.tables import SUFFIXES, read_table, standardize
 
 __all__ = ["load_prompts"]
@@ -28,7 +28,7 @@ def load_prompts(
     Raises :class:`PromptLoadError` with what was expected and what was found.
     """
     if limit is not None:
-        _check_count(limit, "limit")
+        check_count(limit, "limit")
     key = str(name_or_path)
     if not isinstance(name_or_path, os.PathLike) and key in BUNDLED_SETS:
         ps = _load_bundled(key)
@@ -50,7 +50,7 @@ def _looks_like_path(s: str) -> bool:
 
 def _load_bundled(name: str) -> PromptSet:
     spec = BUNDLED_SETS[name]
-    frame = pd.read_csv(io.BytesIO(_read_bundled(spec.file)), dtype=str, keep_default_na=False, na_values=[""])
+    frame = pd.read_csv(io.BytesIO(read_bundled(spec.file)), dtype=str, keep_default_na=False, na_values=[""])
     if spec.split is not None:
         frame = frame[frame["split"] == spec.split]
     return PromptSet(name, standardize(frame, name, column="prompt", category="category"), f"bundled:{spec.file}")

@@ -58,7 +58,7 @@ class PromptSet:
 
     def head(self, n: int) -> PromptSet:
         """The first ``n`` prompts (all of them when ``n >= len(self)``)."""
-        _check_count(n, "head(n)")
+        check_count(n, "head(n)")
         return PromptSet(self.name, self.frame.head(n), self.source)
 
     def sample(self, n: int, seed: int = 0) -> PromptSet:
@@ -67,7 +67,7 @@ class PromptSet:
         Two sets of equal length sampled with the same ``n`` and ``seed`` keep the same row positions,
         so the row pairing of ``harmful`` and ``harmless`` survives sampling.
         """
-        _check_count(n, "sample(n)")
+        check_count(n, "sample(n)")
         if n > len(self):
             raise ValueError(f"cannot sample {n} prompts from {self.name!r}, which has only {len(self)}")
         picked = self.frame.sample(n=n, random_state=seed).sort_index()
@@ -77,6 +77,6 @@ class PromptSet:
         return self.frame.copy()
 
 
-def _check_count(n: int, what: str) -> None:
+def check_count(n: int, what: str) -> None:
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"{what} needs a positive integer, got {n!r}")

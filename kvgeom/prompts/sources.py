@@ -65,7 +65,7 @@ def bundled_data_dir() -> Any:
     return Path(__file__).resolve().parents[2] / "data"
 
 
-def _read_bundled(file: str) -> bytes:
+def read_bundled(file: str) -> bytes:
     res = bundled_data_dir().joinpath(file)
     if not res.is_file():
         raise PromptLoadError(
@@ -78,7 +78,7 @@ def _read_bundled(file: str) -> bytes:
 def load_text(name_or_path: str | os.PathLike[str] = "text") -> str:
     """The bundled calibration text ``data/text.txt`` (name ``"text"``) or any UTF-8 text file."""
     if str(name_or_path) == "text":
-        data = _read_bundled("text.txt")
+        data = read_bundled("text.txt")
         where = "bundled text.txt"
     else:
         path = Path(name_or_path).expanduser()

@@ -23,7 +23,7 @@ Validation (layers, channels, sites, and schemes the model's heads cannot take) 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -35,19 +35,22 @@ from .scheme import Scheme
 if TYPE_CHECKING:
     from kvgeom.models import KVModel
 
-__all__ = ["Mode", "QuantPlan"]
+__all__ = ["Mode", "QuantPlan", "normalise_channels"]
 
 Mode = Literal["forward", "cache"]
 
 
-def _channels(value: Mapping[int, Sequence[Sequence[int]]] | None) -> tuple:
+def normalise_channels(value: Any) -> tuple[tuple[int, tuple[tuple[int, int], ...]], ...]:
+    """``{layer: [(head, dim), ...]}`` (or the tuple form a :class:`QuantPlan` holds) as sorted tuples, each channel
+    once, layers without channels dropped: the one canonical form plans and mitigation candidates compare by."""
     if not value:
         return ()
+    items = value.items() if isinstance(value, Mapping) else value
     out = []
-    for layer, chans in sorted(dict(value).items()):
-        pairs = tuple(sorted((int(h), int(d)) for h, d in chans))
+    for layer, chans in sorted((int(k), v) for k, v in items):
+        pairs = tuple(sorted({(int(h), int(d)) for h, d in chans}))
         if pairs:
-            out.append((int(layer), pairs))
+            out.append((layer, pairs))
     return tuple(out)
 
 
@@ -92,7 +95,7 @@ class QuantPlan:
             object.__setattr__(self, "layers", tuple(sorted({int(x) for x in self.layers})))
         object.__setattr__(self, "protect_layers", tuple(sorted({int(x) for x in self.protect_layers})))
         if isinstance(self.protect_channels, Mapping):
-            object.__setattr__(self, "protect_channels", _channels(self.protect_channels))
+            object.__setattr__(self, "protect_channels", normalise_channels(self.protect_channels))
         if isinstance(self.layer_schemes, Mapping):
             object.__setattr__(self, "layer_schemes", tuple(sorted(
                 (int(k), Scheme.parse(v) if isinstance(v, str) else v) for k, v in self.layer_schemes.items())))

@@ -23,7 +23,7 @@ from .labels import (
     UNDETERMINED,
     TaxonomyThresholds,
 )
-from .measures import _need, _share
+from .measures import check_share, require_columns
 from .rules import fired_rules
 
 # ------------------------------------------------------------------------------------------ classification
@@ -102,7 +102,7 @@ class Diagnosis:
 
 
 def _layer_series(layer_flips: pd.DataFrame) -> pd.Series:
-    _need(layer_flips, ("layer", "flip"), "layer_flips")
+    require_columns(layer_flips, ("layer", "flip"), "layer_flips")
     if layer_flips.empty:
         raise ValueError("layer_flips is empty: run the layer sweep first")
     if layer_flips["layer"].duplicated().any():
@@ -112,7 +112,7 @@ def _layer_series(layer_flips: pd.DataFrame) -> pd.Series:
         raise ValueError(f"flip is NaN for layers {list(s.index[s.isna()])}: no prompt was refused at baseline, "
                          "so flips are undefined; check the baseline refusal rate")
     for v in s:
-        _share(v, "a layer flip")
+        check_share(v, "a layer flip")
     return s.sort_index()
 
 
@@ -186,14 +186,14 @@ def classify(
     """
     th = thresholds or TaxonomyThresholds()
     flips = _layer_series(layer_flips)
-    a = _share(all_layer_flip, "all_layer_flip")
+    a = check_share(all_layer_flip, "all_layer_flip")
     if math.isnan(a):
         raise ValueError("all_layer_flip is NaN: no prompt was refused at baseline; check the baseline refusal rate")
     if isinstance(pcr, BootstrapCI):
         p, p_low, p_high = pcr.estimate, pcr.low, pcr.high
     else:
         p, p_low, p_high = float(pcr), math.nan, math.nan
-    extra = {str(k): _share(v, f"stage_flips[{k!r}]") for k, v in (stage_flips or {}).items()}
+    extra = {str(k): check_share(v, f"stage_flips[{k!r}]") for k, v in (stage_flips or {}).items()}
 
     crit = critical_layer(layer_flips)
     cands = candidate_layers(layer_flips, th)

@@ -12,7 +12,7 @@ import pandas as pd
 from kvgeom.stats import BootstrapCI, bootstrap_ci
 
 
-def _need(frame: pd.DataFrame, cols: Sequence[str], what: str) -> None:
+def require_columns(frame: pd.DataFrame, cols: Sequence[str], what: str) -> None:
     if not isinstance(frame, pd.DataFrame):
         raise TypeError(f"{what} must be a pandas DataFrame, got {type(frame).__name__}")
     missing = [c for c in cols if c not in frame.columns]
@@ -23,7 +23,7 @@ def _need(frame: pd.DataFrame, cols: Sequence[str], what: str) -> None:
 # ------------------------------------------------------------------------------------------ PCR
 
 
-def _share(x: float, what: str) -> float:
+def check_share(x: float, what: str) -> float:
     x = float(x)
     if math.isnan(x):
         return x
@@ -38,8 +38,8 @@ def pcr(flip_per_channel: float, flip_per_tensor: float) -> float:
     NaN (undefined) when ``flip_per_tensor == 0`` (nothing to recover) or either input is NaN. Can be negative
     (per-channel worse than per-tensor). Raises ValueError for rates outside [0, 1].
     """
-    c = _share(flip_per_channel, "flip_per_channel")
-    t = _share(flip_per_tensor, "flip_per_tensor")
+    c = check_share(flip_per_channel, "flip_per_channel")
+    t = check_share(flip_per_tensor, "flip_per_tensor")
     if math.isnan(c) or math.isnan(t) or t == 0.0:
         return math.nan
     return 1.0 - c / t
@@ -98,12 +98,12 @@ def pcr_with_ci(
 def causal_ratio(outlier_only_flip: float, random_matched_flips: Sequence[float] | float) -> float:
     """``outlier_only_flip / mean(random_matched_flips)``: how much more quantizing only the outlier channels
     flips than quantizing as many random channels. NaN when the random mean is 0 or there is no random run."""
-    o = _share(outlier_only_flip, "outlier_only_flip")
+    o = check_share(outlier_only_flip, "outlier_only_flip")
     r = np.atleast_1d(np.asarray(random_matched_flips, dtype=float))
     if r.size == 0:
         return math.nan
     for v in r:
-        _share(v, "random_matched_flips")
+        check_share(v, "random_matched_flips")
     mean = float(np.nanmean(r)) if not np.isnan(r).all() else math.nan
     if math.isnan(o) or math.isnan(mean) or mean == 0.0:
         return math.nan
@@ -118,7 +118,7 @@ def ablation_summary(rows: pd.DataFrame) -> pd.DataFrame:
     compared with every fraction. Returns columns ``fraction, outlier_flip, random_mean, random_sd, random_n,
     non_outlier_flip, causal_ratio``.
     """
-    _need(rows, ("subset", "fraction", "flip"), "channel-ablation rows")
+    require_columns(rows, ("subset", "fraction", "flip"), "channel-ablation rows")
     unknown = set(rows["subset"]) - {"outlier", "random", "non-outlier"}
     if unknown:
         raise ValueError(f"unknown ablation subsets {sorted(unknown)}: use 'outlier', 'random', 'non-outlier'")
@@ -189,7 +189,7 @@ def outlier_channels(kmax: np.ndarray | Any, top_frac: float = 0.05) -> pd.DataF
 def outlier_heatmap(table: pd.DataFrame) -> dict[str, Any]:
     """Heatmap data from :func:`outlier_channels`: ``{"z": [layer][channel] magnitudes, "layers", "n_kv_heads",
     "d_head", "outliers": [[layer, channel], ...]}`` (JSON-friendly)."""
-    _need(table, ("layer", "head", "dim", "magnitude", "is_outlier"), "outlier table")
+    require_columns(table, ("layer", "head", "dim", "magnitude", "is_outlier"), "outlier table")
     n_heads = int(table["head"].max()) + 1
     d_head = int(table["dim"].max()) + 1
     layers = sorted(int(x) for x in table["layer"].unique())
