@@ -31,10 +31,10 @@ __all__ = ["RowMix", "mix_code"]
 def mix_code(spec: KVFormat, role: Role) -> int | None:
     """The code under which ``spec`` can share a :class:`RowMix` launch for ``role``, or None: no Triton, not a
     llama.cpp type, or a cache rule that carries state from call to call."""
-    package = triton_package()
-    if package is None or not spec.cache_rule(role).stateless:
+    if triton_package() is None or not spec.cache_rule(role).stateless:
         return None
-    return package.mixed.mix_code(spec.kernel())
+    code = getattr(spec.kernel(), "mix_code", None)  # kernels that can share the launch say so
+    return code() if code is not None else None
 
 
 @dataclass(frozen=True)
@@ -62,13 +62,14 @@ class RowMix:
         package = triton_package()
         if package is None or not (torch.device(device).type == "cuda" or package.common.interpreting()):
             return None
-        codes = []
-        for s in specs:
-            c = -1 if s is None else mix_code(s, role)
-            if c is None:
+        of_spec: dict = {None: -1}  # each distinct format asked once, not once per row
+        for s in dict.fromkeys(specs):
+            if s not in of_spec:
+                of_spec[s] = mix_code(s, role)
+            if of_spec[s] is None:
                 raise ValueError(f"{s} cannot share a RowMix launch (not a llama.cpp type with a per-position cache "
                                  "rule): check mix_code(spec, role) first")
-            codes.append(c)
+        codes = [of_spec[s] for s in specs]
         if all(c < 0 for c in codes):
             return None
         if d_head % QK:

@@ -42,7 +42,8 @@ from .common import (
 
 __all__ = ["BlockKernel", "ggml_blocks", "ggml_quant", "int_blocks"]
 
-#: llama.cpp type -> (KIND, P1) of :func:`_block_kernel` (iq4_nl: P1 = -kvalues[0], its d = max/-127)
+#: llama.cpp type -> (KIND, P1) of :func:`_block_kernel` (iq4_nl: P1 = -kvalues[0], its d = max/-127); the order
+#: is that of the mixed kernel's row codes (:meth:`BlockKernel.mix_code`)
 _GGML = {"q8_0": (2, 127.0), "q4_0": (3, 8.0), "q5_0": (3, 16.0), "q4_1": (4, 15.0), "q5_1": (4, 31.0),
          "iq4_nl": (6, 127.0)}
 #: iq4_nl's levels ``kvalues_iq4nl`` (:data:`kvgeom.quant.ggml.KVALUES_IQ4NL`) as the kernel walks them: level i
@@ -200,6 +201,15 @@ class BlockKernel:
         if self.within_head:
             return x.shape[3] % g == 0
         return (x.shape[2] * x.shape[3]) % g == 0 and triton.next_power_of_2(g) <= MAX_BLOCK
+
+    def mix_code(self) -> int | None:
+        """This kernel's row code in a mixed launch (:mod:`kvgeom.quant.triton.mixed`): twice its llama.cpp type's
+        place in :func:`ggml_blocks`' table (even: not rotated), or None for a kernel that is not a llama.cpp type."""
+        kinds = list(_GGML.values())
+        key = (self.kind, float(self.p1))
+        if not (self.within_head and self.block == 32) or key not in kinds:
+            return None
+        return 2 * kinds.index(key)
 
     def launch(self, x: Tensor, out: Tensor, mask: Tensor | None, role: str) -> None:
         has_mask = mask is not None

@@ -53,7 +53,9 @@ TUNE = {"block_elems": 1024, "block_warps": 2, "apply_elems": 2048, "apply_bc": 
 
 
 class Kernel(Protocol):
-    """A fused quantize-dequantize kernel for one format (what :meth:`KVFormat.kernel` returns)."""
+    """A fused quantize-dequantize kernel for one format (what :meth:`KVFormat.kernel` returns). A kernel whose rows
+    can share one launch with other formats' rows (the llama.cpp types) also has ``mix_code() -> int | None``
+    (:mod:`kvgeom.quant.triton.mixed`)."""
 
     def supported(self, x: Tensor) -> bool:
         """Whether it covers ``x``'s shape (device and dtype: :func:`launchable`)."""

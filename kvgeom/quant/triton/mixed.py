@@ -9,11 +9,13 @@ Hadamard rotations where the type is ``+rot`` (:func:`kvgeom.quant.triton.rotate
 the same fp32 operations in the same order as the one-format kernels, so each row gets the bits its own format's
 kernel (and the eager math) gives it. Rows with code -1 are copied unchanged.
 
-A row's code is :func:`mix_code` of its format's kernel: ``2 * type + rotated``, the type's index in
-:data:`MIX_TYPES`. Proved by ``tests/quant/test_triton_kernels.py::test_mixed_rows_equal_each_rows_own_format``
+A row's code is its format's kernel's ``mix_code()`` (:meth:`kvgeom.quant.triton.block.BlockKernel.mix_code`,
+:meth:`kvgeom.quant.triton.rotated.RotatedKernel.mix_code`): ``2 * type + rotated``, the type's place in
+:func:`~kvgeom.quant.triton.block.ggml_blocks`' table, which :func:`_quant_type`'s branches follow.
+Proved by ``tests/quant/test_triton_kernels.py::test_mixed_rows_equal_each_rows_own_format``
 (every type, with and without ``+rot``, padding, every input dtype) and
-``::test_plan_cache_mixes_llama_cpp_rows_with_the_same_bits`` (a cache-mode generation with one format per row
-equals each format decoded alone).
+``::test_plan_cache_mixes_llama_cpp_rows_with_the_same_bits`` (a cache-mode batch with a format per row gives the
+logits and tokens it gives with the mix off).
 """
 
 from __future__ import annotations
@@ -24,30 +26,17 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .block import BlockKernel, ggml_quant
+from .block import ggml_quant
 from .common import GRID_YZ, IO_CODES, IQ4_NL, Q8_0, Q_0, Q_1, TUNE, io_view, load, store
-from .rotated import QK, RotatedKernel, wht_tile
+from .rotated import QK, wht_tile
 
-__all__ = ["MIX_TYPES", "mix_code", "mixed_launch"]
-
-#: the block kernels' (KIND, P1) a row code can name, in code order (q8_0, q4_0, q5_0, q4_1, q5_1, iq4_nl)
-MIX_TYPES = ((2, 127.0), (3, 8.0), (3, 16.0), (4, 15.0), (4, 31.0), (6, 127.0))
-
-
-def mix_code(kernel: object) -> int | None:
-    """The row code of a format's kernel (:meth:`kvgeom.quant.formats.KVFormat.kernel`), or None when it cannot
-    share a launch (not a llama.cpp type)."""
-    rotated = isinstance(kernel, RotatedKernel)
-    inner = kernel.inner if rotated else kernel  # type: ignore[union-attr]
-    if not (isinstance(inner, BlockKernel) and inner.within_head and inner.block == QK):
-        return None
-    key = (inner.kind, float(inner.p1))
-    return 2 * MIX_TYPES.index(key) + int(rotated) if key in MIX_TYPES else None
+__all__ = ["mixed_launch"]
 
 
 @triton.jit
 def _quant_type(b, e, lane, lo, hi, T: tl.constexpr):
-    """Type ``T`` of :data:`MIX_TYPES` on fp32 rows of 32 (the one-format kernels' quantizer, fp32 path)."""
+    """Type ``T`` (q8_0, q4_0, q5_0, q4_1, q5_1, iq4_nl) on fp32 rows of 32 (the one-format kernels' quantizer,
+    fp32 path)."""
     if T == 0:
         q = ggml_quant(b, b, e, lane, lo, hi, Q8_0, 127.0, 0, QK)
     elif T == 1:

@@ -92,6 +92,11 @@ class RotatedKernel:
     def supported(self, x: Tensor) -> bool:
         return self.inner.supported(x)
 
+    def mix_code(self) -> int | None:
+        """The inner type's row code, odd: rotated (:mod:`kvgeom.quant.triton.mixed`)."""
+        code = self.inner.mix_code()
+        return None if code is None else code + 1
+
     def launch(self, x: Tensor, out: Tensor, mask: Tensor | None, role: str) -> None:
         n = rotation_block(x.shape[-1], role)  # type: ignore[arg-type]
         has_mask = mask is not None
