@@ -57,10 +57,13 @@ class RowMix:
     @classmethod
     def of(cls, specs: Sequence[KVFormat | None], role: Role, d_head: int, device: torch.device) -> RowMix | None:
         """The mix of ``specs`` (one per batch row, None = not covered) on ``device``, or None when it would not run
-        there (no CUDA device, and not under the Triton interpreter) or covers no row. A spec that cannot share a
-        launch raises: ask :func:`mix_code` first."""
+        there (no CUDA device, and not under the Triton interpreter; more rows than one launch's grid takes,
+        ``GRID_YZ``) or covers no row: the caller then quantizes those rows format by format. A spec that cannot
+        share a launch raises: ask :func:`mix_code` first."""
         package = triton_package()
         if package is None or not (torch.device(device).type == "cuda" or package.common.interpreting()):
+            return None
+        if len(specs) > package.common.GRID_YZ:  # the batch rides on the grid's 2nd dimension
             return None
         of_spec: dict = {None: -1}  # each distinct format asked once, not once per row
         for s in dict.fromkeys(specs):

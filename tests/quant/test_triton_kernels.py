@@ -609,6 +609,10 @@ def test_mix_codes_cover_llama_cpp_types_only():
     assert codes == set(range(12))
     with pytest.raises(ValueError, match="cannot share a RowMix"):
         RowMix.of([Scheme.parse("int4-token-asym").k], "k", 64, torch.device("cuda"))
+    q4 = Scheme.parse("q4_0").k  # a batch beyond one launch's grid is left to the per-format path, not failed
+    assert RowMix.of([q4] * (common.GRID_YZ + 1), "k", 64, torch.device("cuda")) is None
+    assert RowMix.of([None, None], "k", 64, torch.device("cuda")) is None  # covers no row
+    assert RowMix.of([q4], "k", 64, torch.device("cpu")) is None or INTERPRET  # no GPU: not claimed
 
 
 PLAN_CACHE_DEVICES = [
