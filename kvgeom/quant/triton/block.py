@@ -112,6 +112,44 @@ def _level(q, two_al, s, step):
 
 
 @triton.jit
+def _halves(t, W: tl.constexpr):
+    """Columns ``0..W/2-1`` and ``W/2..W-1`` of the ``[rows, W]`` tile ``t`` (register moves, no arithmetic)."""
+    return tl.split(tl.permute(tl.reshape(t, [t.shape[0], 2, W // 2]), [0, 2, 1]))
+
+
+@triton.jit
+def _in_order2(acc, t):
+    a, b = tl.split(t)
+    return (acc + a) + b
+
+
+@triton.jit
+def _in_order4(acc, t):
+    a, b = _halves(t, 4)
+    return _in_order2(_in_order2(acc, a), b)
+
+
+@triton.jit
+def _in_order8(acc, t):
+    a, b = _halves(t, 8)
+    return _in_order4(_in_order4(acc, a), b)
+
+
+@triton.jit
+def _in_order16(acc, t):
+    a, b = _halves(t, 16)
+    return _in_order8(_in_order8(acc, a), b)
+
+
+@triton.jit
+def _in_order32(acc, t):
+    """``acc + t[:, 0] + t[:, 1] + ... + t[:, 31]``, added left to right (C's loop order; one rounding per add):
+    the columns are taken apart by halving, not by reductions, which would add in a tree."""
+    a, b = _halves(t, 32)
+    return _in_order16(_in_order16(acc, a), b)
+
+
+@triton.jit
 def _iq4_nl(x, raw, e, lane, lo, hi, IO: tl.constexpr, GP: tl.constexpr):
     """:func:`kvgeom.quant.ggml.quantize_iq4_nl` (``ntry=-1``) then :func:`~kvgeom.quant.ggml.ggml_dequant` on each
     row of 32: ``d0 = max/-127``, levels ``kv[best_index(x/d0)]`` (the levels are small integers: every sum here is
@@ -142,12 +180,8 @@ def _iq4_nl(x, raw, e, lane, lo, hi, IO: tl.constexpr, GP: tl.constexpr):
     wq = (x * x) * q
     tx = wq * x
     tq = wq * q
-    sx = tl.zeros_like(lo)
-    sq = tl.zeros_like(lo)
-    for j in tl.static_range(32):  # ggml's loop: one rounding per element, in element order
-        at = e[None, :] == j
-        sx = sx + tl.sum(tl.where(at, tx, 0.0), axis=1)  # the one product of element j (plus exact zeros)
-        sq = sq + tl.sum(tl.where(at, tq, 0.0), axis=1)
+    sx = _in_order32(tl.zeros_like(lo), tx)  # ggml's loop: one rounding per element, in element order
+    sq = _in_order32(tl.zeros_like(lo), tq)
     pos = sq > 0.0
     d = tl.where(pos & live, tl.math.div_rn(sx, tl.where(pos, sq, 1.0)), 0.0)
     return fp16(d)[:, None] * tl.where(live[:, None], q, IQ4_FIRST)
