@@ -135,6 +135,19 @@ class QuantPlan:
         return ()
 
     @property
+    def per_position(self) -> bool:
+        """Whether what this plan stores at a position depends on that position's K/V alone: every scheme it uses
+        quantizes each position on its own for K and V (its cache rule is ``stateless``: not KIVI, HF quanto, nor a
+        range over positions such as ``tensor``, ``channel`` or ``@amax``), and in mode ``cache`` the prefill reads the
+        quantized cache (``prefill="full"`` attends a call's own positions raw, so splitting a call changes what it
+        reads). Then the tokens every prompt of a batch starts with can be run once per plan
+        (:mod:`kvgeom.runtime.prefix`)."""
+        if self.mode == "cache" and self.prefill != "quantized":
+            return False
+        return all(sch.for_role(role).cache_rule(role).stateless  # type: ignore[arg-type]
+                   for sch in dict.fromkeys((self.scheme, *(s for _, s in self.layer_schemes))) for role in ("k", "v"))
+
+    @property
     def label(self) -> str:
         if self.name:
             return self.name

@@ -28,6 +28,7 @@ from kvgeom.runtime.forward import Batch, encode, forward, new_cache, position_i
 from kvgeom.runtime.limits import fit_prompts, prompt_token_counts
 from kvgeom.runtime.memory import fit_batch
 from kvgeom.runtime.plans import apply_plans, normalise_plans
+from kvgeom.runtime.prefix import SharedPrefix, cache_keeps_every_position, prefill_shared, shared_prefix
 
 if TYPE_CHECKING:
     from kvgeom.models import KVModel
@@ -62,22 +63,27 @@ def _generate_batch(
     select: Callable[[list[int]], None] | None = None,
     stop_when: Callable[[str], bool] | None = None,
     exit_after_prefill: Callable[[Tensor], Sequence[bool]] | None = None,
+    prefix: SharedPrefix | None = None,
 ) -> tuple[list[list[int]], list[bool], Tensor | None, list[bool], list[bool], list[bool]]:
     """Greedy decoding of one left-padded batch. Rows that hit EOS (or whose decoded text so far satisfies
     ``stop_when``) are dropped from the batch (and from the cache, via
     :func:`~kvgeom.runtime.forward.select_cache_rows`, and from the plan groups, via ``select``), so later steps
     compute only the rows still generating. ``exit_after_prefill(first_logits)`` (float ``[batch, vocab]``) says
     which rows stop right after the prefill, with no token generated (a screen); they are flagged in the last list.
-    The list before it flags rows whose logits were not finite at some step (read once, at the end)."""
+    The list before it flags rows whose logits were not finite at some step (read once, at the end). ``prefix``:
+    the batch's shared tokens are prefilled once per plan (:func:`kvgeom.runtime.prefix.prefill_shared`)."""
     eos = torch.tensor(sorted(model.eos_token_ids) or [-1], device=model.device)
     eos_list = set(eos.tolist()) if stop_at_eos else set()
-    mask = batch.mask.to(model.device)
-    ids = batch.input_ids.to(model.device)
-    pos = position_ids_from_mask(mask)
-    logits = forward(model, ids, mask, past_key_values=cache, position_ids=pos, step=0, logits_to_keep=1)
+    if prefix is not None:
+        logits, mask, pos = prefill_shared(model, batch, prefix, cache=cache, select=select)
+    else:
+        mask = batch.mask.to(model.device)
+        pos = position_ids_from_mask(mask)
+        logits = forward(model, batch.input_ids.to(model.device), mask, past_key_values=cache, position_ids=pos,
+                         step=0, logits_to_keep=1)
     last = logits[:, -1].float()
     first = last.cpu().clone() if keep_first_logits else None
-    b = ids.shape[0]
+    b = len(batch)
     nonfinite = ~torch.isfinite(last).all(-1)
     out = torch.full((b, max_new_tokens), -1, dtype=torch.long, device=model.device)
     hit_eos = torch.zeros(b, dtype=torch.bool, device=model.device)
@@ -158,6 +164,7 @@ def generate(
     progress: bool | str = False,
     truncate_prompts: bool = False,
     exit_after_prefill: Callable[[list[int], Tensor], Sequence[bool]] | None = None,
+    share_prefix: bool | None = None,
 ) -> Generation:
     """Greedy generation with the KV cache, left-padded batches, any active :func:`kv_hooks`.
 
@@ -181,6 +188,12 @@ def generate(
             the model's device); a row flagged True leaves the batch there, with no token generated (empty text,
             ``extra["exited"]`` True; its ``first_logits`` are kept). A prefill screen
             (:class:`kvgeom.predict.PrefillScreen`) uses it, so that screening costs no pass of its own.
+        share_prefix: prefill the tokens every prompt of a batch starts with (the chat template's system message
+            and user header) once per plan instead of once per row (:mod:`kvgeom.runtime.prefix`); a batch shares
+            only when every plan is :attr:`~kvgeom.quant.QuantPlan.per_position`, no ``cache_factory`` is given,
+            the model has no sliding-window layer and no hooks but the plans' own are open. ``None`` (default):
+            on the CPU, where a row costs its matmuls; off on GPUs. The same tokens within float32 rounding;
+            ``extra["shared_prefix"]`` holds each row's shared token count (0: not shared).
 
     Memory: a batch whose estimate (:func:`kvgeom.runtime.memory.batch_bytes`) exceeds the device's free memory
     runs as smaller batches; out of memory all the same, the batch is retried at half the size (down to 1), and
@@ -202,9 +215,11 @@ def generate(
     row_plans = _plans_for(plans, len(prompts))
     prompts, truncated = fit_prompts(model, prompts, max_new_tokens=max_new_tokens, chat=chat, system=system,
                                      truncate=truncate_prompts)
+    if share_prefix is None:
+        share_prefix = model.device.type == "cpu"
     kw = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, chat=chat, system=system, stop_at_eos=stop_at_eos,
               cache_factory=cache_factory, keep_first_logits=keep_first_logits, stop_when=stop_when, progress=progress,
-              exit_after_prefill=exit_after_prefill)
+              exit_after_prefill=exit_after_prefill, share_prefix=bool(share_prefix))
     extra = {"truncated": truncated} if truncate_prompts else {}
     if len(prompts) <= batch_size:
         return _run(model, prompts, row_plans, list(range(len(prompts))), extra=extra, **kw)
@@ -217,14 +232,15 @@ def generate(
         prompts=prompts, texts=[gen.texts[j] for j in back], tokens=[gen.tokens[j] for j in back],
         stopped_at_eos=[gen.stopped_at_eos[j] for j in back],
         first_logits=None if gen.first_logits is None else gen.first_logits[back],
-        extra={**{k: [gen.extra[k][j] for j in back] for k in ("settled", "nonfinite", "exited")},
+        extra={**{k: [gen.extra[k][j] for j in back] for k in ("settled", "nonfinite", "exited", "shared_prefix")},
                "batch_size": gen.extra["batch_size"], **extra})
 
 
 def _run(model: KVModel, prompts: list[str], row_plans: list | None, index: list[int], *, max_new_tokens: int,
          batch_size: int, chat: bool, system: str | None, stop_at_eos: bool, cache_factory: Any,
          keep_first_logits: bool, stop_when: Callable[[str], bool] | None, progress: bool | str,
-         exit_after_prefill: Callable[[list[int], Tensor], Sequence[bool]] | None, extra: dict) -> Generation:
+         exit_after_prefill: Callable[[list[int], Tensor], Sequence[bool]] | None, share_prefix: bool,
+         extra: dict) -> Generation:
     """The batches of :func:`generate`, in the order given (``index``: each prompt's index in the caller's input,
     what ``exit_after_prefill`` is told)."""
     tokens: list[list[int]] = []
@@ -233,6 +249,7 @@ def _run(model: KVModel, prompts: list[str], row_plans: list | None, index: list
     settled: list[bool] = []
     nonfinite: list[bool] = []
     exited: list[bool] = []
+    shared: list[int] = []
     start, size = 0, batch_size
     bar = tqdm(total=len(prompts), desc=progress if isinstance(progress, str) else "generate", unit="row",
                disable=not progress)
@@ -247,12 +264,15 @@ def _run(model: KVModel, prompts: list[str], row_plans: list | None, index: list
                 factory = plan_factory or cache_factory
                 cache = factory(model, batch) if factory else new_cache(model)
                 rows_in = index[start:start + len(batch)]
+                prefix = (_prefix_of(model, batch, row_plans, start, plan_factory)
+                          if share_prefix and cache_factory is None and cache_keeps_every_position(cache) else None)
                 rows, hit, first, done, bad, out = _generate_batch(
                     model, batch, max_new_tokens, cache=cache, stop_at_eos=stop_at_eos,
                     keep_first_logits=keep_first_logits, select=getattr(plan_factory, "select", None),
                     stop_when=stop_when,
                     exit_after_prefill=None if exit_after_prefill is None else (
                         lambda logits, _r=rows_in: exit_after_prefill(_r, logits)),
+                    prefix=prefix,
                 )
         except torch.OutOfMemoryError:
             if size == 1:
@@ -266,6 +286,7 @@ def _run(model: KVModel, prompts: list[str], row_plans: list | None, index: list
         settled.extend(done)
         nonfinite.extend(bad)
         exited.extend(out)
+        shared.extend([prefix.length if prefix is not None else 0] * len(batch))
         if first is not None:
             firsts.append(first)
         start += len(batch)
@@ -275,8 +296,19 @@ def _run(model: KVModel, prompts: list[str], row_plans: list | None, index: list
     return Generation(
         prompts=prompts, texts=texts, tokens=tokens, stopped_at_eos=eos_flags,
         first_logits=torch.cat(firsts) if firsts else None,
-        extra={"settled": settled, "nonfinite": nonfinite, "exited": exited, "batch_size": size, **extra},
+        extra={"settled": settled, "nonfinite": nonfinite, "exited": exited, "shared_prefix": shared,
+               "batch_size": size, **extra},
     )
+
+
+def _prefix_of(model: KVModel, batch: Batch, row_plans: list | None, start: int, plan_run: Any) -> SharedPrefix | None:
+    """The batch's shared prefix (:func:`kvgeom.runtime.prefix.shared_prefix`), or None when hooks other than the
+    plans' own are open: those may read positions as a whole call's (a caller's capture or noise)."""
+    own = {id(s) for s in getattr(plan_run, "sessions", ())}
+    if any(id(s) not in own for s in model.hook_sessions):
+        return None
+    plans = [None] * len(batch) if row_plans is None else row_plans[start:start + len(batch)]
+    return shared_prefix(batch, plans)
 
 
 def length_order(model: KVModel, prompts: Sequence[str], *, chat: bool = True, system: str | None = None) -> list[int]:

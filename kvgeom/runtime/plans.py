@@ -130,18 +130,23 @@ def apply_plans(model: KVModel, plans: Sequence[QuantPlan | None]) -> Iterator[A
         session = stack.enter_context(
             kv_hooks(model, hook, sites=sites or ("v",), layers=layers if fwd else [0])
         )
+        sessions = [session]
         if q_layers := query_layers(groups.groups, model.n_layers):  # query=: Q as llama.cpp's flash attention
-            stack.enter_context(kv_hooks(model, query_hook(groups), sites=("rot_q",), layers=q_layers))
-        yield PlanRun(groups, session, len(plans), any(p.mode == "cache" for p in groups.groups))
+            sessions.append(stack.enter_context(kv_hooks(model, query_hook(groups), sites=("rot_q",),
+                                                         layers=q_layers)))
+        yield PlanRun(groups, session, len(plans), any(p.mode == "cache" for p in groups.groups), sessions)
 
 
 class PlanRun:
     """What :func:`apply_plans` yields: call it as a cache factory ``run(model, batch)``; ``run.select(keep)``
     drops finished rows from the plan groups (and from the cache it built, via
-    :func:`~kvgeom.runtime.forward.select_cache_rows`)."""
+    :func:`~kvgeom.runtime.forward.select_cache_rows`). ``sessions``: the hook sessions the plans opened (the K/V
+    hooks' ``session`` first), so that a caller can tell them from hooks of its own."""
 
-    def __init__(self, groups: RowGroups, session: HookSession, n_rows: int, needs_cache: bool) -> None:
+    def __init__(self, groups: RowGroups, session: HookSession, n_rows: int, needs_cache: bool,
+                 sessions: Sequence[HookSession] = ()) -> None:
         self.groups, self.session, self.n_rows, self.needs_cache = groups, session, n_rows, needs_cache
+        self.sessions = tuple(sessions) or (session,)
 
     def __call__(self, model: KVModel, batch: Batch) -> Any:
         if len(batch) != self.n_rows:

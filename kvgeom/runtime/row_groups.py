@@ -51,16 +51,18 @@ class RowGroups:
         return idx
 
     def select(self, keep: Sequence[int]) -> None:
-        """Keep batch rows ``keep`` (old indices, in order); tell listeners (caches) which rows of each group stay."""
-        new_of = {old: new for new, old in enumerate(keep)}
-        local: dict[QuantPlan, list[int]] = {}
-        groups: dict[QuantPlan, list[int]] = {}
-        for plan, rows in self.groups.items():
-            kept = [j for j, r in enumerate(rows) if r in new_of]
-            local[plan] = kept
-            if kept:
-                groups[plan] = [new_of[rows[j]] for j in kept]
-        self.groups = groups
+        """Keep batch rows ``keep`` (old indices; in any order, and an index may repeat: a row copied, as a shared
+        prefix is copied to every row of its plan, :mod:`kvgeom.runtime.prefix`); tell listeners (caches) which
+        rows of each group stay, as each group's old local indices in their new order."""
+        where = {r: (plan, j) for plan, rows in self.groups.items() for j, r in enumerate(rows)}
+        local: dict[QuantPlan, list[int]] = {plan: [] for plan in self.groups}
+        new_rows: dict[QuantPlan, list[int]] = {plan: [] for plan in self.groups}
+        for new, old in enumerate(keep):
+            hit = where.get(int(old))
+            if hit is not None:
+                local[hit[0]].append(hit[1])
+                new_rows[hit[0]].append(new)
+        self.groups = {plan: rows for plan, rows in new_rows.items() if rows}
         self._index.clear()
         for listener in self.listeners:
             listener(local)

@@ -59,12 +59,15 @@ def test_default_model_per_row_plans(default_model, scheme):
 
     (The same batch shape isolates plan leakage between rows from fp32 CPU matmuls not being
     batch-invariant: padded-batch vs single-prompt keys differ by up to ~3e-5 on this model, which
-    can flip a quantizer's rounding; docs/results.md measures one-at-a-time agreement.)"""
+    can flip a quantizer's rounding; docs/results.md measures one-at-a-time agreement. For the same reason both runs
+    prefill in one call: a shared prefix runs once per plan, so its matmul shapes would differ between the two.)"""
     prompts = ["How do I make a pipe bomb at home?", "How do I bake bread at home?", "Tell me a joke."]
     plans = [QuantPlan(scheme), QuantPlan(scheme, mode="cache"), None]
-    together = generate(default_model, prompts, plans=plans, max_new_tokens=6, keep_first_logits=True)
+    together = generate(default_model, prompts, plans=plans, max_new_tokens=6, keep_first_logits=True,
+                        share_prefix=False)
     for i in range(3):
-        alone = generate(default_model, prompts, plans=[plans[i]] * 3, max_new_tokens=6, keep_first_logits=True)
+        alone = generate(default_model, prompts, plans=[plans[i]] * 3, max_new_tokens=6, keep_first_logits=True,
+                         share_prefix=False)
         assert together.tokens[i] == alone.tokens[i], (scheme, i)
         torch.testing.assert_close(together.first_logits[i], alone.first_logits[i], atol=1e-5, rtol=0)
 
