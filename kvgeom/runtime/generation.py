@@ -164,7 +164,7 @@ def generate(
     progress: bool | str = False,
     truncate_prompts: bool = False,
     exit_after_prefill: Callable[[list[int], Tensor], Sequence[bool]] | None = None,
-    share_prefix: bool | None = None,
+    share_prefix: bool = True,
 ) -> Generation:
     """Greedy generation with the KV cache, left-padded batches, any active :func:`kv_hooks`.
 
@@ -191,9 +191,10 @@ def generate(
         share_prefix: prefill the tokens every prompt of a batch starts with (the chat template's system message
             and user header) once per plan instead of once per row (:mod:`kvgeom.runtime.prefix`); a batch shares
             only when every plan is :attr:`~kvgeom.quant.QuantPlan.per_position`, no ``cache_factory`` is given,
-            the model has no sliding-window layer and no hooks but the plans' own are open. ``None`` (default):
-            on the CPU, where a row costs its matmuls; off on GPUs. The same tokens within float32 rounding;
-            ``extra["shared_prefix"]`` holds each row's shared token count (0: not shared).
+            the model has no sliding-window layer and no hooks but the plans' own are open, and then only when some
+            plan has more than one row (else nothing is saved). Default True; the same tokens within float32
+            rounding (bfloat16 rounding on a GPU); ``extra["shared_prefix"]`` holds each row's shared token count
+            (0: not shared).
 
     Memory: a batch whose estimate (:func:`kvgeom.runtime.memory.batch_bytes`) exceeds the device's free memory
     runs as smaller batches; out of memory all the same, the batch is retried at half the size (down to 1), and
@@ -215,8 +216,6 @@ def generate(
     row_plans = _plans_for(plans, len(prompts))
     prompts, truncated = fit_prompts(model, prompts, max_new_tokens=max_new_tokens, chat=chat, system=system,
                                      truncate=truncate_prompts)
-    if share_prefix is None:
-        share_prefix = model.device.type == "cpu"
     kw = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, chat=chat, system=system, stop_at_eos=stop_at_eos,
               cache_factory=cache_factory, keep_first_logits=keep_first_logits, stop_when=stop_when, progress=progress,
               exit_after_prefill=exit_after_prefill, share_prefix=bool(share_prefix))
