@@ -164,7 +164,7 @@ def generate(
     progress: bool | str = False,
     truncate_prompts: bool = False,
     exit_after_prefill: Callable[[list[int], Tensor], Sequence[bool]] | None = None,
-    share_prefix: bool = True,
+    share_prefix: bool | None = None,
 ) -> Generation:
     """Greedy generation with the KV cache, left-padded batches, any active :func:`kv_hooks`.
 
@@ -192,9 +192,10 @@ def generate(
             and user header) once per plan instead of once per row (:mod:`kvgeom.runtime.prefix`); a batch shares
             only when every plan is :attr:`~kvgeom.quant.QuantPlan.per_position`, no ``cache_factory`` is given,
             the model has no sliding-window layer and no hooks but the plans' own are open, and then only when some
-            plan has more than one row (else nothing is saved). Default True; the same tokens within float32
-            rounding (bfloat16 rounding on a GPU); ``extra["shared_prefix"]`` holds each row's shared token count
-            (0: not shared).
+            plan has more than one row (else nothing is saved). ``None`` (default): on the CPU, where a row costs its
+            matmuls (a 64-row batch of 8 new tokens on the default model: 24 -> 18 s); off on a GPU, where it saved
+            nothing measurable (docs/benchmarks.md §14). The same tokens within float32 rounding;
+            ``extra["shared_prefix"]`` holds each row's shared token count (0: not shared).
 
     Memory: a batch whose estimate (:func:`kvgeom.runtime.memory.batch_bytes`) exceeds the device's free memory
     runs as smaller batches; out of memory all the same, the batch is retried at half the size (down to 1), and
@@ -216,6 +217,8 @@ def generate(
     row_plans = _plans_for(plans, len(prompts))
     prompts, truncated = fit_prompts(model, prompts, max_new_tokens=max_new_tokens, chat=chat, system=system,
                                      truncate=truncate_prompts)
+    if share_prefix is None:
+        share_prefix = model.device.type == "cpu"
     kw = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, chat=chat, system=system, stop_at_eos=stop_at_eos,
               cache_factory=cache_factory, keep_first_logits=keep_first_logits, stop_when=stop_when, progress=progress,
               exit_after_prefill=exit_after_prefill, share_prefix=bool(share_prefix))

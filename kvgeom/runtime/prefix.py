@@ -13,8 +13,8 @@ The result is the one-call prefill's within float32 rounding: the matmuls run on
 batch sizes (``tests/runtime/test_prefix.py``: first-position logits within 1e-4 and the same greedy tokens with
 and without sharing, for full precision, forward- and cache-mode plans, per-row mixes, protected channels and
 ``+rot`` types; plans that are not per position, hooks of the caller's own and a user cache never share).
-:func:`kvgeom.runtime.generate` shares by default (``share_prefix=True``); docs/benchmarks.md §14 measures what
-it saves on the CPU and on an H200.
+:func:`kvgeom.runtime.generate` shares by default on the CPU (``share_prefix=None``), where a row costs its matmuls;
+on an H200 it saved nothing measurable, so it is off there (docs/benchmarks.md §14).
 """
 
 from __future__ import annotations

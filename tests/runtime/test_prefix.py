@@ -118,7 +118,7 @@ def test_hooks_of_the_caller_and_user_caches_do_not_share(tiny_llama):
     assert got.extra["shared_prefix"] == [0] * 6
 
 
-def test_default_is_on(tiny_llama):
+def test_default_is_on_for_the_cpu(tiny_llama):
     assert min(generate(tiny_llama, SIX, max_new_tokens=2).extra["shared_prefix"]) >= 2
 
 
