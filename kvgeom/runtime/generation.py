@@ -192,9 +192,10 @@ def generate(
             and user header) once per plan instead of once per row (:mod:`kvgeom.runtime.prefix`); a batch shares
             only when every plan is :attr:`~kvgeom.quant.QuantPlan.per_position`, no ``cache_factory`` is given,
             the model has no sliding-window layer and no hooks but the plans' own are open, and then only when some
-            plan has more than one row (else nothing is saved). ``None`` (default): on the CPU, where a row costs its
-            matmuls (64 rows, 8 new tokens, default model: 25 -> 19 s, ``benchmarks/bench_shared_prefix.py``); off on a GPU, where it saved
-            nothing measurable (docs/benchmarks.md §14). The same tokens within float32 rounding;
+            plan has more than one row (else nothing is saved). ``None`` (default): on the CPU, where a row costs
+            its matmuls (64 rows, 8 new tokens, default model: 25 -> 19 s, ``benchmarks/bench_shared_prefix.py``);
+            off on a GPU, where it saved nothing measurable (docs/benchmarks.md §14). The same tokens within float32
+            rounding;
             ``extra["shared_prefix"]`` holds each row's shared token count (0: not shared).
 
     Memory: a batch whose estimate (:func:`kvgeom.runtime.memory.batch_bytes`) exceeds the device's free memory

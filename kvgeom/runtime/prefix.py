@@ -95,7 +95,7 @@ def shared_prefix(batch: Batch, plans: Sequence[QuantPlan | None], *, min_tokens
     if n < min_tokens:
         return None
     first: dict[QuantPlan | None, int] = {}
-    for i, p in enumerate(plans):
+    for p in plans:
         first.setdefault(p, len(first))
     if len(first) == len(plans):
         return None
