@@ -208,8 +208,10 @@ def evaluate(
     """Greedy-generate every (prompt × plan) row with per-row plans, judge it, and return a tidy table.
 
     Columns: ``prompt_id, category, prompt, plan, completion, verdict, refused, refusal_score,
-    n_tokens, stopped_at_eos, settled, nonfinite`` (``refusal_score`` from the same pass's first-token logits;
-    ``nonfinite``: NaN/inf logits while generating, and such a row's verdict is ``"nonfinite"``, not the judge's).
+    n_tokens, stopped_at_eos, settled, nonfinite, shared_prefix`` (``refusal_score`` from the same pass's first-token
+    logits; ``nonfinite``: NaN/inf logits while generating, and such a row's verdict is ``"nonfinite"``, not the
+    judge's; ``shared_prefix``: the prompt tokens prefilled once for the row's batch and plan,
+    :mod:`kvgeom.runtime.prefix`, 0 when none).
     ``None`` in ``plans`` is full precision, labelled ``"full"``. Rows of one prompt under all plans share a batch.
 
     ``judge``: a judge object, a registered judge's spec (``"keyword:phrases=jbb"``; :func:`kvgeom.judges.get_judge`)
@@ -242,7 +244,8 @@ def evaluate(
     table = _rows(ps, plan_list, None if only is None else set(only))
     if table.empty:
         return pd.DataFrame(columns=["prompt_id", "category", "prompt", "plan", "completion", "n_tokens",
-                                     "stopped_at_eos", "settled", "verdict", "refused", "refusal_score"])
+                                     "stopped_at_eos", "settled", "shared_prefix", "verdict", "refused",
+                                     "refusal_score"])
     row_plans = [plan_list[j] for j in table["plan_idx"]]
     stop_when = getattr(judge, "settled", None) if settle else None
     decided: dict[int, dict[str, Any]] = {}
@@ -262,6 +265,7 @@ def evaluate(
     table["n_tokens"] = [len(t) for t in gen.tokens]
     table["stopped_at_eos"] = gen.stopped_at_eos
     table["settled"] = gen.extra.get("settled", [False] * len(table))
+    table["shared_prefix"] = gen.extra.get("shared_prefix", [0] * len(table))
     nlls = None
     if nll:  # full-precision NLL of the completions, for the degeneracy rule's criterion (d)
         nlls = completion_nll(model, table["prompt"].tolist(), gen.texts, batch_size=max(1, batch_size // 2))

@@ -142,3 +142,12 @@ def test_default_model_shares_its_template(default_model):
     assert on.extra["shared_prefix"] == [24] * 4  # Qwen2.5's system message and user header
     assert on.tokens == off.tokens
     torch.testing.assert_close(on.first_logits[[0, 3]], off.first_logits[[0, 3]], atol=1e-4, rtol=0)
+
+
+def test_evaluated_rows_record_their_shared_prefix(tiny_llama):
+    from kvgeom.evaluate import evaluate
+
+    rows = evaluate(tiny_llama, SIX, [None, QuantPlan("q4_0", mode="cache"), QuantPlan("kivi2")], max_new_tokens=3)
+    assert (rows["shared_prefix"] == 0).all()  # kivi2 keeps streaming state: its batch does not share
+    rows = evaluate(tiny_llama, SIX, [None, QuantPlan("q4_0", mode="cache")], max_new_tokens=3)
+    assert (rows["shared_prefix"] >= 2).all()
