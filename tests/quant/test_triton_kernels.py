@@ -28,7 +28,8 @@ COVERED = (
     "int4-token-sym int4-token-asym int2-token-asym int8-token-sym int3-head-sym int4-head-asym "
     "int4-group32-asym int4-group16-sym int5-group64-asym int4-group48-asym int4-tensor-asym int2-tensor-sym "
     "int8-channel-asym int4-channel-sym q8_0 q4_0 q5_0 q4_1 q5_1 fp8_e4m3 fp8_e5m2 fp8_e4m3@amax fp8_e5m2@amax "
-    "q8_0+rot q4_0+rot q5_0+rot q4_1+rot q5_1+rot iq4_nl iq4_nl+rot"
+    "q8_0+rot q4_0+rot q5_0+rot q4_1+rot q5_1+rot iq4_nl iq4_nl+rot "
+    "int8_per_token_head fp8_per_token_head int4_per_token_head"
 ).split()
 FALLBACK = ("bf16", "fp16")
 #: KIVI (forward mode): default G=32 R=128, R = G, R = 2G, small groups, a group size not a power of two

@@ -16,7 +16,10 @@ write kernels do (``vllm/v1/attention/ops/triton_reshape_and_cache_flash.py``, `
   scale, so attention reads ``ŷ = (q - z) * s'`` with ``s' = s`` with those bits cleared; attention rotates Q
   the same way and un-rotates its output, so what it sees is ``x̂ = d ⊙ (H ŷ) / d_head``.
 
-Bits per element: 8 + 32/d_head (int8, fp8), 4 + 32/d_head (int4). kvgeom computes in fp32; vLLM receives
+The divisions by 127, 448 and 15 are IEEE (:func:`kvgeom.quant._ops.div`: torch's ``tensor / scalar`` is a product with
+a reciprocal on CUDA and a division on the CPU), so CPU, GPU and the fused kernel (:mod:`kvgeom.quant.triton.pth`,
+d_head a power of two) give the same bits. Bits per element: 8 + 32/d_head (int8, fp8), 4 + 32/d_head (int4).
+kvgeom computes in fp32; vLLM receives
 K/V in the model's dtype (bf16/fp16) and, on GPUs, may rotate with a bf16 tensor-core kernel: those roundings
 are not modelled. Proved bit-exact against the formulas of vLLM's kernels by
 ``tests/quant/test_formats_vllm_pth.py``.
@@ -32,7 +35,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from kvgeom.quant._ops import div
 from kvgeom.quant.hadamard import wht
+from kvgeom.quant.kernels import triton_package
 
 from .base import KVFormat, Role, register_format
 from .engines import VLLMDtype
@@ -64,7 +69,7 @@ def _round_away(x: Tensor) -> Tensor:
 def _int4_head(y: Tensor) -> Tensor:
     """Asymmetric 4-bit quantize-dequantize of each head vector (last axis), the zero point in the scale."""
     lo, hi = y.amin(dim=-1, keepdim=True), y.amax(dim=-1, keepdim=True)
-    scale = torch.clamp((hi - lo) / 15.0, min=1e-6)
+    scale = torch.clamp(div(hi - lo, 15.0), min=1e-6)
     zp = torch.clamp(_round_away(-lo / scale), 0.0, 15.0)
     q = torch.clamp(_round_away(y * (1.0 / scale) + zp), 0.0, 15.0)
     packed = (scale.view(torch.int32) & -16).view(torch.float32)  # low 4 mantissa bits hold the zero point
@@ -107,10 +112,14 @@ class VLLMPerTokenHead(KVFormat):
             y = _int4_head(wht(x * signs, d))
             return wht(y, d) * signs / d
         amax = x.abs().amax(dim=-1, keepdim=True)
-        scale = torch.clamp(amax / _QMAX[self.kind], min=1e-6)
+        scale = torch.clamp(div(amax, _QMAX[self.kind]), min=1e-6)
         y = torch.clamp(x * (1.0 / scale), _QMIN[self.kind], _QMAX[self.kind])
         q = torch.trunc(y) if self.kind == "int8" else y.to(torch.float8_e4m3fn).to(torch.float32)
         return q * scale
+
+    def kernel(self):
+        package = triton_package()
+        return None if package is None else package.pth.PerTokenHeadKernel(self.kind)
 
     def vllm(self) -> VLLMDtype:
         return VLLMDtype(str(self))

@@ -5,6 +5,7 @@
 * :mod:`.ranged`: ranges over a row (``int{b}-{tensor|channel}-*``, ``fp8_*`` static and ``@amax``);
 * :mod:`.kivi`: KIVI (forward mode);
 * :mod:`.rotated`: llama.cpp's ``+rot`` types (rotation, block quantizer and rotation back in one kernel);
+* :mod:`.pth`: vLLM's per-token-head dtypes (``int8``/``fp8``/``int4_per_token_head``);
 * :mod:`.mixed`: batch rows of different llama.cpp types (``+rot`` or not) in one launch;
 * :mod:`.dispatch`: :func:`~.dispatch.fused_fake_quant`, which runs a spec's kernel (or returns None).
 
@@ -13,12 +14,12 @@ format runs which kernel is declared by the format (:meth:`kvgeom.quant.formats.
 Proved by ``tests/quant/test_triton_kernels.py``.
 """
 
-from . import block, common, dispatch, kivi, mixed, ranged, rotated
+from . import block, common, dispatch, kivi, mixed, pth, ranged, rotated
 from .common import GRID_YZ, MAX_BLOCK, TUNE, Kernel
 from .dispatch import OPT_IN, fused_fake_quant, supported
 from .kivi import KIVI_TUNE, kivi_fused, kivi_supported
 
 __all__ = [
     "GRID_YZ", "KIVI_TUNE", "MAX_BLOCK", "OPT_IN", "TUNE", "Kernel", "block", "common", "dispatch",
-    "fused_fake_quant", "kivi", "kivi_fused", "kivi_supported", "mixed", "ranged", "rotated", "supported",
+    "fused_fake_quant", "kivi", "kivi_fused", "kivi_supported", "mixed", "pth", "ranged", "rotated", "supported",
 ]

@@ -32,13 +32,13 @@ from .common import (
     use_fast_div,
 )
 
-__all__ = ["RangedKernel", "fp8_kernel", "int_ranged"]
+__all__ = ["RangedKernel", "fp8_kernel", "fp8_round", "int_ranged"]
 
 _FP8_BITS = {"e4m3": (3, -6), "e5m2": (2, -14)}  # mantissa bits, min normal exponent
 
 
 @triton.jit
-def _fp8_round(y, DROP: tl.constexpr, MIN_NORMAL: tl.constexpr, STEP: tl.constexpr):
+def fp8_round(y, DROP: tl.constexpr, MIN_NORMAL: tl.constexpr, STEP: tl.constexpr):
     """fp32 -> fp8 -> fp32 with nearest-even, for ``|y|`` <= the fp8 max: normals keep ``23 - DROP``
     mantissa bits (bit trick), subnormals (below ``MIN_NORMAL``) are multiples of ``STEP``."""
     a = tl.abs(y)
@@ -110,18 +110,18 @@ def _apply_kernel(x_ptr, out_ptr, mask_ptr, lo_ptr, hi_ptr, P, L, RANGED: tl.con
         empty = lo == float("inf")  # no real position: the range is parked at 0 (uniform._masked_range)
         lo = tl.where(empty, 0.0, lo)
         hi = tl.where(empty, 0.0, hi)
-        if KIND == FP8:  # vLLM: fp8(clamp(x/s, -max, max)) * s; P1 max, P2..P4 see _fp8_round, P5 amax divisor
+        if KIND == FP8:  # vLLM: fp8(clamp(x/s, -max, max)) * s; P1 max, P2..P4 see fp8_round, P5 amax divisor
             amax = tl.maximum(tl.abs(lo), tl.abs(hi))
             s = tl.math.div_rn(amax, P5)
             s = tl.where(s > 0.0, s, 1.0)
             r, fast = divisor(s, amax, FAST)
             y = tl.minimum(tl.maximum(divide(x, s[None, :], r[None, :], fast, FAST, True), -P1), P1)
-            y = _fp8_round(y, P2, P3, P4) * s[None, :]
+            y = fp8_round(y, P2, P3, P4) * s[None, :]
         else:
             scale, zp, safe, r, fast = int_params(lo, hi, KIND, P1, FAST)
             y = int_apply(x, scale[None, :], zp[None, :], safe[None, :], r[None, :], fast, KIND, P1, FAST)
     else:  # static fp8, s = 1: x/1 and y*1 are exact
-        y = _fp8_round(tl.minimum(tl.maximum(x, -P1), P1), P2, P3, P4)
+        y = fp8_round(tl.minimum(tl.maximum(x, -P1), P1), P2, P3, P4)
     store(out_ptr, offs, ok, y, raw, real[:, None], IO)
 
 
