@@ -11,6 +11,7 @@ for V. We compute the product with a fast Walsh-Hadamard transform (butterflies,
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import torch
 from jaxtyping import Float
@@ -67,3 +68,21 @@ def fwht(x: Float[Tensor, "... n"], n: int) -> Float[Tensor, "... n"]:
     """Multiply each block of ``n`` consecutive values on the last axis by ``H_n/sqrt(n)`` (fp32)."""
     shape = x.shape
     return (wht(x, n).reshape(-1, n) * (1.0 / math.sqrt(n))).reshape(shape)
+
+
+#: the seed of vLLM's ``torch.Generator`` for the signs of its randomized Hadamard transform (``int4_per_token_head``)
+RHT_SEED = 0x9E3779B9
+
+
+@lru_cache(maxsize=8)
+def _signs(d: int) -> Tensor:
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(RHT_SEED)
+    return 2.0 * torch.bernoulli(torch.full((d,), 0.5), generator=gen) - 1.0
+
+
+def rht_signs(d: int, device: torch.device | str | None = None) -> Tensor:
+    """vLLM's fixed ±1 signs of its randomized Hadamard transform for head size ``d`` (``_get_rht_signs`` of
+    ``vllm/v1/attention/ops/int4_per_token_head.py``): :mod:`kvgeom.quant.formats.vllm_pth` and its fused kernel
+    (:mod:`kvgeom.quant.triton.pth`) read them here."""
+    return _signs(d).to(device)

@@ -29,14 +29,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Literal
 
 import torch
 from torch import Tensor
 
 from kvgeom.quant._ops import div
-from kvgeom.quant.hadamard import wht
+from kvgeom.quant.hadamard import rht_signs, wht
 from kvgeom.quant.kernels import triton_package
 
 from .base import KVFormat, Role, register_format
@@ -46,20 +45,6 @@ __all__ = ["VLLMPerTokenHead", "rht_signs"]
 
 _QMAX = {"int8": 127.0, "fp8": 448.0}
 _QMIN = {"int8": -128.0, "fp8": -448.0}
-RHT_SEED = 0x9E3779B9
-
-
-@lru_cache(maxsize=8)
-def _signs(d: int) -> Tensor:
-    gen = torch.Generator(device="cpu")
-    gen.manual_seed(RHT_SEED)
-    return 2.0 * torch.bernoulli(torch.full((d,), 0.5), generator=gen) - 1.0
-
-
-def rht_signs(d: int, device: torch.device | str | None = None) -> Tensor:
-    """vLLM's fixed ±1 signs of its randomized Hadamard transform for head size ``d`` (``_get_rht_signs``)."""
-    return _signs(d).to(device)
-
 
 def _round_away(x: Tensor) -> Tensor:
     """Round half away from zero (the kernel's ``where(x >= 0, x + 0.5, x - 0.5).to(int32)``)."""

@@ -22,6 +22,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from kvgeom.quant.hadamard import rht_signs
+
 from .common import IO_CODES, TUNE, io_view, load, store, trunc
 from .ranged import fp8_round
 from .rotated import wht_tile
@@ -99,8 +101,6 @@ class PerTokenHeadKernel:
         return x.ndim == 4 and 2 <= d <= 1024 and not d & (d - 1)
 
     def launch(self, x: Tensor, out: Tensor, mask: Tensor | None, role: str) -> None:
-        from kvgeom.quant.formats.vllm_pth import rht_signs
-
         B, P, H, N = x.shape
         n_rows = B * P * H
         rows = max(1, TUNE["block_elems"] // N)
