@@ -30,8 +30,8 @@ from torch import Tensor
 __all__ = [
     "FAST_HI", "FAST_LO", "FP8", "GRID_YZ", "INT_ASYM", "INT_SYM", "IO_CODES", "IQ4_NL", "MAX_BLOCK", "Q8_0", "Q_0",
     "Q_1", "TUNE", "Kernel", "copysign", "divide", "divisor", "fast_div", "fast_div_nonneg", "fast_ok", "fp16",
-    "int_apply", "int_params", "interpreting", "io_view", "launchable", "load", "rcp", "recip", "rint", "store",
-    "trunc", "use_fast_div",
+    "int_apply", "int_params", "interpreting", "io_view", "launchable", "load", "load_rows", "rcp", "recip", "rint",
+    "store", "trunc", "use_fast_div",
 ]
 
 INT_SYM: tl.constexpr = tl.constexpr(0)
@@ -158,6 +158,28 @@ def load(ptr, offs, ok, IO: tl.constexpr):
     else:
         x = raw.to(tl.float32)
     return x, raw
+
+
+@triton.jit
+def load_rows(x_ptr, mask_ptr, n_rows, NR: tl.constexpr, ROWS: tl.constexpr, N: tl.constexpr, IO: tl.constexpr,
+              HAS_MASK: tl.constexpr, I64: tl.constexpr):
+    """This program's ``ROWS`` rows of ``N`` contiguous values (``NR`` rows per position): their offsets, the
+    in-bounds mask, the values in fp32 with padding positions zeroed (as eager zeroes them before quantizing), the
+    raw values (what :func:`store` returns at padding) and which rows are real positions."""
+    pid = tl.program_id(0)
+    if I64:
+        pid = pid.to(tl.int64)
+    row = pid * ROWS + tl.arange(0, ROWS)
+    col = tl.arange(0, N)
+    row_ok = row < n_rows
+    ok = row_ok[:, None] & (col < N)[None, :]
+    offs = row[:, None] * N + col[None, :]
+    x, raw = load(x_ptr, offs, ok, IO)
+    if HAS_MASK:
+        real = row_ok & (tl.load(mask_ptr + row // NR, mask=row_ok, other=0) != 0)
+    else:
+        real = row_ok
+    return offs, ok, tl.where(real[:, None], x, 0.0), raw, real
 
 
 @triton.jit

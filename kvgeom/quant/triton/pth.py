@@ -24,7 +24,7 @@ from torch import Tensor
 
 from kvgeom.quant.hadamard import rht_signs
 
-from .common import IO_CODES, TUNE, io_view, load, store, trunc
+from .common import IO_CODES, TUNE, io_view, load_rows, store, trunc
 from .ranged import fp8_round
 from .rotated import wht_tile
 
@@ -44,23 +44,10 @@ def _pth_kernel(x_ptr, out_ptr, mask_ptr, signs_ptr, n_rows, NR: tl.constexpr, R
                 LOG: tl.constexpr, KIND: tl.constexpr, IO: tl.constexpr, HAS_MASK: tl.constexpr,
                 I64: tl.constexpr):
     """``ROWS`` head vectors of ``N`` values per program (``NR`` heads per position)."""
-    pid = tl.program_id(0)
-    if I64:
-        pid = pid.to(tl.int64)
-    row = pid * ROWS + tl.arange(0, ROWS)
-    col = tl.arange(0, N)
-    row_ok = row < n_rows
-    ok = row_ok[:, None] & (col < N)[None, :]
-    offs = row[:, None] * N + col[None, :]
-    x, raw = load(x_ptr, offs, ok, IO)
-    if HAS_MASK:
-        real = row_ok & (tl.load(mask_ptr + row // NR, mask=row_ok, other=0) != 0)
-    else:
-        real = row_ok
-    x = tl.where(real[:, None], x, 0.0)  # eager zeroes padding before quantizing
+    offs, ok, x, raw, real = load_rows(x_ptr, mask_ptr, n_rows, NR, ROWS, N, IO, HAS_MASK, I64)
     one = tl.full([ROWS], 1.0, tl.float32)
     if KIND == 2:
-        sg = tl.load(signs_ptr + col)[None, :]
+        sg = tl.load(signs_ptr + tl.arange(0, N))[None, :]
         y = wht_tile(x * sg, ROWS, N, LOG)
         lo = tl.min(y, axis=1)
         hi = tl.max(y, axis=1)

@@ -28,7 +28,7 @@ from torch import Tensor
 from kvgeom.quant.hadamard import rotation_block
 
 from .block import BlockKernel, ggml_quant
-from .common import IO_CODES, TUNE, io_view, load, store
+from .common import IO_CODES, TUNE, io_view, load_rows, store
 
 __all__ = ["RotatedKernel", "wht_tile"]
 
@@ -52,22 +52,9 @@ def _rotated_kernel(x_ptr, out_ptr, mask_ptr, n_rows, inv_sqrt_n, NR: tl.constex
                     N: tl.constexpr, LOG: tl.constexpr, KIND: tl.constexpr, P1: tl.constexpr, IO: tl.constexpr,
                     HAS_MASK: tl.constexpr, I64: tl.constexpr):
     """``ROWS`` rotation blocks of ``N`` values per program (``NR`` blocks per position)."""
-    pid = tl.program_id(0)
-    if I64:
-        pid = pid.to(tl.int64)
-    row = pid * ROWS + tl.arange(0, ROWS)
-    col = tl.arange(0, N)
-    row_ok = row < n_rows
-    ok = row_ok[:, None] & (col < N)[None, :]
-    offs = row[:, None] * N + col[None, :]
-    x, raw = load(x_ptr, offs, ok, IO)
-    if HAS_MASK:
-        real = row_ok & (tl.load(mask_ptr + row // NR, mask=row_ok, other=0) != 0)
-    else:
-        real = row_ok
-    y = wht_tile(x, ROWS, N, LOG) * inv_sqrt_n
-    # the blocks of 32 of the rotated values: eager zeroes padding before quantizing
-    b = tl.reshape(tl.where(real[:, None], y, 0.0), [ROWS * (N // QK), QK])
+    offs, ok, x, raw, real = load_rows(x_ptr, mask_ptr, n_rows, NR, ROWS, N, IO, HAS_MASK, I64)
+    # padding zeroed before the rotation: eager zeroes it before quantizing, and a block never straddles positions
+    b = tl.reshape(wht_tile(x, ROWS, N, LOG) * inv_sqrt_n, [ROWS * (N // QK), QK])  # the blocks of 32
     e = tl.arange(0, QK)
     lane = (e < QK)[None, :]
     lo = tl.min(b, axis=1)
