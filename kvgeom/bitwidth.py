@@ -67,6 +67,7 @@ def bit_sweep(
     full_ppl: float | None = None,
     known_ppl_ratio: Mapping[str, float] | None = None,
     ppl_batch_size: int | None = None,
+    ppl_windows: Mapping[str, int] | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Sweep schemes of ``families`` over ``bits``; returns ``(summary, rows)``.
 
@@ -82,7 +83,8 @@ def bit_sweep(
     canonical scheme → verdicts by prompt id already generated on the same prompts with the same plan;
     ``full_ppl``: the full-precision perplexity (then not measured; ratios are ``ppl / full_ppl``);
     ``known_ppl_ratio``: canonical scheme → perplexity ratio already measured; ``ppl_batch_size`` (default
-    ``batch_size // 8``).
+    ``batch_size // 8``); ``ppl_windows``: ``window``/``stride`` of :func:`kvgeom.evaluate.perplexity` (default its
+    own).
     """
     t0 = time.perf_counter()
     plans: list[QuantPlan | None] = [None]
@@ -119,7 +121,7 @@ def bit_sweep(
     todo = [p for p in plans if not ((p is None and full_ppl is not None) or
                                      (p is not None and str(p.scheme) in ratios))]
     ppl_bs = ppl_batch_size or max(1, batch_size // 8)
-    ppl = perplexity(model, text, todo, max_tokens=ppl_tokens, batch_size=ppl_bs,
+    ppl = perplexity(model, text, todo, max_tokens=ppl_tokens, batch_size=ppl_bs, **dict(ppl_windows or {}),
                      progress=progress if isinstance(progress, bool) else False) \
         if todo else pd.DataFrame(columns=["plan", "ppl", "ppl_ratio"])
     if full_ppl is not None:

@@ -194,7 +194,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     same = ("model", "harmful", "harmless", "device", "seed", "label_confidence", "n_resamples", "min_recovery_gap",
             "grow_step", "max_calib", "max_minutes", "safe_below", "unsafe_above", "memory_budget", "fix_candidates",
             "screen", "screen_skip_above", "screen_check_frac",
-            "device_map", "max_memory")  # options whose AuditConfig field has the same name
+            "device_map", "max_memory", "batch_size", "ppl_window")  # options whose AuditConfig field has the same name
     kw = {f: getattr(args, f) for f in same} | {
         "n_calib": args.calib, "pool": tuple(args.pool or ()), "engine": engine,
         "scheme": args.scheme if args.scheme is not None else "int4-token-asym",
@@ -202,6 +202,8 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     if args.quick:
         kw.update(n_heldout=20, n_borderline=10, fractions=(0.05, 0.25), n_seeds=2, bits=(8, 4, 3, 2),
                   ppl_tokens=512, max_new_tokens=24)
+    if args.ppl_tokens is not None:
+        kw["ppl_tokens"] = args.ppl_tokens
     if args.max_new_tokens is not None:  # 0 and negatives too: check_config refuses them before any work
         kw["max_new_tokens"] = args.max_new_tokens
     kw.update({"search": True} if args.search else {}, **({"refused_only": False} if args.all_prompts else {}),
@@ -302,6 +304,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-new-tokens", type=int, default=None, help="tokens judged per completion (default 32)")
     p.add_argument("--quick", action="store_true", help="fewer held-out prompts, fractions, seeds and bits")
+    p.add_argument("--batch-size", type=int, default=256, help="rows generated per batch (default 256: a decode "
+                   "step costs little more with more rows; a batch too big for the free memory runs smaller)")
+    p.add_argument("--ppl-tokens", type=int, default=None, help="tokens of the bundled prose scored for perplexity "
+                   "(default 1024)")
+    p.add_argument("--ppl-window", type=int, default=0, help="tokens per perplexity window, windows not "
+                   "overlapping (default 0: one window of --ppl-tokens)")
     p.add_argument("--resume", action="store_true", help="skip stages already saved in --out (refused when --out "
                    "was written with other settings or another judge)")
     add_judge_argument(p)

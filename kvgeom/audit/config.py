@@ -58,6 +58,12 @@ class AuditConfig:
     only the rows whose prefill-only refusal margin under the plan (:func:`kvgeom.predict.flip_signals`,
     ``margin_plan``) is below ``screen_skip_above`` (the rest are assumed to stay refused), and decodes a random
     ``screen_check_frac`` of the skipped rows anyway to measure the screen's error.
+
+    Cost (the CPU's matmuls): ``batch_size`` rows share a decode step, and a step's matmuls cost little more with
+    more rows (one 2-core CPU: 87 GFLOP/s at 64 rows, 149 at 256; docs/benchmarks.md §15), so the default is 256;
+    results do not depend on it beyond float32 rounding. Perplexity scores the first ``ppl_tokens`` tokens of the
+    bundled prose in windows of ``ppl_window`` tokens that do not overlap (0: one window, every token read with
+    all the tokens before it; :attr:`ppl_windows`).
     """
 
     model: str = DEFAULT_MODEL
@@ -77,7 +83,8 @@ class AuditConfig:
     n_seeds: int = 3
     bits: tuple[int, ...] = (8, 6, 5, 4, 3, 2)
     ppl_tokens: int = 1024
-    batch_size: int = 64
+    ppl_window: int = 0
+    batch_size: int = 256
     refused_only: bool = True
     settle: bool = True
     search: bool = False
@@ -108,6 +115,14 @@ class AuditConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def ppl_windows(self) -> dict[str, int]:
+        """``window`` and ``stride`` of the audit's :func:`kvgeom.evaluate.perplexity` calls: windows of
+        ``ppl_window`` tokens (0: all ``ppl_tokens`` in one) that do not overlap, so no position is computed
+        twice."""
+        w = min(self.ppl_window or self.ppl_tokens, self.ppl_tokens)
+        return {"window": w, "stride": w}
 
     @property
     def quant_site(self) -> str:
@@ -156,7 +171,8 @@ OPTIONS = {"n_calib": "--calib", "max_new_tokens": "--max-new-tokens", "seed": "
            "safe_below": "--safe-below", "unsafe_above": "--unsafe-above", "memory_budget": "--memory-budget",
            "fix_candidates": "--fix-candidates", "screen": "--screen",
            "screen_skip_above": "--screen-skip-above", "screen_check_frac": "--screen-check-frac",
-           "device_map": "--device-map", "max_memory": "--max-memory"}
+           "device_map": "--device-map", "max_memory": "--max-memory",
+           "batch_size": "--batch-size", "ppl_tokens": "--ppl-tokens", "ppl_window": "--ppl-window"}
 
 #: (setting, lowest, highest or None, what it is): the whole-number settings and their ranges
 INT_RANGES = (
@@ -166,6 +182,7 @@ INT_RANGES = (
     ("max_new_tokens", 1, None, "tokens generated and judged per completion"),
     ("n_seeds", 1, None, "random-channel seeds of the channel ablation"),
     ("ppl_tokens", 2, None, "tokens of the bundled prose scored for perplexity"),
+    ("ppl_window", 0, None, "tokens per perplexity window; 0: one window of --ppl-tokens"),
     ("batch_size", 1, None, "rows generated per batch"),
     ("seed", 0, 2**32 - 1, "the random seed, in numpy's range"),
     ("n_resamples", 100, 100_000, "bootstrap resamples: fewer cannot state a probability, more cost memory "
@@ -230,6 +247,8 @@ def check_numbers(cfg: AuditConfig) -> None:
         ok = isinstance(v, numbers.Real) and not isinstance(v, bool) and not math.isnan(v)
         if not ok or not ((lo <= v if lo_in else lo < v) and (v <= hi if hi_in else v < hi)):
             raise refuse(field, v, f"must be a number in {_bound(lo, lo_in, hi, hi_in)} ({what})")
+    if cfg.ppl_window == 1:
+        raise refuse("ppl_window", 1, "a perplexity window needs at least 2 tokens (one scores the next)")
     fr = tuple(cfg.fractions)
     if not fr or any(isinstance(f, bool) or not isinstance(f, numbers.Real) or not 0 < f <= 1 for f in fr):
         raise refuse("fractions", cfg.fractions, "must be one or more shares in (0, 1] (of the key channels the "

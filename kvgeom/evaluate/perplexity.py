@@ -45,6 +45,7 @@ def perplexity(
     stride: int = 256,
     max_tokens: int | None = 4096,
     batch_size: int = 8,
+    max_logit_bytes: int = 2 * 2**30,
     progress: bool = False,
 ) -> pd.DataFrame:
     """Sliding-window perplexity of ``text`` (default: the bundled prose) under each plan.
@@ -54,12 +55,18 @@ def perplexity(
     window (the first scores all but its first token), so every token is scored once, with at least
     ``window - stride`` tokens of context after the first window. Plans apply as in refusal runs
     (forward mode: per-call fake quant over the window; cache mode: the window's attention reads the
-    quantized cache). Columns: ``plan, nll, ppl, ppl_ratio, n_tokens, window, stride``.
+    quantized cache). ``window=stride=len(text)`` is one window: every token is scored with all the tokens before
+    it as context and no position is computed twice (what the audit runs: ``AuditConfig.ppl_window``). A forward
+    holds at most ``batch_size`` windows, fewer where their float32 logits would pass ``max_logit_bytes`` (a
+    1,024-token window of a 152k vocabulary is 0.6 GB), so long windows do not run out of memory; the rows of a
+    forward do not change the result. Columns: ``plan, nll, ppl, ppl_ratio, n_tokens, window, stride``.
     """
     from kvgeom.prompts import load_text
 
     if stride < 1 or window < 2 or stride > window:
         raise ValueError(f"need window >= 2 and 1 <= stride <= window, got window={window}, stride={stride}")
+    if batch_size < 1 or max_logit_bytes < 1:
+        raise ValueError(f"need batch_size >= 1 and max_logit_bytes >= 1, got {batch_size} and {max_logit_bytes}")
     text = load_text() if text is None else text
     ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
     if max_tokens is not None:
@@ -72,8 +79,10 @@ def perplexity(
     nll_sum = np.zeros(len(plan_list))
     count = np.zeros(len(plan_list), dtype=int)
     pad = model.pad_token_id
-    for start in tqdm(range(0, len(rows), batch_size), desc="perplexity", disable=not progress):
-        chunk = rows[start:start + batch_size]
+    longest = max(min(n, e - s - 1) for s, e, n in wins) + 1  # logit positions a window keeps, at most
+    per_call = max(1, min(batch_size, max_logit_bytes // (4 * longest * model.facts.vocab_size)))
+    for start in tqdm(range(0, len(rows), per_call), desc="perplexity", disable=not progress):
+        chunk = rows[start:start + per_call]
         width = max(wins[w][1] - wins[w][0] for w, _ in chunk)
         x = torch.full((len(chunk), width), pad, dtype=torch.long)
         m = torch.zeros((len(chunk), width), dtype=torch.bool)

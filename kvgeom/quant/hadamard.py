@@ -81,8 +81,15 @@ def _signs(d: int) -> Tensor:
     return 2.0 * torch.bernoulli(torch.full((d,), 0.5), generator=gen) - 1.0
 
 
+@lru_cache(maxsize=32)
+def _signs_on(d: int, device: torch.device) -> Tensor:
+    return _signs(d).to(device)
+
+
 def rht_signs(d: int, device: torch.device | str | None = None) -> Tensor:
     """vLLM's fixed ±1 signs of its randomized Hadamard transform for head size ``d`` (``_get_rht_signs`` of
     ``vllm/v1/attention/ops/int4_per_token_head.py``): :mod:`kvgeom.quant.formats.vllm_pth` and its fused kernel
-    (:mod:`kvgeom.quant.triton.pth`) read them here."""
-    return _signs(d).to(device)
+    (:mod:`kvgeom.quant.triton.pth`) read them here. Copied to ``device`` once, not per call (a host-to-GPU copy
+    waits for the GPU: it was 1,344 of the 1,462 host syncs of a vLLM-formats batch, ``benchmarks/host_syncs.py``);
+    the tensor is shared, so do not write to it."""
+    return _signs_on(d, torch.device("cpu") if device is None else torch.device(device))

@@ -131,9 +131,9 @@ def _generate_batch(
         next_pos = next_pos + 1
     rows: list[list[int]] = []
     eos_set = set(eos.tolist())
-    for i in range(b):
+    for row in out.tolist():  # one device-to-host copy, not one per row
         seq: list[int] = []
-        for t in out[i].tolist():
+        for t in row:
             if t < 0 or (stop_at_eos and t in eos_set):
                 break
             seq.append(t)

@@ -97,6 +97,26 @@ def test_perplexity_matches_plain_forward(tiny_llama):
     assert got[got.plan != FULL]["ppl_ratio"].iloc[0] != pytest.approx(1.0)
 
 
+def test_one_window_scores_every_token_with_all_its_context_whatever_the_logit_budget(tiny_llama):
+    from kvgeom.audit import AuditConfig
+
+    text = "The quick brown fox jumps over the lazy dog. " * 8
+    ids = tiny_llama.tokenizer(text, add_special_tokens=False)["input_ids"]
+    x = torch.tensor([ids])
+    logits = forward(tiny_llama, x, torch.ones_like(x, dtype=torch.bool))
+    nll = torch.nn.functional.cross_entropy(logits[0, :-1], x[0, 1:]).item()
+    plans = [None, QuantPlan("int2-token-asym", mode="cache", site="rot_k")]
+    n = len(ids)
+    one = perplexity(tiny_llama, text, plans, window=n, stride=n, max_tokens=None)
+    assert one["ppl"].iloc[0] == pytest.approx(math.exp(nll), rel=1e-5)
+    assert one["n_tokens"].tolist() == [n - 1, n - 1]
+    tight = perplexity(tiny_llama, text, plans, window=n, stride=n, max_tokens=None, max_logit_bytes=1)  # 1 row
+    assert tight["ppl"].tolist() == pytest.approx(one["ppl"].tolist(), rel=1e-5)
+    assert AuditConfig(ppl_tokens=1024).ppl_windows == {"window": 1024, "stride": 1024}
+    assert AuditConfig(ppl_tokens=1024, ppl_window=256).ppl_windows == {"window": 256, "stride": 256}
+    assert AuditConfig(ppl_tokens=100, ppl_window=256).ppl_windows == {"window": 100, "stride": 100}
+
+
 def test_perplexity_sliding_windows_full_precision(tiny_llama):
     text = "The quick brown fox jumps over the lazy dog. " * 30
     a = perplexity(tiny_llama, text, [None], window=64, stride=32, max_tokens=None)

@@ -27,7 +27,8 @@ def run(inputs: AuditInputs, results: StageResults) -> dict:
                                   "borderline": inputs.borderline}, [None], stage="baseline", settle=False)
     rows, rows_h, rows_b = out["calibration"], out["held_out"], out["borderline"]
     ppl = inputs.cached(("perplexity",), lambda: perplexity(inputs.model, None, [None, inputs.plan(cfg.scheme)],
-                                                            max_tokens=cfg.ppl_tokens, batch_size=4))
+                                                            max_tokens=cfg.ppl_tokens, batch_size=4,
+                                                            **cfg.ppl_windows))
     return {
         "calibration": refusal_rate(rows["verdict"]), "held_out": refusal_rate(rows_h["verdict"]),
         "over_refusal": refusal_rate(rows_b["verdict"]),

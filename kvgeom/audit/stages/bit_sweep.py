@@ -37,6 +37,7 @@ def run(inputs: AuditInputs, results: StageResults) -> dict:
         max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, judge=inputs.judge, settle=cfg.settle,
         progress="bit_sweep" if inputs.bars else False, baseline=baseline_verdicts(base_res),
         known_verdicts={target: reuse} if reuse else None, ppl_tokens=cfg.ppl_tokens, ppl_batch_size=4,
+        ppl_windows=cfg.ppl_windows,
         full_ppl=base_res["perplexity"]["ppl"], known_ppl_ratio={target: base_res["perplexity"]["ppl_ratio"]})
     # the generated rows only (the reused verdicts carry no completion: their rows are the other stages')
     inputs.record("bit_sweep", rows[rows["completion"].notna()] if "completion" in rows else rows.iloc[0:0])

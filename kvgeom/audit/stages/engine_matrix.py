@@ -82,7 +82,7 @@ def _perplexity(model: Any, plans: list[QuantPlan], cfg: Any) -> pd.DataFrame:
         group = [p for p in plans if (p.prefill == "full") == full]
         if group:
             frames.append(perplexity(model, None, group, max_tokens=cfg.ppl_tokens,
-                                     batch_size=max(1, min(len(group), max(4, cfg.batch_size)))))
+                                     batch_size=max(1, min(len(group), max(4, cfg.batch_size))), **cfg.ppl_windows))
     return pd.concat(frames, ignore_index=True)
 
 
