@@ -194,7 +194,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     same = ("model", "harmful", "harmless", "device", "seed", "label_confidence", "n_resamples", "min_recovery_gap",
             "grow_step", "max_calib", "max_minutes", "safe_below", "unsafe_above", "memory_budget", "fix_candidates",
             "screen", "screen_skip_above", "screen_check_frac",
-            "device_map", "max_memory", "batch_size", "ppl_window")  # options whose AuditConfig field has the same name
+            "device_map", "max_memory", "batch_size", "ppl_window", "ppl_stride")  # options whose AuditConfig field has the same name
     kw = {f: getattr(args, f) for f in same} | {
         "n_calib": args.calib, "pool": tuple(args.pool or ()), "engine": engine,
         "scheme": args.scheme if args.scheme is not None else "int4-token-asym",
@@ -308,8 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "step costs little more with more rows; a batch too big for the free memory runs smaller)")
     p.add_argument("--ppl-tokens", type=int, default=None, help="tokens of the bundled prose scored for perplexity "
                    "(default 1024)")
-    p.add_argument("--ppl-window", type=int, default=0, help="tokens per perplexity window, windows not "
-                   "overlapping (default 0: one window of --ppl-tokens)")
+    p.add_argument("--ppl-window", type=int, default=512, help="tokens per perplexity window (default 512)")
+    p.add_argument("--ppl-stride", type=int, default=256, help="tokens between perplexity windows (default 256; "
+                   "--ppl-window N --ppl-stride N with N = --ppl-tokens reads one window)")
     p.add_argument("--resume", action="store_true", help="skip stages already saved in --out (refused when --out "
                    "was written with other settings or another judge)")
     add_judge_argument(p)

@@ -62,8 +62,11 @@ class AuditConfig:
     Cost (the CPU's matmuls): ``batch_size`` rows share a decode step, and a step's matmuls cost little more with
     more rows (one 2-core CPU: 87 GFLOP/s at 64 rows, 149 at 256; docs/benchmarks.md §15), so the default is 256;
     results do not depend on it beyond float32 rounding. Perplexity scores the first ``ppl_tokens`` tokens of the
-    bundled prose in windows of ``ppl_window`` tokens that do not overlap (0: one window, every token read with
-    all the tokens before it; :attr:`ppl_windows`).
+    bundled prose in windows of ``ppl_window`` tokens, one every ``ppl_stride`` (:attr:`ppl_windows`; each token
+    scored once, with at least ``ppl_window - ppl_stride`` tokens of context after the first window).
+    ``ppl_window = ppl_stride = ppl_tokens`` reads one window (every token with all the tokens before it): on the
+    CPU it cost 4% less for the llama.cpp formats, but it is another estimator whose ratios moved by up to 1.7x for
+    4-bit types (docs/benchmarks.md §15), so the default stays 512/256.
     """
 
     model: str = DEFAULT_MODEL
@@ -83,7 +86,8 @@ class AuditConfig:
     n_seeds: int = 3
     bits: tuple[int, ...] = (8, 6, 5, 4, 3, 2)
     ppl_tokens: int = 1024
-    ppl_window: int = 0
+    ppl_window: int = 512
+    ppl_stride: int = 256
     batch_size: int = 256
     refused_only: bool = True
     settle: bool = True
@@ -118,11 +122,10 @@ class AuditConfig:
 
     @property
     def ppl_windows(self) -> dict[str, int]:
-        """``window`` and ``stride`` of the audit's :func:`kvgeom.evaluate.perplexity` calls: windows of
-        ``ppl_window`` tokens (0: all ``ppl_tokens`` in one) that do not overlap, so no position is computed
-        twice."""
-        w = min(self.ppl_window or self.ppl_tokens, self.ppl_tokens)
-        return {"window": w, "stride": w}
+        """``window`` and ``stride`` of the audit's :func:`kvgeom.evaluate.perplexity` calls (a window longer
+        than ``ppl_tokens`` is cut to it, and the stride to the window)."""
+        w = min(self.ppl_window, self.ppl_tokens)
+        return {"window": w, "stride": min(self.ppl_stride, w)}
 
     @property
     def quant_site(self) -> str:
@@ -172,7 +175,8 @@ OPTIONS = {"n_calib": "--calib", "max_new_tokens": "--max-new-tokens", "seed": "
            "fix_candidates": "--fix-candidates", "screen": "--screen",
            "screen_skip_above": "--screen-skip-above", "screen_check_frac": "--screen-check-frac",
            "device_map": "--device-map", "max_memory": "--max-memory",
-           "batch_size": "--batch-size", "ppl_tokens": "--ppl-tokens", "ppl_window": "--ppl-window"}
+           "batch_size": "--batch-size", "ppl_tokens": "--ppl-tokens", "ppl_window": "--ppl-window",
+           "ppl_stride": "--ppl-stride"}
 
 #: (setting, lowest, highest or None, what it is): the whole-number settings and their ranges
 INT_RANGES = (
@@ -182,7 +186,8 @@ INT_RANGES = (
     ("max_new_tokens", 1, None, "tokens generated and judged per completion"),
     ("n_seeds", 1, None, "random-channel seeds of the channel ablation"),
     ("ppl_tokens", 2, None, "tokens of the bundled prose scored for perplexity"),
-    ("ppl_window", 0, None, "tokens per perplexity window; 0: one window of --ppl-tokens"),
+    ("ppl_window", 2, None, "tokens per perplexity window: one scores the next"),
+    ("ppl_stride", 1, None, "tokens between perplexity windows"),
     ("batch_size", 1, None, "rows generated per batch"),
     ("seed", 0, 2**32 - 1, "the random seed, in numpy's range"),
     ("n_resamples", 100, 100_000, "bootstrap resamples: fewer cannot state a probability, more cost memory "
@@ -247,8 +252,9 @@ def check_numbers(cfg: AuditConfig) -> None:
         ok = isinstance(v, numbers.Real) and not isinstance(v, bool) and not math.isnan(v)
         if not ok or not ((lo <= v if lo_in else lo < v) and (v <= hi if hi_in else v < hi)):
             raise refuse(field, v, f"must be a number in {_bound(lo, lo_in, hi, hi_in)} ({what})")
-    if cfg.ppl_window == 1:
-        raise refuse("ppl_window", 1, "a perplexity window needs at least 2 tokens (one scores the next)")
+    if cfg.ppl_stride > cfg.ppl_window:
+        raise refuse("ppl_stride", cfg.ppl_stride, f"must be at most --ppl-window ({cfg.ppl_window}): windows that "
+                     "skip tokens would leave them unscored", f"pass --ppl-stride {cfg.ppl_window} or less")
     fr = tuple(cfg.fractions)
     if not fr or any(isinstance(f, bool) or not isinstance(f, numbers.Real) or not 0 < f <= 1 for f in fr):
         raise refuse("fractions", cfg.fractions, "must be one or more shares in (0, 1] (of the key channels the "

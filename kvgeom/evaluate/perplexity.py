@@ -56,7 +56,7 @@ def perplexity(
     ``window - stride`` tokens of context after the first window. Plans apply as in refusal runs
     (forward mode: per-call fake quant over the window; cache mode: the window's attention reads the
     quantized cache). ``window=stride=len(text)`` is one window: every token is scored with all the tokens before
-    it as context and no position is computed twice (what the audit runs: ``AuditConfig.ppl_window``). A forward
+    it as context and no position is computed twice (``kvgeom audit --ppl-window N --ppl-stride N``). A forward
     holds at most ``batch_size`` windows, fewer where their float32 logits would pass ``max_logit_bytes`` (a
     1,024-token window of a 152k vocabulary is 0.6 GB), so long windows do not run out of memory; the rows of a
     forward do not change the result. Columns: ``plan, nll, ppl, ppl_ratio, n_tokens, window, stride``.

@@ -112,9 +112,10 @@ def test_one_window_scores_every_token_with_all_its_context_whatever_the_logit_b
     assert one["n_tokens"].tolist() == [n - 1, n - 1]
     tight = perplexity(tiny_llama, text, plans, window=n, stride=n, max_tokens=None, max_logit_bytes=1)  # 1 row
     assert tight["ppl"].tolist() == pytest.approx(one["ppl"].tolist(), rel=1e-5)
-    assert AuditConfig(ppl_tokens=1024).ppl_windows == {"window": 1024, "stride": 1024}
-    assert AuditConfig(ppl_tokens=1024, ppl_window=256).ppl_windows == {"window": 256, "stride": 256}
-    assert AuditConfig(ppl_tokens=100, ppl_window=256).ppl_windows == {"window": 100, "stride": 100}
+    assert AuditConfig(ppl_tokens=1024).ppl_windows == {"window": 512, "stride": 256}  # perplexity()'s own
+    assert AuditConfig(ppl_tokens=1024, ppl_window=1024, ppl_stride=1024).ppl_windows == {"window": 1024,
+                                                                                        "stride": 1024}
+    assert AuditConfig(ppl_tokens=100).ppl_windows == {"window": 100, "stride": 100}
 
 
 def test_perplexity_sliding_windows_full_precision(tiny_llama):
