@@ -194,7 +194,8 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     same = ("model", "harmful", "harmless", "device", "seed", "label_confidence", "n_resamples", "min_recovery_gap",
             "grow_step", "max_calib", "max_minutes", "safe_below", "unsafe_above", "memory_budget", "fix_candidates",
             "screen", "screen_skip_above", "screen_check_frac",
-            "device_map", "max_memory", "batch_size", "ppl_window", "ppl_stride")  # options whose AuditConfig field has the same name
+            "device_map", "max_memory", "batch_size", "ppl_window",
+            "ppl_stride")  # options whose AuditConfig field has the same name
     kw = {f: getattr(args, f) for f in same} | {
         "n_calib": args.calib, "pool": tuple(args.pool or ()), "engine": engine,
         "scheme": args.scheme if args.scheme is not None else "int4-token-asym",
