@@ -59,9 +59,10 @@ class AuditConfig:
     ``margin_plan``) is below ``screen_skip_above`` (the rest are assumed to stay refused), and decodes a random
     ``screen_check_frac`` of the skipped rows anyway to measure the screen's error.
 
-    Cost (the CPU's matmuls): ``batch_size`` rows share a decode step, and a step's matmuls cost little more with
-    more rows (one 2-core CPU: 87 GFLOP/s at 64 rows, 149 at 256; docs/benchmarks.md §15), so the default is 256;
-    results do not depend on it beyond float32 rounding. Perplexity scores the first ``ppl_tokens`` tokens of the
+    Cost (the CPU's matmuls): ``batch_size`` rows share a decode step, and a step's matmuls run closer to the
+    machine's peak with more rows, so the default is 256 (rows that share a chat-template prefix: 98 -> 76 s for
+    174 rows on a 2-core CPU; rows that share none pad more and gain nothing: docs/benchmarks.md §15); results do
+    not depend on it beyond float32 rounding. Perplexity scores the first ``ppl_tokens`` tokens of the
     bundled prose in windows of ``ppl_window`` tokens, one every ``ppl_stride`` (:attr:`ppl_windows`; each token
     scored once, with at least ``ppl_window - ppl_stride`` tokens of context after the first window).
     ``ppl_window = ppl_stride = ppl_tokens`` reads one window (every token with all the tokens before it): on the
