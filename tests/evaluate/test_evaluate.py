@@ -84,12 +84,20 @@ def test_windows_score_every_token_once():
         assert scored == n - 1, (n, w, s)
 
 
-def test_perplexity_matches_plain_forward(tiny_llama):
-    text = "The quick brown fox jumps over the lazy dog. " * 8
-    ids = tiny_llama.tokenizer(text, add_special_tokens=False)["input_ids"]
+FOX = "The quick brown fox jumps over the lazy dog. " * 8
+
+
+def _plain_nll(model, text: str) -> tuple[list[int], float]:
+    """The text's token ids and its mean next-token NLL from one plain forward over all of it."""
+    ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
     x = torch.tensor([ids])
-    logits = forward(tiny_llama, x, torch.ones_like(x, dtype=torch.bool))
-    nll = torch.nn.functional.cross_entropy(logits[0, :-1], x[0, 1:]).item()
+    logits = forward(model, x, torch.ones_like(x, dtype=torch.bool))
+    return ids, torch.nn.functional.cross_entropy(logits[0, :-1], x[0, 1:]).item()
+
+
+def test_perplexity_matches_plain_forward(tiny_llama):
+    text = FOX
+    _, nll = _plain_nll(tiny_llama, text)
     got = perplexity(tiny_llama, text, [None, QuantPlan("int2-token-asym")], window=512, stride=256)
     full = got[got.plan == FULL].iloc[0]
     assert full["ppl"] == pytest.approx(math.exp(nll), rel=1e-5)
@@ -100,11 +108,8 @@ def test_perplexity_matches_plain_forward(tiny_llama):
 def test_one_window_scores_every_token_with_all_its_context_whatever_the_logit_budget(tiny_llama):
     from kvgeom.audit import AuditConfig
 
-    text = "The quick brown fox jumps over the lazy dog. " * 8
-    ids = tiny_llama.tokenizer(text, add_special_tokens=False)["input_ids"]
-    x = torch.tensor([ids])
-    logits = forward(tiny_llama, x, torch.ones_like(x, dtype=torch.bool))
-    nll = torch.nn.functional.cross_entropy(logits[0, :-1], x[0, 1:]).item()
+    text = FOX
+    ids, nll = _plain_nll(tiny_llama, text)
     plans = [None, QuantPlan("int2-token-asym", mode="cache", site="rot_k")]
     n = len(ids)
     one = perplexity(tiny_llama, text, plans, window=n, stride=n, max_tokens=None)
