@@ -29,7 +29,7 @@ __all__ = ["ROW_COLUMNS", "AuditInputs", "plan_verdicts"]
 
 #: The columns of an evaluated row that an audit keeps for its judges (``out/rows/STAGE.jsonl``).
 ROW_COLUMNS = ("stage", "split", "prompt_id", "plan", "prompt", "completion", "verdict", "settled", "n_tokens",
-               "stopped_at_eos", "shared_prefix", "nll")
+               "stopped_at_eos", "shared_prefix", "skipped_layers", "nll")
 
 
 def plan_verdicts(rows: pd.DataFrame, plan: str) -> pd.Series:

@@ -244,7 +244,8 @@ def evaluate(
     table = _rows(ps, plan_list, None if only is None else set(only))
     if table.empty:
         return pd.DataFrame(columns=["prompt_id", "category", "prompt", "plan", "completion", "n_tokens",
-                                     "stopped_at_eos", "settled", "shared_prefix", "verdict", "refused",
+                                     "stopped_at_eos", "settled", "shared_prefix", "skipped_layers", "verdict",
+                                     "refused",
                                      "refusal_score"])
     row_plans = [plan_list[j] for j in table["plan_idx"]]
     stop_when = getattr(judge, "settled", None) if settle else None
@@ -266,6 +267,7 @@ def evaluate(
     table["stopped_at_eos"] = gen.stopped_at_eos
     table["settled"] = gen.extra.get("settled", [False] * len(table))
     table["shared_prefix"] = gen.extra.get("shared_prefix", [0] * len(table))
+    table["skipped_layers"] = gen.extra.get("skipped_layers", [0] * len(table))
     nlls = None
     if nll:  # full-precision NLL of the completions, for the degeneracy rule's criterion (d)
         nlls = completion_nll(model, table["prompt"].tolist(), gen.texts, batch_size=max(1, batch_size // 2))

@@ -25,6 +25,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from kvgeom.runtime.forward import Batch, encode, forward, new_cache, position_ids_from_mask, select_cache_rows
+from kvgeom.runtime.layer_skip import LayerSkip, layer_skip, prefill_skipping
 from kvgeom.runtime.limits import fit_prompts, prompt_token_counts
 from kvgeom.runtime.memory import fit_batch
 from kvgeom.runtime.plans import apply_plans, normalise_plans
@@ -64,6 +65,8 @@ def _generate_batch(
     stop_when: Callable[[str], bool] | None = None,
     exit_after_prefill: Callable[[Tensor], Sequence[bool]] | None = None,
     prefix: SharedPrefix | None = None,
+    skip: LayerSkip | None = None,
+    only: Callable[[list[int]], Any] | None = None,
 ) -> tuple[list[list[int]], list[bool], Tensor | None, list[bool], list[bool], list[bool]]:
     """Greedy decoding of one left-padded batch. Rows that hit EOS (or whose decoded text so far satisfies
     ``stop_when``) are dropped from the batch (and from the cache, via
@@ -71,11 +74,17 @@ def _generate_batch(
     compute only the rows still generating. ``exit_after_prefill(first_logits)`` (float ``[batch, vocab]``) says
     which rows stop right after the prefill, with no token generated (a screen); they are flagged in the last list.
     The list before it flags rows whose logits were not finite at some step (read once, at the end). ``prefix``:
-    the batch's shared tokens are prefilled once per plan (:func:`kvgeom.runtime.prefix.prefill_shared`)."""
+    the batch's shared tokens are prefilled once per plan (:func:`kvgeom.runtime.prefix.prefill_shared`). ``skip``:
+    the layers below each row's first quantized layer come from one full-precision prefill per prompt
+    (:func:`kvgeom.runtime.layer_skip.prefill_skipping`; ``only`` restricts the plans to some rows)."""
     eos = torch.tensor(sorted(model.eos_token_ids) or [-1], device=model.device)
     eos_list = set(eos.tolist()) if stop_at_eos else set()
     if prefix is not None:
         logits, mask, pos = prefill_shared(model, batch, prefix, cache=cache, select=select)
+    elif skip is not None:
+        if only is None:
+            raise ValueError("skip= needs only= (the plan run's only) to restrict the plans to each group of rows")
+        logits, mask, pos = prefill_skipping(model, batch, skip, cache=cache, only=only)
     else:
         mask = batch.mask.to(model.device)
         pos = position_ids_from_mask(mask)
@@ -165,6 +174,7 @@ def generate(
     truncate_prompts: bool = False,
     exit_after_prefill: Callable[[list[int], Tensor], Sequence[bool]] | None = None,
     share_prefix: bool | None = None,
+    skip_layers: bool = True,
 ) -> Generation:
     """Greedy generation with the KV cache, left-padded batches, any active :func:`kv_hooks`.
 
@@ -197,6 +207,12 @@ def generate(
             off on a GPU, where it saved nothing measurable (docs/benchmarks.md §14). The same tokens within float32
             rounding;
             ``extra["shared_prefix"]`` holds each row's shared token count (0: not shared).
+        skip_layers: in a batch that does not share a prefix, compute the layers below each row's first quantized
+            layer once per prompt at full precision instead of once per row (:mod:`kvgeom.runtime.layer_skip`: a
+            layer sweep's prefill then computes about half its layer-rows); only when every plan is in mode
+            ``forward``, no ``cache_factory`` is given, the model has no sliding-window layer, no hooks but the
+            plans' own are open and the saving passes 10% of the batch's layer-rows. The same tokens within float32
+            rounding; ``extra["skipped_layers"]`` holds each row's layers read from the full-precision prefill.
 
     Memory: a batch whose estimate (:func:`kvgeom.runtime.memory.batch_bytes`) exceeds the device's free memory
     runs as smaller batches; out of memory all the same, the batch is retried at half the size (down to 1), and
@@ -222,7 +238,7 @@ def generate(
         share_prefix = model.device.type == "cpu"
     kw = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, chat=chat, system=system, stop_at_eos=stop_at_eos,
               cache_factory=cache_factory, keep_first_logits=keep_first_logits, stop_when=stop_when, progress=progress,
-              exit_after_prefill=exit_after_prefill, share_prefix=bool(share_prefix))
+              exit_after_prefill=exit_after_prefill, share_prefix=bool(share_prefix), skip_layers=bool(skip_layers))
     extra = {"truncated": truncated} if truncate_prompts else {}
     if len(prompts) <= batch_size:
         return _run(model, prompts, row_plans, list(range(len(prompts))), extra=extra, **kw)
@@ -235,7 +251,8 @@ def generate(
         prompts=prompts, texts=[gen.texts[j] for j in back], tokens=[gen.tokens[j] for j in back],
         stopped_at_eos=[gen.stopped_at_eos[j] for j in back],
         first_logits=None if gen.first_logits is None else gen.first_logits[back],
-        extra={**{k: [gen.extra[k][j] for j in back] for k in ("settled", "nonfinite", "exited", "shared_prefix")},
+        extra={**{k: [gen.extra[k][j] for j in back] for k in ("settled", "nonfinite", "exited", "shared_prefix",
+                                                                   "skipped_layers")},
                "batch_size": gen.extra["batch_size"], **extra})
 
 
@@ -243,7 +260,7 @@ def _run(model: KVModel, prompts: list[str], row_plans: list | None, index: list
          batch_size: int, chat: bool, system: str | None, stop_at_eos: bool, cache_factory: Any,
          keep_first_logits: bool, stop_when: Callable[[str], bool] | None, progress: bool | str,
          exit_after_prefill: Callable[[list[int], Tensor], Sequence[bool]] | None, share_prefix: bool,
-         extra: dict) -> Generation:
+         skip_layers: bool, extra: dict) -> Generation:
     """The batches of :func:`generate`, in the order given (``index``: each prompt's index in the caller's input,
     what ``exit_after_prefill`` is told)."""
     tokens: list[list[int]] = []
@@ -253,6 +270,7 @@ def _run(model: KVModel, prompts: list[str], row_plans: list | None, index: list
     nonfinite: list[bool] = []
     exited: list[bool] = []
     shared: list[int] = []
+    skipped: list[int] = []
     start, size = 0, batch_size
     bar = tqdm(total=len(prompts), desc=progress if isinstance(progress, str) else "generate", unit="row",
                disable=not progress)
@@ -267,15 +285,19 @@ def _run(model: KVModel, prompts: list[str], row_plans: list | None, index: list
                 factory = plan_factory or cache_factory
                 cache = factory(model, batch) if factory else new_cache(model)
                 rows_in = index[start:start + len(batch)]
-                prefix = (_prefix_of(model, batch, row_plans, start, plan_factory)
-                          if share_prefix and cache_factory is None and cache_keeps_every_position(cache) else None)
+                plain = cache_factory is None and cache_keeps_every_position(cache) and _own_hooks_only(model,
+                                                                                                      plan_factory)
+                prefix = _prefix_of(batch, row_plans, start) if share_prefix and plain else None
+                skip = (layer_skip(batch, row_plans[start:start + len(batch)], model.n_layers)
+                        if skip_layers and plain and prefix is None and plan_factory is not None
+                        and not plan_factory.needs_cache else None)
                 rows, hit, first, done, bad, out = _generate_batch(
                     model, batch, max_new_tokens, cache=cache, stop_at_eos=stop_at_eos,
                     keep_first_logits=keep_first_logits, select=getattr(plan_factory, "select", None),
                     stop_when=stop_when,
                     exit_after_prefill=None if exit_after_prefill is None else (
                         lambda logits, _r=rows_in: exit_after_prefill(_r, logits)),
-                    prefix=prefix,
+                    prefix=prefix, skip=skip, only=getattr(plan_factory, "only", None),
                 )
         except torch.OutOfMemoryError:
             if size == 1:
@@ -290,6 +312,7 @@ def _run(model: KVModel, prompts: list[str], row_plans: list | None, index: list
         nonfinite.extend(bad)
         exited.extend(out)
         shared.extend([prefix.length if prefix is not None else 0] * len(batch))
+        skipped.extend(list(skip.first) if skip is not None else [0] * len(batch))
         if first is not None:
             firsts.append(first)
         start += len(batch)
@@ -300,16 +323,19 @@ def _run(model: KVModel, prompts: list[str], row_plans: list | None, index: list
         prompts=prompts, texts=texts, tokens=tokens, stopped_at_eos=eos_flags,
         first_logits=torch.cat(firsts) if firsts else None,
         extra={"settled": settled, "nonfinite": nonfinite, "exited": exited, "shared_prefix": shared,
-               "batch_size": size, **extra},
+               "skipped_layers": skipped, "batch_size": size, **extra},
     )
 
 
-def _prefix_of(model: KVModel, batch: Batch, row_plans: list | None, start: int, plan_run: Any) -> SharedPrefix | None:
-    """The batch's shared prefix (:func:`kvgeom.runtime.prefix.shared_prefix`), or None when hooks other than the
-    plans' own are open: those may read positions as a whole call's (a caller's capture or noise)."""
+def _own_hooks_only(model: KVModel, plan_run: Any) -> bool:
+    """Whether the only open hooks are the batch's plans' own: hooks of a caller's (a capture, noise) may read
+    positions as a whole call's, or layers a split prefill does not run, so neither sharing nor skipping applies."""
     own = {id(s) for s in getattr(plan_run, "sessions", ())}
-    if any(id(s) not in own for s in model.hook_sessions):
-        return None
+    return all(id(s) in own for s in model.hook_sessions)
+
+
+def _prefix_of(batch: Batch, row_plans: list | None, start: int) -> SharedPrefix | None:
+    """The batch's shared prefix (:func:`kvgeom.runtime.prefix.shared_prefix`)."""
     plans = [None] * len(batch) if row_plans is None else row_plans[start:start + len(batch)]
     return shared_prefix(batch, plans)
 

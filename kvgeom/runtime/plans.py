@@ -24,7 +24,7 @@ per row and its verdict is ``nonfinite`` (:mod:`kvgeom.runtime.finite`); the oth
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -157,6 +157,10 @@ class PlanRun:
 
     def select(self, keep: Sequence[int]) -> None:
         self.groups.select(list(keep))
+
+    def only(self, rows: Sequence[int]) -> AbstractContextManager[None]:
+        """The plans restricted to batch ``rows`` for a ``with`` block (:meth:`RowGroups.only`)."""
+        return self.groups.only(rows)
 
 
 def forward_with_plans(

@@ -3,7 +3,8 @@ forward-mode hooks (:mod:`kvgeom.runtime.plans`) and its cache (:mod:`kvgeom.run
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -66,3 +67,19 @@ class RowGroups:
         self._index.clear()
         for listener in self.listeners:
             listener(local)
+
+    @contextmanager
+    def only(self, rows: Sequence[int]) -> Iterator[None]:
+        """Restrict the groups to batch rows ``rows`` (renumbered in that order, as :meth:`select` does) for a
+        ``with`` block, then restore them exactly: a prefill run in parts (:mod:`kvgeom.runtime.layer_skip`).
+        ``only([])``: no plan applies. Refused while a cache listens, since its rows could not follow back."""
+        if self.listeners:
+            raise RuntimeError("RowGroups.only: a cache follows these groups (a cache-mode plan); its rows cannot be "
+                               "restored, so run the batch in one call")
+        saved, saved_index = self.groups, self._index
+        self._index = {}
+        self.select(list(rows))
+        try:
+            yield
+        finally:
+            self.groups, self._index = saved, saved_index
