@@ -231,6 +231,9 @@ def main() -> None:
     ap.add_argument("--attention", choices=("auto", "sdpa", "eager"), default="auto",
                     help="attention backend (kvgeom.models.attention; auto: fused sdpa on CUDA, the bridge's eager "
                     "attention on the CPU)")
+    ap.add_argument("--skip-layers", choices=("on", "off"), default="on",
+                    help="layer skipping in forward-mode batches (kvgeom.runtime.layer_skip; benchmark-only switch: "
+                    "'off' runs every layer of every row, as before session 18)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if args.max_memory and not args.device_map:
@@ -249,6 +252,10 @@ def main() -> None:
         import kvgeom.runtime.plans as plan_mod
 
         plan_mod.fake_quant = functools.partial(plan_mod.fake_quant, backend=args.fake_quant)
+    if args.skip_layers == "off":
+        import kvgeom.runtime.generation as gen_mod
+
+        gen_mod.layer_skip = lambda *a, **k: None
     dtype = getattr(torch, args.dtype)
     t0 = time.perf_counter()
     dmap = None
@@ -334,7 +341,7 @@ def main() -> None:
                           "phase_s": {k: round(v, 3) for k, v in phases.items()},
                           "trace": (res.audit["stages"].get("engine_matrix") or {}).get("trace")},
         "judge": args.judge,
-        "screen": bool(args.screen),
+        "screen": bool(args.screen), "skip_layers": args.skip_layers,
         "screen_rows": {name: {k: v for k, v in (res.audit["stages"].get(name) or {}).get("screen", {}).items()
                                if k != "skipped_rows"} for name in ("layer_sweep", "channel_ablation", "pcr")},
         "label": res.audit["stages"]["label"]["label"],

@@ -29,6 +29,7 @@ from kvgeom.registry import DEFAULT_MODEL, REGISTRY, cache_dir, ensure_model_fil
 from kvgeom.sites import SITES
 
 from .attention import resolve_attention, use_attention
+from .fast_path import use_fast_components
 from .files import ACCEPTED_MODELS, check_gguf, not_a_model
 from .model import KVModel, ModelFacts, ModelLoadError
 
@@ -303,6 +304,7 @@ def wrap_hf_model(
                     info=dict(info or {}))
     model.sites_available = _probe_sites(model)
     model.info["attention"] = use_attention(model, attention)
+    model.info["fast_components"] = use_fast_components(model)
     return model
 
 
