@@ -234,6 +234,9 @@ def main() -> None:
     ap.add_argument("--skip-layers", choices=("on", "off"), default="on",
                     help="layer skipping in forward-mode batches (kvgeom.runtime.layer_skip; benchmark-only switch: "
                     "'off' runs every layer of every row, as before session 18)")
+    ap.add_argument("--fast-components", choices=("on", "off"), default="on",
+                    help="the bridge's linears and norms without idle hook points (kvgeom.models.fast_path; "
+                    "benchmark-only switch: 'off' runs the bridge's own forwards, as before session 18)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if args.max_memory and not args.device_map:
@@ -266,6 +269,10 @@ def main() -> None:
                                        parse_max_memory(args.max_memory) if args.max_memory else None)
     else:
         model = build(args.arch, args.device, dtype, args.attention)
+    if args.fast_components == "off":
+        from kvgeom.models.fast_path import use_fast_components
+
+        use_fast_components(model, False)
     sync(model)
     build_s = time.perf_counter() - t0
     peak_build = peak_memory_per_gpu()
@@ -342,6 +349,7 @@ def main() -> None:
                           "trace": (res.audit["stages"].get("engine_matrix") or {}).get("trace")},
         "judge": args.judge,
         "screen": bool(args.screen), "skip_layers": args.skip_layers,
+        "fast_components": args.fast_components,
         "screen_rows": {name: {k: v for k, v in (res.audit["stages"].get(name) or {}).get("screen", {}).items()
                                if k != "skipped_rows"} for name in ("layer_sweep", "channel_ablation", "pcr")},
         "label": res.audit["stages"]["label"]["label"],

@@ -4,6 +4,8 @@ generation, and per-row quantization plans.
 Layering (imports go downward only): :mod:`kvgeom.sites` (names, hook types) → :mod:`kvgeom.models` →
 :mod:`kvgeom.runtime.hooks` (sessions) → :mod:`kvgeom.runtime.forward` (``encode``, ``forward``, ``capture``) →
 :mod:`kvgeom.runtime.plans` (running :class:`~kvgeom.quant.QuantPlan` s as hooks or a quantizing cache) →
+:mod:`kvgeom.runtime.prefix` and :mod:`kvgeom.runtime.layer_skip` (prefills split so that work every row would
+repeat runs once: a shared chat prefix, the full-precision layers below a row's first quantized layer) →
 :mod:`kvgeom.runtime.generation` (``generate``; prompt lengths against the context first,
 :mod:`kvgeom.runtime.limits`). Tests: ``tests/runtime/``.
 
