@@ -91,8 +91,6 @@ def layer_skip(batch: Batch, plans: Sequence[QuantPlan | None], n_layers: int, *
     if len(plans) != len(batch):
         raise ValueError(f"{len(plans)} plans for a batch of {len(batch)} rows: pass one per row")
     first = tuple(first_quantized_layer(p, n_layers) for p in plans)
-    if min(first) == n_layers and len(batch) == 1:
-        return None
     _, inverse = torch.unique(batch.input_ids, dim=0, return_inverse=True)
     where: dict[int, int] = {}
     for i, u in enumerate(inverse.tolist()):
