@@ -11,11 +11,11 @@ the two runs decoded the same tokens; docs/benchmarks.md §16.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 
 import torch
+from audit_gpu import emit  # noqa: E402  (run from benchmarks/ or with it on sys.path)
 
 from kvgeom import generate
 from kvgeom.judges import KeywordJudge
@@ -66,10 +66,7 @@ def main() -> None:
             out["decoded_tokens_" + key] = sum(len(t) for t in gen.tokens)
     out["same_tokens"] = tokens["skip"] == tokens["no_skip"]
     out["rows_with_other_tokens"] = sum(a != b for a, b in zip(tokens["skip"], tokens["no_skip"], strict=True))
-    print(json.dumps(out, indent=2))
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(out, fh, indent=2)
+    emit(out, args.json)
 
 
 if __name__ == "__main__":

@@ -245,8 +245,7 @@ def evaluate(
     if table.empty:
         return pd.DataFrame(columns=["prompt_id", "category", "prompt", "plan", "completion", "n_tokens",
                                      "stopped_at_eos", "settled", "shared_prefix", "skipped_layers", "verdict",
-                                     "refused",
-                                     "refusal_score"])
+                                     "refused", "refusal_score"])
     row_plans = [plan_list[j] for j in table["plan_idx"]]
     stop_when = getattr(judge, "settled", None) if settle else None
     decided: dict[int, dict[str, Any]] = {}

@@ -38,6 +38,8 @@ from jaxtyping import Float
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .fast_path import is_hooked
+
 __all__ = ["ATTENTION_BACKENDS", "AttentionBackend", "resolve_attention", "sdpa_forward", "sdpa_eligible",
            "use_attention"]
 
@@ -106,10 +108,6 @@ def sdpa_eligible(component: Any) -> str | None:
     return None
 
 
-def _hooked(point: Any) -> bool:
-    return bool(point is not None and (point._forward_hooks or point._forward_pre_hooks or point._backward_hooks))
-
-
 def _sdpa(
     q: Float[Tensor, "batch head q_pos d_head"],
     k: Float[Tensor, "batch kv_head kv_pos d_head"],
@@ -155,7 +153,7 @@ def sdpa_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
     own forward wherever that block would be observable or is not plain attention (module docstring)."""
     eager = _bridge_class().forward
     position_embeddings = kwargs.get("position_embeddings")
-    if (_hooked(getattr(self, "hook_attn_scores", None)) or _hooked(getattr(self, "hook_pattern", None))
+    if (is_hooked(getattr(self, "hook_attn_scores", None)) or is_hooked(getattr(self, "hook_pattern", None))
             or kwargs.get("output_attentions") or self.training or position_embeddings is None):
         return eager(self, *args, **kwargs)
     hf: Any = self.original_component

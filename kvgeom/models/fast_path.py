@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["linear_forward", "norm_forward", "use_fast_components"]
+__all__ = ["is_hooked", "linear_forward", "norm_forward", "use_fast_components"]
 
 
 def _classes() -> tuple[type, type]:
@@ -34,19 +34,19 @@ def _classes() -> tuple[type, type]:
     return LinearBridge, NormalizationBridge
 
 
-def _hooked(point: Any) -> bool:
-    return bool(point is not None and (point._forward_hooks or point._forward_pre_hooks or point._backward_hooks
-                                       or getattr(point, "bwd_hooks", None)))
+def is_hooked(point: Any) -> bool:
+    """Whether a hook point (a module, or None) has any forward, forward-pre or backward hook attached."""
+    return bool(point is not None and (point._forward_hooks or point._forward_pre_hooks or point._backward_hooks))
 
 
 def linear_forward(self: Any, input: Tensor, *args: Any, **kwargs: Any) -> Tensor:
     """:class:`LinearBridge`'s forward, calling its hook points only when they are hooked (same protocol flags)."""
     if self._suppress_next_hook_in:
         object.__setattr__(self, "_suppress_next_hook_in", False)
-    elif _hooked(self.hook_in):
+    elif is_hooked(self.hook_in):
         input = self.hook_in(input)
     output = self.original_component(input, *args, **kwargs)
-    if _hooked(self.hook_out):
+    if is_hooked(self.hook_out):
         output = self.hook_out(output)
     object.__setattr__(self, "_fired_hook_out", True)
     return output
@@ -56,8 +56,9 @@ def norm_forward(self: Any, hidden_states: Tensor, **kwargs: Any) -> Tensor:
     """:class:`NormalizationBridge`'s native-path forward with no hook point hooked: the HF module's output in the
     input's dtype (what the bridge returns then); anything else runs the bridge's own forward."""
     native = self.use_native_layernorm_autograd or bool(getattr(self.config, "layer_norm_folding", False))
+    points = ("hook_in", "hook_out", "hook_scale", "hook_normalized")
     if (not native or isinstance(self.original_component, torch.nn.Identity)
-            or any(_hooked(getattr(self, n, None)) for n in ("hook_in", "hook_out", "hook_scale", "hook_normalized"))):
+            or any(is_hooked(getattr(self, n, None)) for n in points)):
         return _classes()[1].forward(self, hidden_states, **kwargs)
     out = self.original_component(hidden_states)
     return out if out.dtype == hidden_states.dtype else out.to(hidden_states.dtype)

@@ -17,7 +17,7 @@ of one-layer, multi-layer and full-precision rows, protected channels and left p
 layer too many, or feeds one prompt's state to another's row, fails it. A batch skips only when every plan is in mode
 ``forward`` (a cache-mode plan's :class:`~kvgeom.runtime.plan_cache.PlanCache` follows every row from layer 0), no
 cache of the caller's and no hooks but the plans' own are open (those may read any layer), the model has no
-sliding-window layer, and the layer-rows saved exceed what the extra full-precision rows cost.
+sliding-window layer, and the layer-rows saved, less the full-precision pass's, exceed 10% of the batch's.
 """
 
 from __future__ import annotations
@@ -91,14 +91,12 @@ def layer_skip(batch: Batch, plans: Sequence[QuantPlan | None], n_layers: int, *
     if len(plans) != len(batch):
         raise ValueError(f"{len(plans)} plans for a batch of {len(batch)} rows: pass one per row")
     first = tuple(first_quantized_layer(p, n_layers) for p in plans)
-    _, inverse = torch.unique(batch.input_ids, dim=0, return_inverse=True)
-    where: dict[int, int] = {}
-    for i, u in enumerate(inverse.tolist()):
-        where.setdefault(u, i)
-    order = sorted(where, key=where.__getitem__)  # distinct prompts in batch order
-    slot = {u: j for j, u in enumerate(order)}
-    skip = LayerSkip(first=first, reps=tuple(where[u] for u in order),
-                     source=tuple(slot[u] for u in inverse.tolist()), n_layers=n_layers)
+    rows = [tuple(r) for r in batch.input_ids.tolist()]  # a batch's padding is the same for the same prompt
+    slot: dict[tuple, int] = {}
+    for r in rows:
+        slot.setdefault(r, len(slot))  # distinct prompts in batch order
+    skip = LayerSkip(first=first, reps=tuple(rows.index(r) for r in slot), source=tuple(slot[r] for r in rows),
+                     n_layers=n_layers)
     if skip.saved_layer_rows <= min_saved * len(batch) * n_layers:
         return None
     return skip
